@@ -1,0 +1,95 @@
+"""A synthetic run with every layer kind specan reads, for `specan demo`, tests and benchmarks.
+
+The weights are random, but not static: checkpoint t blends each matrix's random start with a
+rank-4 matrix of the same norm, ``W(t) = (1 - a) W0 + a L`` with ``a = t / (T - 1)``, so its
+effective rank falls over the run the way trained weights' does. The run directory follows
+Contract 1 (run.json, metrics.jsonl, checkpoints/step-XXXXXXXX.safetensors with step metadata).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+SCHEMA = 1
+
+
+def build_model(width: int = 128, heads: int = 4) -> torch.nn.Module:
+    """Embedding, attention, MLP, conv, transposed conv and a bidirectional 2-layer LSTM."""
+    from torch import nn
+
+    class Synthetic(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(1000, width)
+            self.attn = nn.MultiheadAttention(width, heads)
+            self.mlp = nn.Sequential(
+                nn.Linear(width, 4 * width), nn.ReLU(), nn.Linear(4 * width, width)
+            )
+            self.conv = nn.Sequential(
+                nn.Conv2d(3, width // 4, 3), nn.ReLU(), nn.Conv2d(width // 4, width // 2, 3)
+            )
+            self.deconv = nn.ConvTranspose2d(width // 2, width // 4, 4)
+            self.lstm = nn.LSTM(width // 2, width, num_layers=2, bidirectional=True)
+            self.head = nn.Linear(2 * width, 10)
+
+    return Synthetic()
+
+
+def write_synthetic_run(
+    out: Path | str, *, checkpoints: int = 20, width: int = 128, heads: int = 4, seed: int = 0
+) -> Path:
+    """Write the run to ``out`` (created); a run already there with the same settings is kept.
+
+    Keeping it matters: rewriting would change the files' mtimes and force a re-ingest.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    config = {
+        "schema_version": SCHEMA,
+        "trainer": "synthetic",
+        "model": {"width": width, "n_heads": heads},
+        "seed": seed,
+        "checkpoints": checkpoints,
+        "view_rules": {"deconv.weight": "conv_transpose"},
+    }
+    run_json = out / "run.json"
+    if run_json.exists() and json.loads(run_json.read_text()) == config:
+        if len(list((out / "checkpoints").glob("step-*.safetensors"))) == checkpoints:
+            return out
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    start = {k: v.detach().clone() for k, v in build_model(width, heads).state_dict().items()}
+    target = {}
+    for name, w in start.items():
+        if w.dim() < 2:
+            continue
+        m = w.reshape(w.shape[0], -1)
+        low = torch.randn(m.shape[0], 4, generator=gen) @ torch.randn(4, m.shape[1], generator=gen)
+        target[name] = (low * (m.norm() / low.norm())).reshape(w.shape)
+    with open(out / "metrics.jsonl.tmp", "w") as metrics:
+        for t in range(checkpoints):
+            a = t / max(checkpoints - 1, 1)
+            state = {
+                k: ((1 - a) * v + a * target[k]) if k in target else v for k, v in start.items()
+            }
+            step = 100 * t
+            path = out / "checkpoints" / f"step-{step:08d}.safetensors"
+            tmp = path.with_suffix(".safetensors.tmp")
+            meta = {"step": str(step), "epoch": str(t), "config": json.dumps(config)}
+            save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=meta)
+            os.replace(tmp, path)
+            metrics.write(json.dumps({"step": step, "epoch": t, "blend": a}) + "\n")
+    os.replace(out / "metrics.jsonl.tmp", out / "metrics.jsonl")
+    tmp = out / "run.json.tmp"
+    tmp.write_text(json.dumps(config, indent=2))
+    os.replace(tmp, run_json)
+    return out

@@ -1,0 +1,437 @@
+"""`ingest`: checkpoints -> matrix views -> batched SVD -> the store, as a Dask graph.
+
+The graph has one task per (checkpoint, group of same-shaped views): each task reads its tensors
+from the memory-mapped checkpoint, stacks them and calls the kernel, so reading one group overlaps
+the SVDs of another and no task holds more than one batch. Checkpoints go through in small windows;
+after each window the calling thread, the store's only writer, writes the rows and marks them done.
+An interrupted ingest therefore loses at most the window in flight, and the next ingest redoes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from specan import runs, store
+from specan.errors import BadCheckpointError, ShapeMismatchError, StoreError
+
+if TYPE_CHECKING:
+    from specan.runs import Checkpoint, Run, TensorInfo
+    from specan.views import ViewSpec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOP_K = 128
+BATCH_BYTES = 256 * 2**20  # bound on one task's stacked float32 input
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    """How to ingest. ``None`` means "as the existing store was made, else the default"."""
+
+    top_k: int | None = None  # vectors kept per view; 0 = all
+    vectors: bool | None = None
+    family: str | None = None
+    layers: str | None = None
+    heads: int | None = None
+    rules: Mapping[str, str] | None = None  # param name -> view rule, overriding detection
+    strict: bool = False  # fail on the first bad file instead of skipping it
+    backend: str = "auto"
+    vector_dtype: str | None = None
+    overwrite: bool = False
+    workers: int | None = None  # Dask threads; default: one per core
+    window: int = 2  # checkpoints in flight between writes
+
+
+@dataclass
+class IngestReport:
+    """What an ingest did; the CLI prints it."""
+
+    store: Path
+    computed: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    unchanged: int = 0
+    bad: list[tuple[str, str]] = field(default_factory=list)
+    views: int = 0
+    bytes_read: int = 0
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+
+class Progress(Protocol):
+    """Where `ingest` reports progress; `specan.progress` draws it."""
+
+    def start(self, checkpoints: int, views: int, nbytes: int) -> None: ...
+    def advance(self, checkpoint: str, views: int, nbytes: int) -> None: ...
+    def warn(self, message: str) -> None: ...
+    def finish(self) -> None: ...
+
+
+class _Silent:
+    def start(self, checkpoints: int, views: int, nbytes: int) -> None: ...
+    def advance(self, checkpoint: str, views: int, nbytes: int) -> None: ...
+    def warn(self, message: str) -> None:
+        log.warning(message)
+
+    def finish(self) -> None: ...
+
+
+# -- settings ---------------------------------------------------------------------------------
+def _settings(opts: IngestOptions, attrs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Resolve options against an existing store: unset inherits, a different value is an error."""
+    defaults = {
+        "top_k": DEFAULT_TOP_K,
+        "vectors": True,
+        "vector_dtype": "float32",
+        "family": "auto",
+        "layers": None,
+        "heads": None,
+        "rules": None,
+    }
+    given = {
+        "top_k": opts.top_k,
+        "vectors": opts.vectors,
+        "vector_dtype": opts.vector_dtype,
+        "family": opts.family,
+        "layers": opts.layers,
+        "heads": opts.heads,
+        "rules": dict(opts.rules) if opts.rules else None,
+    }
+    if attrs is None or opts.overwrite:
+        return {k: defaults[k] if v is None else v for k, v in given.items()}
+    stored = {**attrs.get("settings", {}), **_kernel_settings(attrs.get("kernel", {}))}
+    out = {}
+    for k, v in given.items():
+        if v is not None and v != stored.get(k, defaults[k]):
+            raise StoreError(
+                f"{attrs.get('_path', 'store')}: made with {k}={stored.get(k)!r}, asked for {v!r};"
+                " pass --overwrite to recompute everything with the new setting"
+            )
+        out[k] = stored.get(k, defaults[k])
+    return out
+
+
+def _kernel_settings(kernel: Mapping[str, Any]) -> dict[str, Any]:
+    keys = ("top_k", "vectors", "vector_dtype")
+    return {k: kernel[k] for k in keys if k in kernel}
+
+
+# -- planning ---------------------------------------------------------------------------------
+def _heads_from_config(run: Run) -> int | None:
+    cfg = run.config or {}
+    for source in (cfg.get("model", {}), cfg, cfg.get("hf_config", {})):
+        if isinstance(source, dict):
+            for name in ("n_heads", "num_heads", "nhead", "num_attention_heads"):
+                if isinstance(source.get(name), int):
+                    return source[name]
+    return None
+
+
+def _rules_from_config(run: Run) -> dict[str, str]:
+    rules = (run.config or {}).get("view_rules", {})
+    return dict(rules) if isinstance(rules, dict) else {}
+
+
+def _plan(
+    header: Mapping[str, TensorInfo], settings: Mapping[str, Any], run: Run
+) -> list[ViewSpec]:
+    from specan.views import plan_views
+
+    rules = {**_rules_from_config(run), **(settings["rules"] or {})}
+    return plan_views(
+        {name: info.shape for name, info in header.items()},
+        family=settings["family"],
+        heads=settings["heads"] or _heads_from_config(run),
+        layers=settings["layers"],
+        rules=rules or None,
+    )
+
+
+def _check_against_plan(ckpt: Checkpoint, header: Mapping[str, TensorInfo], views: Mapping) -> None:
+    """A checkpoint must hold every planned parameter with the planned shape."""
+    shapes: dict[str, list[int]] = {}
+    for v in views.values():
+        shapes.setdefault(v["param"], v.get("param_shape"))
+    for param, shape in shapes.items():
+        if param not in header:
+            raise ShapeMismatchError(
+                ckpt.files[0], f"has no parameter {param!r}, unlike the others"
+            )
+        if shape is not None and list(header[param].shape) != list(shape):
+            raise ShapeMismatchError(
+                ckpt.files[0],
+                f"{param} has shape {tuple(header[param].shape)}, the run's others {tuple(shape)}",
+            )
+
+
+def _groups(views: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
+    """View keys grouped by matrix shape, each group small enough for one task."""
+    by_shape: dict[tuple, list[str]] = {}
+    for key, v in views.items():
+        by_shape.setdefault((tuple(v["shape"]),), []).append(key)
+    out = []
+    for (shape,), keys in by_shape.items():
+        per = 4 * shape[0] * shape[1] * max(1, max(views[k].get("heads") or 1 for k in keys))
+        cap = max(1, BATCH_BYTES // per)
+        out.extend(keys[i : i + cap] for i in range(0, len(keys), cap))
+    return out
+
+
+# -- the task ---------------------------------------------------------------------------------
+def _svd_group(
+    ckpt: Checkpoint, keys: Sequence[str], views: Mapping[str, Mapping[str, Any]], backend: str
+) -> dict[str, store.ViewResult]:
+    """Read the views in ``keys`` from one checkpoint and decompose them as one batch."""
+    import torch
+    from specan_kernels import svd
+
+    from specan.views import ViewSpec, extract
+
+    mats, sizes = [], []
+    with runs.CheckpointReader(ckpt) as reader:
+        for key in keys:
+            v = views[key]
+            spec = ViewSpec(
+                key=key, param=v["param"], rule=v["rule"], shape=tuple(v["shape"]),
+                heads=v.get("heads"), info=dict(v.get("info", {})),
+            )  # fmt: skip
+            m = extract(spec, reader.get(v["param"]))
+            m = m.reshape(-1, *spec.shape)
+            mats.append(m)
+            sizes.append(m.shape[0])
+    batch = torch.cat(mats) if len(mats) > 1 else mats[0]
+    k = max(views[key]["k"] for key in keys)
+    res = svd(batch, k=k if k else None, vectors=k > 0, backend=backend)
+    sq = res.sigma.double().square()
+    out: dict[str, store.ViewResult] = {}
+    start = 0
+    for key, n in zip(keys, sizes, strict=True):
+        sl = slice(start, start + n)
+        start += n
+        v = views[key]
+        kk = v["k"]
+        tail = sq[sl, kk:].sum(dim=-1).float().numpy()
+        heads = v.get("heads")
+        one = (lambda a: a[0]) if not heads else (lambda a: a)
+        out[key] = store.ViewResult(
+            sigma=one(res.sigma[sl].numpy()),
+            U=one(res.U[sl, :, :kk].numpy()) if kk and res.U is not None else None,
+            V=one(res.V[sl, :, :kk].numpy()) if kk and res.V is not None else None,
+            tail=one(tail),
+        )
+    return out
+
+
+def _merge(*parts: Mapping[str, store.ViewResult]) -> dict[str, store.ViewResult]:
+    merged: dict[str, store.ViewResult] = {}
+    for p in parts:
+        merged.update(p)
+    return merged
+
+
+# -- ingest -----------------------------------------------------------------------------------
+def ingest(
+    root: Path | str, options: IngestOptions | None = None, progress: Progress | None = None
+) -> IngestReport:
+    """Bring the run's store up to date with its checkpoints; return what was done.
+
+    Unchanged checkpoints are skipped without importing torch or dask; new ones are appended,
+    changed ones (size or mtime differ) recomputed with a warning, unfinished ones completed.
+    """
+    t0 = time.perf_counter()
+    opts = options or IngestOptions()
+    prog = progress or _Silent()
+    root = Path(root)
+    spath = store.store_path(root)
+    attrs = None if opts.overwrite else store.read_attrs(spath)
+    if attrs is not None:
+        attrs["_path"] = str(spath)
+    settings = _settings(opts, attrs)
+    known = {
+        c["name"]: (c["size"], c["mtime_ns"], c["step"], c["epoch"])
+        for c in (attrs or {}).get("checkpoints", [])
+    }
+    run = runs.discover(root, known=known)
+    report = IngestReport(store=spath)
+    bad: list[tuple[str, str]] = [(str(p), r) for p, r in run.bad]
+    if bad and opts.strict:
+        raise BadCheckpointError(bad[0][0], bad[0][1])
+
+    stored = {c["name"]: c for c in (attrs or {}).get("checkpoints", [])}
+    todo: list[Checkpoint] = []
+    for ckpt in run.checkpoints:
+        c = stored.get(ckpt.name)
+        if c is None or not c.get("done"):
+            todo.append(ckpt)
+        elif (c["size"], c["mtime_ns"]) != (ckpt.size, ckpt.mtime_ns):
+            msg = f"{ckpt.files[0]}: changed since it was ingested (size or mtime); recomputing"
+            report.warnings.append(msg)
+            prog.warn(msg)
+            report.changed.append(ckpt.name)
+            todo.append(ckpt)
+        else:
+            report.unchanged += 1
+    old_bad = [(b["path"], b["reason"]) for b in (attrs or {}).get("bad_files", [])]
+    if not todo and bad == old_bad:
+        report.bad = bad
+        report.views = len((attrs or {}).get("views", {}))
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    with store.lock(spath):
+        report = _ingest_locked(run, todo, settings, opts, prog, report, bad, attrs)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _ingest_locked(
+    run: Run,
+    todo: list[Checkpoint],
+    settings: dict[str, Any],
+    opts: IngestOptions,
+    prog: Progress,
+    report: IngestReport,
+    bad: list[tuple[str, str]],
+    attrs: Mapping[str, Any] | None,
+) -> IngestReport:
+    import dask
+
+    def reject(ckpt: Checkpoint, err: BadCheckpointError) -> None:
+        if opts.strict:
+            raise err
+        bad.append((str(err.path), err.reason))
+        prog.warn(f"skipped {err}")
+
+    # Plan the views from the first readable checkpoint, or take them from the store.
+    headers: dict[str, Mapping[str, TensorInfo]] = {}
+    good: list[Checkpoint] = []
+    for ckpt in todo:
+        try:
+            headers[ckpt.name] = runs.read_header(ckpt)
+            good.append(ckpt)
+        except BadCheckpointError as e:
+            reject(ckpt, e)
+    if attrs is None:
+        if not good:
+            st = None
+        else:
+            specs = _plan(headers[good[0].name], settings, run)
+            header0 = headers[good[0].name]
+            view_dicts = [
+                {
+                    "key": s.key,
+                    "param": s.param,
+                    "rule": s.rule,
+                    "shape": list(s.shape),
+                    "heads": s.heads,
+                    # the stored parameter's shape, to check later checkpoints against
+                    "info": {**s.info, "param_shape": list(header0[s.param].shape)},
+                }
+                for s in specs
+            ]
+            for s in specs:
+                if s.info.get("heads_unknown"):
+                    msg = (
+                        f"{s.param}: number of attention heads unknown (no run.json/config.json);"
+                        " per-head Q/K views skipped, pass --heads N"
+                    )
+                    report.warnings.append(msg)
+                    prog.warn(msg)
+            kernel = {
+                "backend": opts.backend,
+                "top_k": settings["top_k"],
+                "vectors": settings["vectors"],
+                "vector_dtype": settings["vector_dtype"],
+            }
+            st = store.create(
+                store.store_path(run.root),
+                views=view_dicts,
+                kernel=kernel,
+                settings={k: settings[k] for k in ("family", "layers", "heads", "rules")},
+                overwrite=opts.overwrite,
+            )
+    else:
+        st = store.open_store(store.store_path(run.root), mode="r+")
+
+    if st is None:  # nothing readable and no store: say why
+        from specan.errors import EmptyRunError
+
+        first = bad[0] if bad else ("", "")
+        raise EmptyRunError(
+            run.root, f"every checkpoint is unreadable, e.g. {first[0]}: {first[1]}"
+        )
+
+    views = {k: {**v, "param_shape": v["info"].get("param_shape")} for k, v in st.views.items()}
+    ready: list[Checkpoint] = []
+    for ckpt in good:
+        try:
+            _check_against_plan(ckpt, headers[ckpt.name], views)
+            ready.append(ckpt)
+        except ShapeMismatchError as e:
+            reject(ckpt, e)
+    st.set_bad_files([{"path": p, "reason": r} for p, r in bad])
+    report.bad = bad
+    report.views = len(views)
+    if not ready:
+        return report
+
+    rows = st.reserve(
+        [
+            {
+                "name": c.name,
+                "size": c.size,
+                "mtime_ns": c.mtime_ns,
+                "step": c.step,
+                "epoch": c.epoch,
+            }
+            for c in ready
+        ]
+    )
+    groups = _groups(views)
+    backend = opts.backend
+    prog.start(len(ready), len(views), sum(c.size for c in ready))
+    workers = opts.workers or os.cpu_count() or 1
+    with _torch_threads(max(1, (os.cpu_count() or 1) // workers)):
+        window = max(1, opts.window)
+        for i in range(0, len(ready), window):
+            chunk = ready[i : i + window]
+            # partial() keeps Dask from walking (and rebuilding) the dataclass arguments
+            tasks = [
+                dask.delayed(_merge)(
+                    *[dask.delayed(partial(_svd_group, c, g, views, backend))() for g in groups]
+                )
+                for c in chunk
+            ]
+            results = dask.compute(*tasks, scheduler="threads", num_workers=workers)
+            for ckpt, res in zip(chunk, results, strict=True):
+                st.write_row(rows[ckpt.name], res)
+                st.mark_done(ckpt.name)
+                report.computed.append(ckpt.name)
+                report.bytes_read += ckpt.size
+                prog.advance(ckpt.name, len(views), ckpt.size)
+    prog.finish()
+    return report
+
+
+class _torch_threads:
+    """Run torch single-threaded inside Dask's threads, so two tasks do not fight over cores."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __enter__(self) -> None:
+        import torch
+
+        self.old = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        torch.set_num_threads(self.old)

@@ -1,0 +1,450 @@
+"""The spectra store: one Zarr v3 group per run (DESIGN Contract 2).
+
+Layout (``schema_version`` 1)::
+
+    <run>/specan.zarr/
+      zarr.json attrs
+        schema_version, specan_version
+        kernel       {backend, top_k, vectors, vector_dtype}   how the spectra were computed
+        settings     {family, layers, heads, rules}            how the views were chosen
+        views        {key: {param, rule, shape, heads, info}}  one entry per matrix view
+        checkpoints  [{name, size, mtime_ns, step, epoch, row, done}]
+        bad_files    [{path, reason}]                           skipped at the last ingest
+      step                  int64   [T]                  dims (checkpoint,)
+      views/<key>/sigma     float32 [T, (H,) R]           dims (checkpoint, (head,) rank)
+      views/<key>/U         float32 [T, (H,) m, k]        dims (checkpoint, (head,) row, component)
+      views/<key>/V         float32 [T, (H,) n, k]        dims (checkpoint, (head,) col, component)
+      views/<key>/tail      float32 [T, (H,)]             sum of sigma^2 beyond the top k
+
+Rows are in ingestion order and are never moved: appending a checkpoint resizes the arrays and
+writes only the new row's chunks. ``step`` says which step a row holds; readers sort by it.
+A row counts only once its checkpoint entry has ``done: true``, which is written after all its
+arrays; zarr's LocalStore writes every chunk and every ``zarr.json`` to a temporary name and renames
+it, so a crash leaves the store as it was before the interrupted write. One process writes a store
+at a time (a lock file beside it); inside that process only the caller's thread writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from specan import __version__
+from specan.errors import StoreError, StoreExistsError, StoreLockedError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import zarr
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "STORE_NAME",
+    "Store",
+    "ViewResult",
+    "create",
+    "lock",
+    "open_store",
+    "store_path",
+    "read_attrs",
+    "summary",
+]
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+STORE_NAME = "specan.zarr"
+SIGMA_CHUNK_ROWS = 64  # many checkpoints per sigma chunk: `rank` reads all of them at once
+
+
+@dataclass
+class ViewResult:
+    """One view's spectrum at one checkpoint, as numpy arrays ready to write."""
+
+    sigma: np.ndarray  # [(H,) R]
+    U: np.ndarray | None  # [(H,) m, k]
+    V: np.ndarray | None  # [(H,) n, k]
+    tail: np.ndarray | float  # [(H,)]
+
+
+def store_path(run_root: Path | str) -> Path:
+    """Where the store of a run lives: ``<run>/specan.zarr``."""
+    return Path(run_root) / STORE_NAME
+
+
+def read_attrs(path: Path | str) -> dict[str, Any] | None:
+    """The store's attributes read straight from its ``zarr.json``, or None if there is none.
+
+    Cheap on purpose (no zarr import): a re-ingest of an unchanged run decides from this alone
+    that there is nothing to do.
+    """
+    meta = Path(path) / "zarr.json"
+    try:
+        text = meta.read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        attrs = json.loads(text).get("attributes", {})
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise StoreError(f"{meta}: not a readable zarr.json ({e})") from e
+    if attrs.get("schema_version") is None:
+        raise StoreError(f"{path}: a Zarr group, but not a specan store (no schema_version)")
+    return attrs
+
+
+@contextmanager
+def lock(path: Path | str) -> Iterator[None]:
+    """Hold the store's writer lock (``<store>.lock``) for the duration of the block.
+
+    A lock left by a process that no longer runs on this host (``kill -9``) is taken over, so an
+    interrupted ingest is simply run again.
+    """
+    lock_file = Path(str(path) + ".lock")
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(2):
+        try:
+            fd = os.open(lock_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _read_lock(lock_file)
+            if holder is not None and _alive(holder):
+                raise StoreLockedError(
+                    f"{path}: being written by process {holder['pid']} on {holder['host']} "
+                    f"(remove {lock_file} if that process is gone)"
+                ) from None
+            log.warning("%s: taking over a stale lock from %s", path, holder)
+            lock_file.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    else:  # pragma: no cover - two processes racing for a stale lock
+        raise StoreLockedError(f"{path}: could not take the lock {lock_file}")
+    try:
+        yield
+    finally:
+        lock_file.unlink(missing_ok=True)
+
+
+def _read_lock(lock_file: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(lock_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _alive(holder: Mapping[str, Any]) -> bool:
+    if holder.get("host") != socket.gethostname():
+        return True  # cannot check another host's processes: assume it is live
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, KeyError, TypeError):
+        return True
+    return True
+
+
+def _zstd() -> list[Any]:
+    from zarr.codecs import ZstdCodec
+
+    return [ZstdCodec(level=3)]
+
+
+class Store:
+    """An open store. ``mode`` ``"r"`` reads; ``"r+"`` also writes (hold :func:`lock` first).
+
+    Arrays are opened lazily and read eagerly into numpy by the ``read_*`` methods.
+    """
+
+    def __init__(self, group: zarr.Group, path: Path) -> None:
+        self.group = group
+        self.path = path
+        self._arrays: dict[str, zarr.Array] = {}
+
+    def _array(self, name: str) -> zarr.Array:
+        """Open each array once: opening reads its zarr.json, which costs a millisecond."""
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
+
+    # -- attributes ---------------------------------------------------------------------------
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self.group.attrs)
+
+    @property
+    def views(self) -> dict[str, dict[str, Any]]:
+        return dict(self.group.attrs.get("views", {}))
+
+    @property
+    def checkpoints(self) -> list[dict[str, Any]]:
+        return list(self.group.attrs.get("checkpoints", []))
+
+    def _set_attrs(self, **values: Any) -> None:
+        self.group.update_attributes(values)
+
+    # -- writing ------------------------------------------------------------------------------
+    def reserve(self, entries: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+        """Give each new checkpoint entry a row (not yet done); reuse rows of known names.
+
+        ``entries`` carry name, size, mtime_ns, step, epoch. Returns name -> row. Grows every
+        array when rows run out; existing rows and their chunks are untouched.
+        """
+        ckpts = self.checkpoints
+        by_name = {c["name"]: c for c in ckpts}
+        for e in entries:
+            if e["name"] in by_name:
+                c = by_name[e["name"]]
+                c.update({k: e[k] for k in ("size", "mtime_ns", "step", "epoch")}, done=False)
+            else:
+                c = {**{k: e[k] for k in ("name", "size", "mtime_ns", "step", "epoch")}}
+                c.update(row=len(ckpts), done=False)
+                ckpts.append(c)
+                by_name[c["name"]] = c
+        self._ensure_rows(len(ckpts))
+        step = self._array("step")
+        values = step[:]  # one read and one write of the small step array, not one per entry
+        for e in entries:
+            c = by_name[e["name"]]
+            values[c["row"]] = -1 if c["step"] is None else int(c["step"])
+        step[:] = values
+        self._set_attrs(checkpoints=ckpts)
+        return {e["name"]: by_name[e["name"]]["row"] for e in entries}
+
+    def _ensure_rows(self, n: int) -> None:
+        step = self._array("step")
+        if step.shape[0] >= n:
+            return
+        step.resize((n,))  # exactly n: xarray users see T rows, not a padded capacity
+        vectors = self.attrs["kernel"].get("vectors")
+        names = ("sigma", "tail", "U", "V") if vectors else ("sigma", "tail")
+        for key in self.views:
+            for name in names:
+                arr = self._array(f"views/{key}/{name}")
+                arr.resize((n, *arr.shape[1:]))
+
+    def write_row(self, row: int, results: Mapping[str, ViewResult]) -> None:
+        """Write one checkpoint's spectra into ``row`` (all views; marks nothing done).
+
+        All chunk writes of the row go out concurrently: one at a time, zarr's per-call overhead
+        was most of an ingest's time on small models.
+        """
+        import asyncio
+
+        from zarr.core.sync import sync
+
+        vectors = bool(self.attrs.get("kernel", {}).get("vectors", True))
+        writes = []
+        for key, r in results.items():
+            parts = [("sigma", r.sigma), ("tail", r.tail)]
+            if vectors and r.U is not None:
+                parts += [("U", r.U), ("V", r.V)]
+            for name, value in parts:
+                arr = self._array(f"views/{key}/{name}").async_array
+                writes.append(arr.setitem(row, value))
+
+        async def _all() -> None:
+            await asyncio.gather(*writes)
+
+        sync(_all())
+
+    def mark_done(self, name: str) -> None:
+        """Mark a checkpoint complete; called only after :meth:`write_row` returned."""
+        ckpts = self.checkpoints
+        for c in ckpts:
+            if c["name"] == name:
+                c["done"] = True
+        self._set_attrs(checkpoints=ckpts)
+
+    def set_bad_files(self, bad: Sequence[Mapping[str, str]]) -> None:
+        self._set_attrs(bad_files=[dict(b) for b in bad])
+
+    # -- reading ------------------------------------------------------------------------------
+    def done_rows(self) -> tuple[list[int], list[dict[str, Any]]]:
+        """Rows of complete checkpoints, ordered by step (then name), with their entries."""
+        done = [c for c in self.checkpoints if c.get("done")]
+        done.sort(key=lambda c: (c["step"] is None, c["step"] or 0, c["name"]))
+        return [c["row"] for c in done], done
+
+    def read_sigma(self, key: str) -> np.ndarray:
+        """All singular values of a view, ``[T, (H,) R]`` over done checkpoints in step order."""
+        rows, _ = self.done_rows()
+        return self._take(f"views/{key}/sigma", rows)
+
+    def read_tail(self, key: str) -> np.ndarray:
+        rows, _ = self.done_rows()
+        return self._take(f"views/{key}/tail", rows)
+
+    def read_vectors(self, key: str, *, step_index: int | None = None) -> tuple[Any, Any]:
+        """Top-k (U, V) of a view: ``[T, (H,) m, k]``, or one checkpoint's with ``step_index``."""
+        g = self.group[f"views/{key}"]
+        if "U" not in g:
+            raise StoreError(f"{self.path}: view {key!r} was ingested without vectors")
+        rows, _ = self.done_rows()
+        if step_index is not None:
+            rows = [rows[step_index]]
+        return self._take(f"views/{key}/U", rows), self._take(f"views/{key}/V", rows)
+
+    def _take(self, name: str, rows: Sequence[int]) -> np.ndarray:
+        import numpy as np
+
+        arr = self._array(name)
+        if not rows:
+            return np.empty((0, *arr.shape[1:]), dtype=arr.dtype)
+        lo, hi = min(rows), max(rows) + 1
+        block = arr[lo:hi]  # one contiguous read, then reorder in memory
+        return block[np.asarray(rows) - lo]
+
+
+def create(
+    path: Path | str,
+    *,
+    views: Sequence[Mapping[str, Any]],
+    kernel: Mapping[str, Any],
+    settings: Mapping[str, Any],
+    overwrite: bool = False,
+) -> Store:
+    """Create a new, empty store (no rows) for the given views.
+
+    ``views`` are dicts with key, param, rule, shape (m, n), heads, info. Raises
+    :class:`StoreExistsError` if a store exists and ``overwrite`` is False.
+    """
+    import shutil
+
+    import zarr
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise StoreExistsError(f"{path}: a store exists already (pass --overwrite to replace it)")
+    # Build it under a temporary name and rename it into place: a crash mid-creation must not
+    # leave a store without its attributes where the next ingest would find it.
+    building = path.with_name(f"{path.name}.partial-{os.getpid()}")
+    shutil.rmtree(building, ignore_errors=True)
+    group = zarr.open_group(building, mode="w-", zarr_format=3)
+    top_k = kernel.get("top_k")
+    vectors = bool(kernel.get("vectors", True))
+    vdtype = kernel.get("vector_dtype", "float32")
+    group.create_array(
+        "step", shape=(0,), chunks=(1024,), dtype="int64", fill_value=-1,
+        dimension_names=["checkpoint"], compressors=_zstd(),
+    )  # fmt: skip
+    vgroup = group.create_group("views")
+    view_attrs: dict[str, Any] = {}
+    for v in views:
+        m, n = v["shape"]
+        r = min(m, n)
+        k = min(int(top_k), r) if top_k else r  # top_k 0/None: every vector
+        heads = v.get("heads")
+        hd = (heads,) if heads else ()
+        hn = ["head"] if heads else []
+        g = vgroup.create_group(v["key"], attributes={"param": v["param"], "rule": v["rule"]})
+        g.create_array(
+            "sigma", shape=(0, *hd, r), chunks=(SIGMA_CHUNK_ROWS, *hd, r), dtype="float32",
+            fill_value=float("nan"), dimension_names=["checkpoint", *hn, "rank"],
+            compressors=_zstd(),
+        )  # fmt: skip
+        g.create_array(
+            "tail", shape=(0, *hd), chunks=(1024, *hd), dtype="float32",
+            fill_value=float("nan"), dimension_names=["checkpoint", *hn], compressors=_zstd(),
+        )  # fmt: skip
+        if vectors:
+            for name, rows, dim in (("U", m, "row"), ("V", n, "col")):
+                g.create_array(
+                    name, shape=(0, *hd, rows, k), chunks=(1, *hd, rows, k), dtype=vdtype,
+                    fill_value=float("nan"), dimension_names=["checkpoint", *hn, dim, "component"],
+                    compressors=_zstd(),
+                )  # fmt: skip
+        view_attrs[v["key"]] = {
+            "param": v["param"],
+            "rule": v["rule"],
+            "shape": [m, n],
+            "heads": heads,
+            "k": k if vectors else 0,
+            "info": dict(v.get("info", {})),
+        }
+    group.update_attributes(
+        {
+            "schema_version": SCHEMA_VERSION,
+            "specan_version": __version__,
+            "kernel": dict(kernel),
+            "settings": dict(settings),
+            "views": view_attrs,
+            "checkpoints": [],
+            "bad_files": [],
+        }
+    )
+    if path.exists():  # --overwrite: the old store goes only once the new one is complete
+        old = path.with_name(f"{path.name}.old-{os.getpid()}")
+        path.rename(old)
+        building.rename(path)
+        shutil.rmtree(old)
+    else:
+        building.rename(path)
+    return Store(zarr.open_group(path, mode="r+", zarr_format=3), path)
+
+
+def open_store(path: Path | str, *, mode: str = "r") -> Store:
+    """Open an existing store (lazy: arrays are read on demand). ``mode`` is ``"r"`` or ``"r+"``."""
+    import zarr
+
+    path = Path(path)
+    if read_attrs(path) is None:
+        raise StoreError(f"{path}: no specan store here (run `specan ingest` first)")
+    attrs = read_attrs(path) or {}
+    if attrs.get("schema_version", 0) > SCHEMA_VERSION:
+        raise StoreError(
+            f"{path}: written by a newer specan (schema {attrs['schema_version']}); upgrade specan"
+        )
+    return Store(zarr.open_group(path, mode=mode, zarr_format=3), path)
+
+
+def _du(path: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.stat(os.path.join(dirpath, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def summary(path: Path | str) -> dict[str, Any]:
+    """What a store holds, for `specan info`: plain JSON-ready values, no arrays read."""
+    path = Path(path)
+    attrs = read_attrs(path)
+    if attrs is None:
+        raise StoreError(f"{path}: no specan store here (run `specan ingest` first)")
+    ckpts = attrs.get("checkpoints", [])
+    done = sorted(
+        (c for c in ckpts if c.get("done")), key=lambda c: (c["step"] is None, c["step"] or 0)
+    )
+    views = [
+        {"key": key, **{k: v.get(k) for k in ("param", "rule", "shape", "heads", "k")}}
+        | {"bytes": _du(path / "views" / key)}
+        for key, v in attrs.get("views", {}).items()
+    ]
+    return {
+        "path": str(path),
+        "schema_version": attrs.get("schema_version"),
+        "specan_version": attrs.get("specan_version"),
+        "kernel": attrs.get("kernel", {}),
+        "settings": attrs.get("settings", {}),
+        "checkpoints": {
+            "done": len(done),
+            "pending": len(ckpts) - len(done),
+            "first_step": done[0]["step"] if done else None,
+            "last_step": done[-1]["step"] if done else None,
+            "list": ckpts,
+        },
+        "views": views,
+        "bad_files": attrs.get("bad_files", []),
+        "bytes": _du(path),
+    }

@@ -1,0 +1,358 @@
+"""Parameter name + shape -> matrix views (SPEC §1); extraction of a view from a stored tensor.
+
+Planning looks at names and shapes only, so it runs on checkpoint headers without reading weights.
+Only the standard library is imported at module level: the CLI plans views on its fast path and
+importing torch costs over a second, so `extract` imports torch when it is called.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from specan.errors import ViewRuleError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["FAMILIES", "ViewSpec", "detect_family", "extract", "plan_views", "safe_key", "select"]
+
+FAMILIES = ("auto", "vgg", "mlp", "lstm", "transformer", "neox")
+# What a `rules` override may name. "qkv_interleaved" is the GPT-NeoX fused layout: it plans the
+# same four views as "in_proj" (rules in_proj/q_heads/k_heads/v) but de-interleaves the heads.
+OVERRIDES = ("linear", "embedding", "conv", "conv_transpose", "lstm", "in_proj", "qkv_interleaved")
+RULES = (*OVERRIDES[:-1], "q_heads", "k_heads", "v")  # the rules a ViewSpec can carry
+KEY_MAX = 180  # well under the 255-byte file-name limit, leaving room for "-<sha1>" and "__q"
+
+_LSTM = re.compile(r"(?:^|\.)weight_(ih|hh)_l(\d+)(_reverse)?$")
+_TRANSPOSE = re.compile(r"transpose|deconv|convt|upconv", re.IGNORECASE)
+_EMBED = re.compile(r"embed|wte|wpe", re.IGNORECASE)
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """One matrix view of one parameter: what the store keeps spectra of.
+
+    `info` holds rule facts for later analyses (conv "c_in"/"kernel", lstm "hidden"/"gate_g_rows",
+    embedding "output_space", fused-QKV "layout"/"d"/"heads"); it is left out of equality and hash.
+    """
+
+    key: str
+    param: str
+    rule: str
+    shape: tuple[int, int]
+    heads: int | None = None
+    info: dict = field(default_factory=dict, compare=False)
+
+
+def _digest(name: str, width: int) -> str:
+    # surrogatepass: names decoded with surrogateescape must hash, not crash
+    return hashlib.sha1(name.encode("utf-8", "surrogatepass")).hexdigest()[:width]
+
+
+def safe_key(name: str) -> str:
+    """Map a parameter name to one safe path component for the store.
+
+    Keeps ``[A-Za-z0-9._-]`` and turns every other character into ``_``. The result is never empty,
+    ``.`` or ``..``, never starts with ``.`` (hidden, path tricks), ``-`` (read as an option) or
+    ``__`` (reserved by Zarr v3), and is at most `KEY_MAX` characters (a sha1 of `name` replaces
+    the tail when cut). The mapping is lossy; `plan_views` makes keys unique.
+    """
+    key = _UNSAFE.sub("_", name)
+    if not key or key[0] in ".-" or key.startswith("__"):
+        key = "p" + key
+    if key.endswith("."):  # Windows drops trailing dots, which would merge "a." with "a"
+        key += "_"
+    if len(key) > KEY_MAX:
+        key = key[: KEY_MAX - 9] + "-" + _digest(name, 8)
+    return key
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    # plan on plain tuples or on runs.TensorInfo (anything with .shape)
+    return tuple(int(d) for d in getattr(value, "shape", value))
+
+
+def _is_float(value: Any) -> bool:
+    # Headers carry dtypes; integer buffers (e.g. HF "position_ids", shape (1, L)) are not weights.
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+        return True
+    s = str(dtype).lower()
+    return "float" in s or s.startswith(("f", "bf"))
+
+
+def detect_family(names: Iterable[str], shapes: Mapping[str, Any] | None = None) -> str:
+    """Guess the model family from parameter names (and shapes, to tell "mlp" from "vgg").
+
+    A mapping name -> shape may be passed as `names`. Without shapes, "vgg" is guessed from a
+    name containing "conv".
+    """
+    if shapes is None and isinstance(names, Mapping):
+        shapes = names
+    names = list(names)
+    if any("query_key_value" in n for n in names):
+        return "neox"
+    if any(re.search(r"weight_ih_l\d", n) for n in names):
+        return "lstm"
+    if any(n.endswith("in_proj_weight") for n in names):
+        return "transformer"
+    if shapes is not None:
+        deep = any(len(_shape(shapes[n])) > 2 for n in names if n in shapes)
+    else:
+        deep = any("conv" in n.lower() for n in names)
+    return "vgg" if deep else "mlp"
+
+
+def select(names: Iterable[str], layers: str | None) -> list[str]:
+    """Apply the ``--layers`` filter: comma-separated globs (fnmatch) or ``re:<regex>`` (re.search).
+
+    None or "all" keeps every name. A name is kept when any pattern matches it; order is kept.
+    A pattern that matches no name is an error (it is most likely a typo).
+    """
+    names = list(names)
+    if layers is None or layers.strip().lower() == "all":
+        return names
+    patterns = [p.strip() for p in layers.split(",") if p.strip()]
+    if not patterns:
+        raise ViewRuleError(f"--layers {layers!r}: no pattern (use 'all' for every parameter)")
+    keep: set[str] = set()
+    for pat in patterns:
+        if pat.startswith("re:"):
+            try:
+                rx = re.compile(pat[3:])
+            except re.error as e:
+                raise ViewRuleError(f"--layers pattern {pat!r}: bad regex ({e})") from e
+            hits = {n for n in names if rx.search(n)}
+        else:
+            hits = {n for n in names if fnmatch.fnmatchcase(n, pat)}
+        if not hits:
+            sample = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            raise ViewRuleError(f"--layers pattern {pat!r} matches no parameter (names: {sample})")
+        keep |= hits
+    return [n for n in names if n in keep]
+
+
+def _auto_rule(param: str, ndim: int, family: str) -> str:
+    if ndim > 2:  # shape cannot tell a transposed conv from a conv: only its name can
+        return "conv_transpose" if _TRANSPOSE.search(param) else "conv"
+    if _LSTM.search(param):
+        return "lstm"
+    if param.endswith("in_proj_weight"):
+        return "in_proj"
+    if param.endswith("query_key_value.weight"):
+        # An explicit torch-style family means the fused rows are stacked [Q; K; V], not NeoX's.
+        return "in_proj" if family == "transformer" else "qkv_interleaved"
+    # Judge the module that owns the weight, so "time_embed.0.weight" (a Linear) stays linear.
+    owner = param.removesuffix(".weight").rsplit(".", 1)[-1].lower()
+    if _EMBED.search(owner) and "embed_out" not in owner:  # NeoX embed_out is the output Linear
+        return "embedding"
+    return "linear"
+
+
+Part = tuple  # (key suffix, rule, (m, n), heads or None, info)
+
+
+def _plan_param(param: str, shape: tuple[int, ...], rule: str, heads: int | None) -> list[Part]:
+    where = f"{param} {shape}"
+    if rule in ("conv", "conv_transpose"):
+        c_in, c_out = (shape[0], shape[1]) if rule == "conv_transpose" else (shape[1], shape[0])
+        kernel = list(shape[2:])
+        info = {"c_in": c_in, "kernel": kernel}
+        return [("", rule, (c_out, c_in * math.prod(kernel)), None, info)]
+    if len(shape) != 2:
+        raise ViewRuleError(f"{where}: rule {rule!r} needs a 2-D weight")
+    rows, cols = shape
+    if rule in ("linear", "embedding"):
+        info = {"output_space": "V"} if rule == "embedding" else {}  # embedding output is d: V
+        return [("", rule, (rows, cols), None, info)]
+    if rule == "lstm":
+        m = _LSTM.search(param)
+        if m is None:
+            raise ViewRuleError(f"{where}: rule 'lstm' needs nn.LSTM names (weight_ih_l<k>...)")
+        if rows % 4:
+            raise ViewRuleError(
+                f"{where}: an LSTM weight stacks 4 gates but {rows} rows is not a multiple of 4 "
+                "(a GRU stacks 3: give it rule 'linear')"
+            )
+        h = rows // 4
+        info = {
+            "hidden": h,
+            "layer": int(m[2]),
+            "direction": "reverse" if m[3] else "forward",
+            "kind": m[1],
+            "gate_g_rows": [2 * h, 3 * h],
+            "module": param[: m.start()],
+        }
+        return [("", "lstm", (rows, cols), None, info)]
+    # fused Q/K/V: "in_proj" (torch MultiheadAttention, stacked) or "qkv_interleaved" (GPT-NeoX)
+    layout = "interleaved" if rule == "qkv_interleaved" else "stacked"
+    d = cols
+    if rows != 3 * d:
+        raise ViewRuleError(f"{where}: a fused Q/K/V weight needs 3 x {d} = {3 * d} rows")
+    if heads is None and layout == "interleaved":
+        raise ViewRuleError(
+            f"{where}: GPT-NeoX interleaves Q/K/V per head, so the head count is needed (--heads)"
+        )
+    if heads is not None and d % heads:
+        raise ViewRuleError(f"{where}: width {d} is not divisible by {heads} heads")
+    whole = {"layout": layout, "d": d, **({"heads": heads} if heads else {"heads_unknown": True})}
+    parts: list[Part] = [("", "in_proj", (rows, d), None, whole)]
+    if heads is not None:
+        hd = d // heads
+        for part in ("q", "k"):
+            info = {"layout": layout, "d": d, "heads": heads, "head_dim": hd, "part": part}
+            parts.append((f"__{part}", f"{part}_heads", (hd, d), heads, info))
+    v_info = {"layout": layout, "d": d, "heads": heads, "part": "v"}
+    parts.append(("__v", "v", (d, d), None, v_info))
+    return parts
+
+
+def plan_views(
+    shapes: Mapping[str, Any],
+    *,
+    family: str = "auto",
+    heads: int | None = None,
+    layers: str | None = None,
+    rules: Mapping[str, str] | None = None,
+) -> list[ViewSpec]:
+    """Plan the matrix views of a checkpoint from its parameter names and shapes.
+
+    Parameters
+    ----------
+    shapes : mapping
+        Parameter name -> shape tuple (or an object with ``.shape``, e.g. `runs.TensorInfo`; one
+        with a non-float ``.dtype`` is skipped), in state-dict order.
+    family : str
+        One of `FAMILIES`. "auto" detects it; an explicit "transformer" reads a fused
+        ``query_key_value.weight`` as stacked [Q; K; V] instead of NeoX's per-head interleaving.
+    heads : int, optional
+        Attention head count; without it fused Q/K/V gets no per-head views (NeoX: an error).
+    layers : str, optional
+        The ``--layers`` filter (see `select`), applied to names before planning.
+    rules : mapping, optional
+        Parameter name -> one of `OVERRIDES`; beats every name and shape rule.
+
+    Returns
+    -------
+    list of ViewSpec
+        In the order of `shapes`; a fused Q/K/V weight gives its whole view, then q_heads,
+        k_heads (when heads are known) and v. Keys are unique, also ignoring case.
+    """
+    if family not in FAMILIES:
+        raise ViewRuleError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
+    if heads is not None and (isinstance(heads, bool) or not isinstance(heads, int) or heads < 1):
+        raise ViewRuleError(f"head count must be a positive integer, not {heads!r}")
+    rules = dict(rules or {})
+    for param, rule in rules.items():
+        if rule not in OVERRIDES:
+            raise ViewRuleError(f"{param}: unknown rule {rule!r}; expected one of {OVERRIDES}")
+        if param not in shapes:
+            raise ViewRuleError(
+                f"{param}: rule {rule!r} given for a parameter not in the checkpoint"
+            )
+    if family == "auto":
+        family = detect_family(shapes)
+    planned: list[tuple[str, list[Part]]] = []
+    for param in select(shapes, layers):
+        shape = _shape(shapes[param])
+        if param in rules:
+            if len(shape) < 2 or not _is_float(shapes[param]):
+                raise ViewRuleError(
+                    f"{param} {shape}: rule {rules[param]!r} needs a ≥2-D float weight"
+                )
+            rule = rules[param]
+        elif len(shape) < 2 or 0 in shape or not _is_float(shapes[param]):
+            continue  # biases, norms, scalars, empty and integer tensors have no spectrum
+        else:
+            rule = _auto_rule(param, len(shape), family)
+        planned.append((param, _plan_param(param, shape, rule, heads)))
+    base = _unique_bases(planned)
+    return [
+        ViewSpec(base[p] + sfx, p, rule, shape, h, info)
+        for p, parts in planned
+        for sfx, rule, shape, h, info in parts
+    ]
+
+
+def _unique_bases(planned: list[tuple[str, list[Part]]]) -> dict[str, str]:
+    # Keys compare case-insensitively: on macOS/Windows "W" and "w" are one folder.
+    base = {p: safe_key(p) for p, _ in planned}
+    for width in (8, 16, 40, 0):
+        owners: dict[str, set[str]] = {}
+        for p, parts in planned:
+            for sfx, *_ in parts:
+                owners.setdefault((base[p] + sfx).lower(), set()).add(p)
+        clash = sorted({p for ps in owners.values() if len(ps) > 1 for p in ps})
+        if not clash:
+            return base
+        if not width:
+            raise ViewRuleError(f"cannot give unique store keys to parameters {clash}")
+        for p in clash:
+            base[p] = safe_key(p) + "-" + _digest(p, width)
+    raise AssertionError("unreachable")
+
+
+def _stored_shape(spec: ViewSpec) -> tuple[int, ...]:
+    # What the raw tensor must look like, from the spec alone (it may come back from store JSON).
+    m, n = spec.shape
+    if spec.rule == "conv":
+        return (m, spec.info["c_in"], *spec.info["kernel"])
+    if spec.rule == "conv_transpose":
+        return (spec.info["c_in"], m, *spec.info["kernel"])
+    if spec.rule in ("q_heads", "k_heads", "v"):
+        return (3 * n, n)
+    return (m, n)
+
+
+def extract(spec: ViewSpec, tensor: torch.Tensor) -> torch.Tensor:
+    """Cut the view `spec` out of the raw stored `tensor` (any float dtype).
+
+    Returns a contiguous float32 tensor of shape ``spec.shape``, or ``(spec.heads, *spec.shape)``
+    for a per-head stack. It may share memory with a float32 contiguous input (no copy is made).
+    Raises ViewRuleError when the tensor's shape is not what the plan expects.
+    """
+    import torch
+
+    t = torch.as_tensor(tensor)
+    where = f"{spec.param} (view {spec.key}, rule {spec.rule})"
+    if spec.rule not in RULES:
+        raise ViewRuleError(f"{where}: unknown rule")
+    if not t.is_floating_point():
+        raise ViewRuleError(f"{where}: dtype {t.dtype} is not a floating-point weight")
+    try:
+        expected = _stored_shape(spec)
+    except (KeyError, TypeError) as e:
+        raise ViewRuleError(f"{where}: view info lacks {e}") from e
+    if tuple(t.shape) != expected:
+        got = tuple(t.shape)
+        raise ViewRuleError(f"{where}: the plan expects shape {expected}, the tensor has {got}")
+    m, n = spec.shape
+    rule, layout, h = spec.rule, spec.info.get("layout"), spec.heads or spec.info.get("heads")
+    want = (spec.heads, m, n) if spec.heads else (m, n)
+    if rule in ("q_heads", "k_heads") or (rule == "v" and layout == "interleaved"):
+        if not h or n % h or (spec.heads and spec.heads * m != n):
+            raise ViewRuleError(f"{where}: head count {h} does not split width {n}")
+    if rule == "conv":
+        out = t.reshape(m, n)  # storage order: a row reshapes back to (c_in, *k)
+    elif rule == "conv_transpose":
+        out = t.transpose(0, 1).reshape(m, n)
+    elif rule in ("q_heads", "k_heads", "v") and layout == "interleaved":
+        # NeoX rows are [head][q|k|v][head_dim]: W.view(H, 3, hd, d)
+        part = t.reshape(h, 3, n // h, n)[:, ("q_heads", "k_heads", "v").index(rule)]
+        out = part.reshape(n, n) if rule == "v" else part
+    elif rule in ("q_heads", "k_heads", "v"):
+        i = ("q_heads", "k_heads", "v").index(rule)
+        block = t[i * n : (i + 1) * n]  # stacked [W_Q; W_K; W_V]
+        out = block if rule == "v" else block.reshape(spec.heads, m, n)
+    else:
+        out = t
+    if tuple(out.shape) != want:  # a hand-built spec whose shape disagrees with its own info
+        raise ViewRuleError(f"{where}: view has shape {tuple(out.shape)}, the spec says {want}")
+    return out.to(torch.float32).contiguous()

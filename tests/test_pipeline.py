@@ -1,0 +1,337 @@
+"""End-to-end ingest: spectra equal NumPy's, incremental, resumable, and bad input is contained."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file as load_np
+from safetensors.torch import save_file
+
+from specan import store
+from specan.demo import write_synthetic_run
+from specan.errors import BadCheckpointError, EmptyRunError, RunNotFoundError, StoreError
+from specan.pipeline import IngestOptions, ingest
+
+HEADS = 4
+
+
+@pytest.fixture
+def small_run(tmp_path: Path) -> Path:
+    return write_synthetic_run(tmp_path / "run", checkpoints=4, width=32, heads=HEADS)
+
+
+def hand_view(name: str, w: np.ndarray, key_suffix: str) -> np.ndarray:
+    """The matrix view of SPEC §1, computed here by plain slicing, independent of specan.views."""
+    if key_suffix in ("q", "k", "v"):
+        d = w.shape[1]
+        part = {"q": 0, "k": 1, "v": 2}[key_suffix]
+        block = w[part * d : (part + 1) * d]
+        if key_suffix == "v":
+            return block
+        hd = d // HEADS
+        return np.stack([block[h * hd : (h + 1) * hd] for h in range(HEADS)])
+    if name == "deconv.weight":
+        w = np.swapaxes(w, 0, 1)
+    return w.reshape(w.shape[0], -1)
+
+
+def check_against_numpy(run: Path) -> None:
+    st = store.open_store(store.store_path(run))
+    rows, entries = st.done_rows()
+    ckpts = sorted((run / "checkpoints").glob("*.safetensors"))
+    assert [e["step"] for e in entries] == sorted(e["step"] for e in entries)
+    for key, v in st.views.items():
+        sigma = st.read_sigma(key)
+        U, V = st.read_vectors(key)
+        suffix = key.rsplit("__", 1)[1] if "__" in key else ""
+        for t, path in enumerate(ckpts):
+            w = load_np(str(path))[v["param"]].astype(np.float64)
+            mat = hand_view(v["param"], w, suffix)
+            u_ref, s_ref, vt_ref = np.linalg.svd(mat, full_matrices=False)
+            np.testing.assert_allclose(sigma[t], s_ref, rtol=1e-4, atol=1e-4 * s_ref.max())
+            k = v["k"]
+            # vectors of well-separated singular values agree up to sign
+            s1 = s_ref.reshape(-1, s_ref.shape[-1])
+            u1, vt1 = u_ref.reshape(-1, *u_ref.shape[-2:]), vt_ref.reshape(-1, *vt_ref.shape[-2:])
+            Ut, Vt = U[t].reshape(-1, *U.shape[-2:]), V[t].reshape(-1, *V.shape[-2:])
+            for h in range(s1.shape[0]):
+                gaps = np.abs(np.diff(s1[h]))
+                for i in range(min(k, 8)):
+                    left = gaps[i - 1] if i > 0 else np.inf
+                    right = gaps[i] if i < len(gaps) else np.inf
+                    if min(left, right) < 1e-3 * s1[h, 0]:
+                        continue
+                    assert abs(Ut[h, :, i] @ u1[h, :, i]) > 0.999, (key, t, h, i)
+                    assert abs(Vt[h, :, i] @ vt1[h, i]) > 0.999, (key, t, h, i)
+
+
+def store_bytes(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+
+
+def test_ingest_equals_numpy_svd(small_run: Path) -> None:
+    report = ingest(small_run)
+    assert len(report.computed) == 4 and not report.bad
+    st = store.open_store(store.store_path(small_run))
+    rules = {v["rule"] for v in st.views.values()}
+    assert rules >= {"linear", "embedding", "conv", "conv_transpose", "lstm", "in_proj"}
+    assert rules >= {"q_heads", "k_heads", "v"}
+    check_against_numpy(small_run)
+
+
+def test_tail_is_energy_beyond_top_k(small_run: Path) -> None:
+    ingest(small_run, IngestOptions(top_k=3))
+    st = store.open_store(store.store_path(small_run))
+    for key in st.views:
+        sigma, tail = st.read_sigma(key), st.read_tail(key)
+        np.testing.assert_allclose(
+            tail, (sigma[..., 3:].astype(np.float64) ** 2).sum(-1), rtol=1e-5
+        )
+
+
+def test_no_vectors_stores_sigma_only(small_run: Path) -> None:
+    ingest(small_run, IngestOptions(top_k=0, vectors=False))
+    st = store.open_store(store.store_path(small_run))
+    key = next(iter(st.views))
+    assert st.read_sigma(key).shape[0] == 4
+    with pytest.raises(StoreError, match="without vectors"):
+        st.read_vectors(key)
+
+
+def test_reingest_unchanged_does_nothing(small_run: Path) -> None:
+    ingest(small_run)
+    before = store_bytes(store.store_path(small_run))
+    report = ingest(small_run)
+    assert report.computed == [] and report.unchanged == 4
+    assert store_bytes(store.store_path(small_run)) == before
+
+
+def test_reingest_imports_neither_torch_nor_dask(small_run: Path) -> None:
+    ingest(small_run)
+    code = (
+        "import sys, time; t = time.perf_counter()\n"
+        "from specan.pipeline import ingest\n"
+        f"r = ingest({str(small_run)!r})\n"
+        "assert r.computed == [], r\n"
+        "heavy = [m for m in ('torch', 'dask') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "print(time.perf_counter() - t)"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert float(res.stdout) < 1.5
+
+
+def test_new_checkpoints_are_appended(tmp_path: Path) -> None:
+    run = write_synthetic_run(tmp_path / "run", checkpoints=5, width=32)
+    ckpts = sorted((run / "checkpoints").glob("*.safetensors"))
+    hidden = tmp_path / "later"
+    hidden.mkdir()
+    for p in ckpts[3:]:
+        p.rename(hidden / p.name)
+    assert len(ingest(run).computed) == 3
+    sp = store.store_path(run)
+    old_chunk = (sp / "views" / "mlp.0.weight" / "U" / "c" / "0" / "0" / "0").read_bytes()
+    for p in hidden.iterdir():
+        p.rename(run / "checkpoints" / p.name)
+    report = ingest(run)
+    assert sorted(report.computed) == [f"checkpoints/{p.name}" for p in ckpts[3:]]
+    assert (sp / "views" / "mlp.0.weight" / "U" / "c" / "0" / "0" / "0").read_bytes() == old_chunk
+    check_against_numpy(run)
+
+
+def test_changed_checkpoint_is_recomputed_with_warning(small_run: Path) -> None:
+    ingest(small_run)
+    path = sorted((small_run / "checkpoints").glob("*.safetensors"))[1]
+    tensors = load_np(str(path))
+    tensors = {k: (v * 3.0).astype(np.float32) for k, v in tensors.items()}
+    import torch
+
+    save_file({k: torch.from_numpy(v) for k, v in tensors.items()}, str(path), {"step": "100"})
+    report = ingest(small_run)
+    assert report.changed == [f"checkpoints/{path.name}"]
+    assert any("changed" in w for w in report.warnings)
+    check_against_numpy(small_run)
+
+
+def test_crash_before_mark_done_is_completed_next_time(
+    small_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    reference = tmp_path / "reference"
+    shutil.copytree(small_run, reference)
+    ingest(reference)
+
+    calls = {"n": 0}
+    real = store.Store.mark_done
+
+    def crash_on_third(self: store.Store, name: str) -> None:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # a crash between writing a row and marking it done
+        real(self, name)
+
+    monkeypatch.setattr(store.Store, "mark_done", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        ingest(small_run)
+    monkeypatch.setattr(store.Store, "mark_done", real)
+    summary = store.summary(store.store_path(small_run))
+    assert summary["checkpoints"]["done"] == 2 and summary["checkpoints"]["pending"] == 2
+    assert not Path(str(store.store_path(small_run)) + ".lock").exists()
+    report = ingest(small_run)
+    assert len(report.computed) == 2
+    a, b = (
+        store.open_store(store.store_path(small_run)),
+        store.open_store(store.store_path(reference)),
+    )
+    for key in b.views:
+        np.testing.assert_array_equal(a.read_sigma(key), b.read_sigma(key))
+        np.testing.assert_array_equal(a.read_vectors(key)[0], b.read_vectors(key)[0])
+
+
+@pytest.mark.slow
+def test_kill_9_mid_ingest_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    import shutil
+
+    run = write_synthetic_run(tmp_path / "run", checkpoints=12, width=96)
+    reference = tmp_path / "reference"
+    shutil.copytree(run, reference)
+    ingest(reference)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "specan.cli", "ingest", str(run), "--workers", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    sp = store.store_path(run)
+    deadline = time.time() + 120
+    killed_at = None
+    while time.time() < deadline and proc.poll() is None:
+        attrs = store.read_attrs(sp) if (sp / "zarr.json").exists() else None
+        done = sum(c["done"] for c in (attrs or {}).get("checkpoints", []))
+        if done >= 2:
+            os.kill(proc.pid, signal.SIGKILL)
+            killed_at = done
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert killed_at is not None and killed_at < 12, "ingest finished before it could be killed"
+    assert Path(str(sp) + ".lock").exists()  # the dead writer's lock is left behind...
+    report = ingest(run)  # ...and taken over
+    assert 0 < len(report.computed) <= 12 - killed_at + 1
+    a, b = store.open_store(sp), store.open_store(store.store_path(reference))
+    assert store.summary(sp)["checkpoints"]["done"] == 12
+    for key in b.views:
+        np.testing.assert_array_equal(a.read_sigma(key), b.read_sigma(key))
+        np.testing.assert_array_equal(a.read_vectors(key)[1], b.read_vectors(key)[1])
+
+
+def truncate(path: Path, nbytes: int = 100) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:-nbytes])
+
+
+def test_truncated_file_is_skipped_and_listed(small_run: Path) -> None:
+    bad = sorted((small_run / "checkpoints").glob("*.safetensors"))[2]
+    truncate(bad)
+    report = ingest(small_run)
+    assert len(report.computed) == 3
+    assert [p for p, _ in report.bad] == [str(bad)]
+    attrs = store.read_attrs(store.store_path(small_run))
+    assert attrs["bad_files"][0]["path"] == str(bad)
+    assert "truncated" in attrs["bad_files"][0]["reason"]
+
+
+def test_strict_stops_at_bad_file_and_store_is_untouched(small_run: Path) -> None:
+    ingest(small_run)
+    sp = store.store_path(small_run)
+    before = store_bytes(sp)
+    extra = small_run / "checkpoints" / "step-00009999.safetensors"
+    extra.write_text("this is not a safetensors file")
+    with pytest.raises(BadCheckpointError, match="step-00009999"):
+        ingest(small_run, IngestOptions(strict=True))
+    assert store_bytes(sp) == before
+
+
+def test_shape_mismatch_is_rejected_with_file_and_param(small_run: Path) -> None:
+    import torch
+
+    ingest(small_run)
+    src = sorted((small_run / "checkpoints").glob("*.safetensors"))[0]
+    tensors = {k: torch.from_numpy(v) for k, v in load_np(str(src)).items()}
+    tensors["mlp.0.weight"] = torch.zeros(7, 5)
+    odd = small_run / "checkpoints" / "step-00005000.safetensors"
+    save_file(tensors, str(odd), {"step": "5000"})
+    report = ingest(small_run)
+    assert report.computed == []
+    ((path, reason),) = report.bad
+    assert path == str(odd) and "mlp.0.weight" in reason and "(7, 5)" in reason
+    with pytest.raises(BadCheckpointError, match="mlp.0.weight"):
+        ingest(small_run, IngestOptions(strict=True))
+
+
+def test_missing_and_empty_folders(tmp_path: Path) -> None:
+    with pytest.raises(RunNotFoundError):
+        ingest(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EmptyRunError):
+        ingest(tmp_path / "empty")
+    assert not (tmp_path / "empty" / store.STORE_NAME).exists()
+
+
+def test_all_files_bad_creates_no_store(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "a.safetensors").write_bytes(b"\x00" * 3)
+    with pytest.raises(EmptyRunError):
+        ingest(run)
+    assert not (run / store.STORE_NAME).exists()
+
+
+def test_settings_differing_from_the_store_are_refused(small_run: Path) -> None:
+    ingest(small_run, IngestOptions(top_k=8))
+    assert ingest(small_run).computed == []  # unset options inherit the store's
+    with pytest.raises(StoreError, match="top_k"):
+        ingest(small_run, IngestOptions(top_k=16))
+    report = ingest(small_run, IngestOptions(top_k=16, overwrite=True))
+    assert len(report.computed) == 4
+    assert store.read_attrs(store.store_path(small_run))["kernel"]["top_k"] == 16
+
+
+def test_hostile_parameter_names_stay_inside_the_store(tmp_path: Path) -> None:
+    import torch
+
+    run = tmp_path / "run"
+    run.mkdir()
+    names = ["../../escape.weight", "/abs/w", "a/b/c", "__init__", "ünï.weight"]
+    for step in (0, 1):
+        tensors = {n: torch.randn(6, 4) for n in names}
+        save_file(tensors, str(run / f"s{step}.safetensors"), {"step": str(step)})
+    ingest(run)
+    outside = {p for p in tmp_path.rglob("*") if store.STORE_NAME not in str(p)}
+    assert outside == {run, run / "s0.safetensors", run / "s1.safetensors"}
+    st = store.open_store(store.store_path(run))
+    assert sorted(v["param"] for v in st.views.values()) == sorted(names)
+
+
+@pytest.mark.slow
+def test_twenty_checkpoints_of_a_5m_parameter_model(tmp_path: Path) -> None:
+    run = write_synthetic_run(tmp_path / "run", checkpoints=20, width=320)
+    n_params = sum(
+        v.size for v in load_np(str(next((run / "checkpoints").glob("*.safetensors")))).values()
+    )
+    assert 4e6 < n_params < 7e6, n_params
+    report = ingest(run)
+    assert len(report.computed) == 20 and not report.bad
+    st = store.open_store(store.store_path(run))
+    assert st.read_sigma("mlp.0.weight").shape == (20, 320)
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["model"]["width"] == 320

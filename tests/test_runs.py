@@ -1,0 +1,343 @@
+"""Tests for specan.runs: layouts, step order, header validation, lazy tensor reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from specan import runs
+from specan.errors import BadCheckpointError, EmptyRunError, RunNotFoundError
+from specan.runs import CheckpointReader, TensorInfo, discover, read_header
+
+
+def save(path: Path, tensors: dict[str, torch.Tensor] | None = None, **meta: object) -> Path:
+    """Write a tiny safetensors file (metadata values as strings)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = tensors if tensors is not None else {"w": torch.randn(3, 2)}
+    save_file(tensors, str(path), metadata={k: str(v) for k, v in meta.items()} or None)
+    return path
+
+
+def save_sharded(folder: Path, shards: dict[str, dict[str, torch.Tensor]]) -> Path:
+    """Write shards plus a model.safetensors.index.json mapping each tensor to its shard."""
+    wm = {}
+    for fname, tensors in shards.items():
+        save(folder / fname, tensors)
+        wm.update({k: fname for k in tensors})
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+    return index
+
+
+def steps(run: runs.Run) -> list[int | None]:
+    return [c.step for c in run.checkpoints]
+
+
+# --- layouts -----------------------------------------------------------------------------------
+
+
+def test_specan_layout_numeric_order(tmp_path: Path) -> None:
+    (tmp_path / "run.json").write_text(json.dumps({"trainer": "mlp", "seed": 1}))
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    for s in (100, 9, 10):
+        save(tmp_path / "checkpoints" / f"step-{s}.safetensors")
+    run = discover(tmp_path)
+    assert run.layout == "specan"
+    assert steps(run) == [9, 10, 100]
+    assert run.config == {"trainer": "mlp", "seed": 1}
+    assert run.checkpoints[0].name == "checkpoints/step-9.safetensors"
+    assert run.bad == ()
+
+
+def test_specan_padded_names_and_metadata(tmp_path: Path) -> None:
+    (tmp_path / "run.json").write_text("{}")
+    save(tmp_path / "checkpoints" / "step-00001000.safetensors", step=1000, epoch=2.5)
+    # metadata beats the name
+    save(tmp_path / "checkpoints" / "step-00000001.safetensors", step=5000, epoch="3")
+    run = discover(tmp_path)
+    assert steps(run) == [1000, 5000]
+    assert [c.epoch for c in run.checkpoints] == [2.5, 3.0]
+    c = run.checkpoints[0]
+    assert c.size == c.files[0].stat().st_size and c.mtime_ns == c.files[0].stat().st_mtime_ns
+
+
+def test_corrupt_run_json(tmp_path: Path) -> None:
+    (tmp_path / "run.json").write_text("{not json")
+    save(tmp_path / "checkpoints" / "step-1.safetensors")
+    with pytest.raises(BadCheckpointError) as e:
+        discover(tmp_path)
+    assert e.value.path.name == "run.json"
+
+
+def test_flat_folder_names(tmp_path: Path) -> None:
+    for n in ("ckpt_9", "ckpt_10", "epoch=3", "final", "alpha"):
+        save(tmp_path / f"{n}.safetensors")
+    run = discover(tmp_path)
+    assert run.layout == "flat"
+    # None steps last, in natural order of name
+    assert [c.name for c in run.checkpoints] == [
+        "epoch=3.safetensors",
+        "ckpt_9.safetensors",
+        "ckpt_10.safetensors",
+        "alpha.safetensors",
+        "final.safetensors",
+    ]
+    assert steps(run) == [3, 9, 10, None, None]
+
+
+def test_duplicate_steps_kept_ordered_by_name(tmp_path: Path) -> None:
+    save(tmp_path / "b_5.safetensors")
+    save(tmp_path / "a_5.safetensors")
+    save(tmp_path / "c.safetensors", step=5)
+    run = discover(tmp_path)
+    assert [c.name for c in run.checkpoints] == [
+        "a_5.safetensors",
+        "b_5.safetensors",
+        "c.safetensors",
+    ]
+
+
+def test_hf_single_and_sharded(tmp_path: Path) -> None:
+    save(tmp_path / "checkpoint-1000" / "model.safetensors", {"a": torch.ones(2, 2)})
+    (tmp_path / "checkpoint-1000" / "optimizer.pt").write_bytes(b"x")
+    (tmp_path / "checkpoint-1000" / "training_args.bin").write_bytes(b"x")
+    a, b = torch.randn(4, 3), torch.randn(5)
+    save_sharded(
+        tmp_path / "checkpoint-500",
+        {
+            "model-00001-of-00002.safetensors": {"a": a},
+            "model-00002-of-00002.safetensors": {"b": b},
+        },
+    )
+    run = discover(tmp_path)
+    assert run.layout == "hf"
+    assert steps(run) == [500, 1000]
+    sharded = run.checkpoints[0]
+    assert sharded.name == "checkpoint-500/model.safetensors.index.json"
+    assert [f.name for f in sharded.files] == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
+    assert sharded.size == sum(f.stat().st_size for f in sharded.files)
+    assert read_header(sharded) == {"a": TensorInfo((4, 3), "F32"), "b": TensorInfo((5,), "F32")}
+    with CheckpointReader(sharded) as r:
+        assert sorted(r.names()) == ["a", "b"]
+        assert torch.equal(r.get("b"), b)
+        assert torch.equal(r.get("a"), a)
+        assert r._route is not None and r._route["b"].name == "model-00002-of-00002.safetensors"
+        with pytest.raises(BadCheckpointError, match="missing tensor 'zz'"):
+            r.get("zz")
+
+
+def test_hf_index_names_missing_shard(tmp_path: Path) -> None:
+    save(tmp_path / "checkpoint-1" / "model.safetensors")
+    idx = save_sharded(
+        tmp_path / "checkpoint-2", {"model-00001-of-00002.safetensors": {"a": torch.ones(1)}}
+    )
+    wm = json.loads(idx.read_text())
+    wm["weight_map"]["b"] = "model-00002-of-00002.safetensors"
+    idx.write_text(json.dumps(wm))
+    run = discover(tmp_path)
+    assert steps(run) == [1]
+    [(path, reason)] = run.bad
+    assert path.name == "checkpoint-2"
+    assert "missing shard 'model-00002-of-00002.safetensors'" in reason
+
+
+def test_pythia_step_folders(tmp_path: Path) -> None:
+    for s in (0, 1, 512, 1000, 143000):
+        save(tmp_path / f"step{s}" / "model.safetensors", {"x": torch.ones(1) * s})
+    save_sharded(tmp_path / "step2", {"model-00001-of-00001.safetensors": {"x": torch.ones(1)}})
+    (tmp_path / "step2" / "config.json").write_text(json.dumps({"num_attention_heads": 8}))
+    (tmp_path / "step0" / "config.json").write_text(json.dumps({"num_attention_heads": 12}))
+    run = discover(tmp_path)
+    assert run.layout == "pythia"
+    assert steps(run) == [0, 1, 2, 512, 1000, 143000]
+    # the first config.json in checkpoint order
+    assert run.config["hf_config"] == {"num_attention_heads": 12}
+
+
+def test_pythia_bin_only_folder_reported(tmp_path: Path) -> None:
+    save(tmp_path / "step1" / "model.safetensors")
+    (tmp_path / "step2").mkdir()
+    (tmp_path / "step2" / "pytorch_model-00001-of-00003.bin").write_bytes(b"x")
+    run = discover(tmp_path)
+    assert steps(run) == [1]
+    assert run.bad[0][0].name == "step2" and ".bin" in run.bad[0][1]
+
+
+def test_single_model_root(tmp_path: Path) -> None:
+    root = tmp_path / "pythia-70m"
+    save_sharded(
+        root,
+        {
+            "model-00001-of-00002.safetensors": {"a": torch.ones(2)},
+            "model-00002-of-00002.safetensors": {"b": torch.zeros(2)},
+        },
+    )
+    (root / "config.json").write_text(json.dumps({"num_attention_heads": 8}))
+    run = discover(root)
+    assert run.layout == "hf"
+    assert len(run.checkpoints) == 1
+    c = run.checkpoints[0]
+    assert c.step is None  # "70" in the root's name is not a step
+    assert c.name == "model.safetensors.index.json" and len(c.files) == 2
+    assert run.config["hf_config"]["num_attention_heads"] == 8
+
+
+def test_single_model_root_named_like_a_step(tmp_path: Path) -> None:
+    save(tmp_path / "checkpoint-300" / "model.safetensors")
+    run = discover(tmp_path / "checkpoint-300")
+    assert steps(run) == [300]
+    assert run.checkpoints[0].name == "model.safetensors"
+
+
+def test_root_config_json(tmp_path: Path) -> None:
+    save(tmp_path / "checkpoint-1" / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"num_attention_heads": 4}))
+    assert discover(tmp_path).config == {"hf_config": {"num_attention_heads": 4}}
+
+
+def test_ignored_entries(tmp_path: Path) -> None:
+    save(tmp_path / "ckpt_1.safetensors")
+    save(tmp_path / ".hidden_2.safetensors")
+    save(tmp_path / "ckpt_3.tmp.safetensors")
+    (tmp_path / "ckpt_4.safetensors.tmp").write_bytes(b"partial")
+    save(tmp_path / "specan.zarr" / "x.safetensors")
+    save(tmp_path / ".git" / "y.safetensors")
+    run = discover(tmp_path)
+    assert run.layout == "flat"
+    assert [c.name for c in run.checkpoints] == ["ckpt_1.safetensors"]
+    assert run.bad == ()
+
+
+# --- dtypes and reading ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_get_float32_copy(tmp_path: Path, dtype: torch.dtype) -> None:
+    w = torch.randn(6, 5).to(dtype)
+    path = save(tmp_path / "step-1.safetensors", {"w": w, "n": torch.tensor(3)})
+    run = discover(tmp_path)
+    code = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}.get(dtype, "F64")
+    assert read_header(run.checkpoints[0])["w"] == TensorInfo((6, 5), code)
+    with CheckpointReader(run.checkpoints[0]) as r:
+        got = r.get("w")
+        assert got.dtype == torch.float32
+        assert torch.equal(got, w.to(torch.float32))
+        assert r.get("n").item() == 3.0
+    # a copy: rewriting the file does not change what was returned
+    save(path, {"w": torch.zeros(6, 5).to(dtype), "n": torch.tensor(3)})
+    assert torch.equal(got, w.to(torch.float32))
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+def test_missing_root(tmp_path: Path) -> None:
+    with pytest.raises(RunNotFoundError):
+        discover(tmp_path / "nope")
+
+
+def test_file_as_root(tmp_path: Path) -> None:
+    f = save(tmp_path / "a.safetensors")
+    with pytest.raises(RunNotFoundError, match="not a folder"):
+        discover(f)
+
+
+def test_empty_folder(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(EmptyRunError):
+        discover(tmp_path)
+
+
+def test_truncated_file(tmp_path: Path) -> None:
+    save(tmp_path / "step-1.safetensors")
+    bad = save(tmp_path / "step-2.safetensors", {"w": torch.randn(64, 64)})
+    data = bad.read_bytes()
+    bad.write_bytes(data[:-100])
+    run = discover(tmp_path)
+    assert steps(run) == [1]
+    [(path, reason)] = run.bad
+    assert path == bad
+    assert reason == "truncated: header says 16384 bytes of tensor data, file has 16284"
+    ckpt = runs.Checkpoint("step-2.safetensors", (bad,), 2, None, 0, 0)
+    with pytest.raises(BadCheckpointError, match="truncated"):
+        read_header(ckpt)
+    with pytest.raises(BadCheckpointError, match="truncated"):
+        CheckpointReader(ckpt).get("w")
+
+
+def test_text_file_renamed(tmp_path: Path) -> None:
+    save(tmp_path / "step-1.safetensors")
+    (tmp_path / "step-2.safetensors").write_text("this is not a checkpoint at all, just text")
+    (tmp_path / "step-3.safetensors").write_bytes(b"abc")
+    run = discover(tmp_path)
+    assert steps(run) == [1]
+    reasons = dict((p.name, r) for p, r in run.bad)
+    assert reasons["step-2.safetensors"].startswith("not a safetensors file (header length")
+    assert reasons["step-3.safetensors"] == "not a safetensors file (3 bytes)"
+
+
+def test_all_bad_is_empty_run_with_detail(tmp_path: Path) -> None:
+    (tmp_path / "a.safetensors").write_text("garbage garbage garbage")
+    with pytest.raises(EmptyRunError, match="a.safetensors: not a safetensors file"):
+        discover(tmp_path)
+
+
+def test_header_not_json(tmp_path: Path) -> None:
+    p = tmp_path / "x.safetensors"
+    p.write_bytes((5).to_bytes(8, "little") + b"{oops")
+    with pytest.raises(EmptyRunError, match="header is not JSON"):
+        discover(tmp_path)
+
+
+# --- speed and caching -------------------------------------------------------------------------
+
+
+def test_known_skips_header_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for s in range(5):
+        save(tmp_path / f"step-{s}.safetensors", step=s * 10)
+    first = discover(tmp_path)
+    known = {c.name: (c.size, c.mtime_ns, c.step, c.epoch) for c in first.checkpoints}
+    calls: list[Path] = []
+    real = runs._read_file_header
+    monkeypatch.setattr(runs, "_read_file_header", lambda p, **k: calls.append(p) or real(p, **k))
+    again = discover(tmp_path, known=known)
+    assert calls == []
+    assert again.checkpoints == first.checkpoints
+    # a rewritten file is read again
+    changed = save(tmp_path / "step-3.safetensors", {"w": torch.randn(4, 4)}, step=99)
+    os.utime(changed, ns=(time.time_ns(), time.time_ns() + 10**9))
+    third = discover(tmp_path, known=known)
+    assert calls == [changed]
+    assert steps(third) == [0, 10, 20, 40, 99]
+    assert runs.file_signature(third.checkpoints[-1]) == (
+        third.checkpoints[-1].size,
+        third.checkpoints[-1].mtime_ns,
+    )
+
+
+def test_discover_150_checkpoints_is_fast(tmp_path: Path) -> None:
+    tensors = {f"layer{i}.weight": torch.zeros(8, 8) for i in range(50)}
+    for s in range(150):
+        save(tmp_path / "checkpoints" / f"step-{s:08d}.safetensors", tensors, step=s)
+    discover(tmp_path)  # warm the file-system cache
+    t0 = time.perf_counter()
+    run = discover(tmp_path)
+    elapsed = time.perf_counter() - t0
+    assert len(run.checkpoints) == 150
+    assert elapsed < 1.0, elapsed  # target is well under 0.3 s; loose bound for slow CI
+
+
+def test_import_does_not_pull_torch() -> None:
+    code = "import specan.runs, sys; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)

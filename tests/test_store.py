@@ -1,0 +1,127 @@
+"""The store: layout readable by xarray, never overwritten by default, one writer at a time."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from specan import store
+from specan.errors import StoreError, StoreExistsError, StoreLockedError
+
+VIEWS = [
+    {"key": "fc.weight", "param": "fc.weight", "rule": "linear", "shape": [6, 4], "heads": None},
+    {"key": "attn__q", "param": "attn", "rule": "q_heads", "shape": [2, 8], "heads": 3},
+]
+KERNEL = {"backend": "torch-cpu", "top_k": 3, "vectors": True, "vector_dtype": "float32"}
+SETTINGS = {"family": "auto", "layers": None, "heads": 3, "rules": None}
+
+
+def fill(st: store.Store, names_steps: list[tuple[str, int]], seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    rows = st.reserve(
+        [{"name": n, "size": 1, "mtime_ns": 1, "step": s, "epoch": None} for n, s in names_steps]
+    )
+    written = {}
+    for name, _ in names_steps:
+        res = {
+            "fc.weight": store.ViewResult(
+                sigma=rng.random(4, dtype=np.float32),
+                U=rng.random((6, 3), dtype=np.float32),
+                V=rng.random((4, 3), dtype=np.float32),
+                tail=np.float32(0.5),
+            ),
+            "attn__q": store.ViewResult(
+                sigma=rng.random((3, 2), dtype=np.float32),
+                U=rng.random((3, 2, 2), dtype=np.float32),
+                V=rng.random((3, 8, 2), dtype=np.float32),
+                tail=np.zeros(3, dtype=np.float32),
+            ),
+        }
+        st.write_row(rows[name], res)
+        st.mark_done(name)
+        written[name] = res
+    return written
+
+
+def test_round_trip_sorted_by_step(tmp_path: Path) -> None:
+    st = store.create(tmp_path / "s.zarr", views=VIEWS, kernel=KERNEL, settings=SETTINGS)
+    written = fill(st, [("b", 20), ("a", 10)])
+    assert [e["name"] for e in st.done_rows()[1]] == ["a", "b"]
+    sigma = st.read_sigma("fc.weight")
+    np.testing.assert_array_equal(sigma[0], written["a"]["fc.weight"].sigma)
+    np.testing.assert_array_equal(sigma[1], written["b"]["fc.weight"].sigma)
+    U, V = store.open_store(tmp_path / "s.zarr").read_vectors("attn__q")
+    assert U.shape == (2, 3, 2, 2) and V.shape == (2, 3, 8, 2)
+    np.testing.assert_array_equal(V[1], written["b"]["attn__q"].V)
+    assert store.open_store(tmp_path / "s.zarr").views["attn__q"]["k"] == 2  # clamped to R
+
+
+def test_xarray_reads_the_store_with_dimension_names(tmp_path: Path) -> None:
+    xr = pytest.importorskip("xarray")
+    st = store.create(tmp_path / "s.zarr", views=VIEWS, kernel=KERNEL, settings=SETTINGS)
+    written = fill(st, [("a", 0), ("b", 5)])
+    root = xr.open_zarr(tmp_path / "s.zarr", consolidated=False, zarr_format=3)
+    assert root["step"].dims == ("checkpoint",)
+    assert list(root["step"].values) == [0, 5]
+    ds = xr.open_zarr(tmp_path / "s.zarr", group="views/attn__q", consolidated=False)
+    assert ds["sigma"].dims == ("checkpoint", "head", "rank")
+    assert ds["U"].dims == ("checkpoint", "head", "row", "component")
+    assert ds["V"].dims == ("checkpoint", "head", "col", "component")
+    np.testing.assert_array_equal(ds["sigma"].values[1], written["b"]["attn__q"].sigma)
+
+
+def test_create_never_overwrites_by_default(tmp_path: Path) -> None:
+    path = tmp_path / "s.zarr"
+    st = store.create(path, views=VIEWS, kernel=KERNEL, settings=SETTINGS)
+    fill(st, [("a", 0)])
+    with pytest.raises(StoreExistsError, match="--overwrite"):
+        store.create(path, views=VIEWS, kernel=KERNEL, settings=SETTINGS)
+    assert store.summary(path)["checkpoints"]["done"] == 1
+    store.create(path, views=VIEWS, kernel=KERNEL, settings=SETTINGS, overwrite=True)
+    assert store.summary(path)["checkpoints"]["done"] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]  # no temp folders left
+
+
+def test_lock_refuses_a_live_writer_and_takes_over_a_dead_one(tmp_path: Path) -> None:
+    path = tmp_path / "s.zarr"
+    with store.lock(path):
+        with pytest.raises(StoreLockedError, match="being written"):
+            with store.lock(path):
+                pass
+    assert not Path(str(path) + ".lock").exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True)  # fmt: skip
+    import socket
+
+    Path(str(path) + ".lock").write_text(
+        json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()})
+    )
+    with store.lock(path):
+        assert json.loads(Path(str(path) + ".lock").read_text())["pid"] == os.getpid()
+
+
+def test_not_a_store(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="specan ingest"):
+        store.open_store(tmp_path / "missing.zarr")
+    (tmp_path / "x.zarr").mkdir()
+    (tmp_path / "x.zarr" / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group"}')
+    with pytest.raises(StoreError, match="not a specan store"):
+        store.summary(tmp_path / "x.zarr")
+    (tmp_path / "x.zarr" / "zarr.json").write_text("{half")
+    with pytest.raises(StoreError, match="zarr.json"):
+        store.read_attrs(tmp_path / "x.zarr")
+
+
+def test_summary_lists_views_and_sizes(tmp_path: Path) -> None:
+    st = store.create(tmp_path / "s.zarr", views=VIEWS, kernel=KERNEL, settings=SETTINGS)
+    fill(st, [("a", 3), ("b", 7)])
+    s = store.summary(tmp_path / "s.zarr")
+    assert s["checkpoints"]["first_step"] == 3 and s["checkpoints"]["last_step"] == 7
+    assert [v["key"] for v in s["views"]] == ["fc.weight", "attn__q"]
+    assert all(v["bytes"] > 0 for v in s["views"]) and s["bytes"] > 0

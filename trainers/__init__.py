@@ -1,0 +1,1 @@
+"""Small trainers that write specan run directories (DESIGN Contract 1)."""
