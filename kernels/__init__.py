@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
-from .api import BACKENDS, SVDResult, available_backends, flops, svd
+from .api import BACKENDS, SVDResult, available_backends, flops, resolve_backend, svd
 
-__all__ = ["BACKENDS", "SVDResult", "available_backends", "flops", "svd"]
+__all__ = [
+    "BACKENDS",
+    "SVDResult",
+    "available_backends",
+    "flops",
+    "resolve_backend",
+    "svd",
+]

@@ -11,6 +11,11 @@ Two routes, both on a stack that is already float32 and tall (``m >= n``):
   Vectors are the weak point: ``U = A v / σ`` loses accuracy as σ → 0, so the route is
   refused per matrix whenever one of the requested top-k σ falls below ``GRAM_REL_FLOOR · σ₁``;
   those matrices are redone with gesdd.
+
+``auto`` is gesdd. The Gram route is opt-in because its float64 ``eigh`` showed large stalls
+when the machine was loaded by other processes (one 20 x 512² batched ``eigh`` took 24.6 s
+against 0.6 s the next run; a benchmark group ran 3.4x *slower* than gesdd), and the pipeline
+runs kernels under exactly that kind of load. Re-measure before making it the default.
 """
 
 from __future__ import annotations
@@ -87,7 +92,7 @@ def svd_gram(
 def svd_tall(
     a: torch.Tensor, k: int, vectors: bool, method: str
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, str]:
-    """Dispatch a tall float32 stack to one route; ``auto`` means gram.
+    """Dispatch a tall float32 stack to one route; ``auto`` means gesdd (see module doc).
 
     Returns
     -------
@@ -95,7 +100,7 @@ def svd_tall(
         The arrays of the route that ran and its name.
     """
     if method == "auto":
-        method = "gram"
+        method = "gesdd"
     if method == "gram":
         return (*svd_gram(a, k, vectors), "gram")
     if method == "gesdd":

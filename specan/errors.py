@@ -51,6 +51,12 @@ class ShapeMismatchError(BadCheckpointError):
     """A checkpoint's parameters differ in name or shape from the run's other checkpoints."""
 
 
+class OptionError(SpecanError):
+    """An option names something that cannot be used here (e.g. an unavailable SVD backend)."""
+
+    exit_code = 2
+
+
 class ViewRuleError(SpecanError):
     """A parameter cannot be turned into a matrix view under the requested rule."""
 

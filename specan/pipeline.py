@@ -12,14 +12,20 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from specan import runs, store
-from specan.errors import BadCheckpointError, ShapeMismatchError, StoreError
+from specan.errors import (
+    BadCheckpointError,
+    EmptyRunError,
+    OptionError,
+    ShapeMismatchError,
+    StoreError,
+)
 
 if TYPE_CHECKING:
     from specan.runs import Checkpoint, Run, TensorInfo
@@ -83,7 +89,7 @@ class _Silent:
 
 
 # -- settings ---------------------------------------------------------------------------------
-def _settings(opts: IngestOptions, attrs: Mapping[str, Any] | None) -> dict[str, Any]:
+def _settings(opts: IngestOptions, attrs: Mapping[str, Any] | None, path: Path) -> dict[str, Any]:
     """Resolve options against an existing store: unset inherits, a different value is an error."""
     defaults = {
         "top_k": DEFAULT_TOP_K,
@@ -110,7 +116,7 @@ def _settings(opts: IngestOptions, attrs: Mapping[str, Any] | None) -> dict[str,
     for k, v in given.items():
         if v is not None and v != stored.get(k, defaults[k]):
             raise StoreError(
-                f"{attrs.get('_path', 'store')}: made with {k}={stored.get(k)!r}, asked for {v!r};"
+                f"{path}: made with {k}={stored.get(k)!r}, asked for {v!r};"
                 " pass --overwrite to recompute everything with the new setting"
             )
         out[k] = stored.get(k, defaults[k])
@@ -145,7 +151,7 @@ def _plan(
 
     rules = {**_rules_from_config(run), **(settings["rules"] or {})}
     return plan_views(
-        {name: info.shape for name, info in header.items()},
+        header,  # TensorInfo values: the planner also skips integer buffers by their dtype
         family=settings["family"],
         heads=settings["heads"] or _heads_from_config(run),
         layers=settings["layers"],
@@ -157,7 +163,7 @@ def _check_against_plan(ckpt: Checkpoint, header: Mapping[str, TensorInfo], view
     """A checkpoint must hold every planned parameter with the planned shape."""
     shapes: dict[str, list[int]] = {}
     for v in views.values():
-        shapes.setdefault(v["param"], v.get("param_shape"))
+        shapes.setdefault(v["param"], v["info"].get("param_shape"))
     for param, shape in shapes.items():
         if param not in header:
             raise ShapeMismatchError(
@@ -184,30 +190,45 @@ def _groups(views: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
 
 
 # -- the task ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Failed:
+    """A task's verdict that its checkpoint is unusable; the writer reports it and moves on."""
+
+    error: BadCheckpointError
+
+
 def _svd_group(
     ckpt: Checkpoint, keys: Sequence[str], views: Mapping[str, Mapping[str, Any]], backend: str
-) -> dict[str, store.ViewResult]:
+) -> dict[str, store.ViewResult] | _Failed:
     """Read the views in ``keys`` from one checkpoint and decompose them as one batch."""
     import torch
-    from specan_kernels import svd
 
     from specan.views import ViewSpec, extract
+    from specan_kernels import svd
 
     mats, sizes = [], []
-    with runs.CheckpointReader(ckpt) as reader:
-        for key in keys:
-            v = views[key]
-            spec = ViewSpec(
-                key=key, param=v["param"], rule=v["rule"], shape=tuple(v["shape"]),
-                heads=v.get("heads"), info=dict(v.get("info", {})),
-            )  # fmt: skip
-            m = extract(spec, reader.get(v["param"]))
-            m = m.reshape(-1, *spec.shape)
-            mats.append(m)
-            sizes.append(m.shape[0])
+    try:
+        with runs.CheckpointReader(ckpt) as reader:
+            for key in keys:
+                v = views[key]
+                spec = ViewSpec(
+                    key=key, param=v["param"], rule=v["rule"], shape=tuple(v["shape"]),
+                    heads=v.get("heads"), info=dict(v.get("info", {})),
+                )  # fmt: skip
+                m = extract(spec, reader.get(v["param"]))
+                if not bool(torch.isfinite(m).all()):
+                    raise BadCheckpointError(ckpt.files[0], f"{v['param']} has NaN or Inf values")
+                mats.append(m.reshape(-1, *spec.shape))
+                sizes.append(mats[-1].shape[0])
+    except BadCheckpointError as e:
+        return _Failed(e)
     batch = torch.cat(mats) if len(mats) > 1 else mats[0]
     k = max(views[key]["k"] for key in keys)
-    res = svd(batch, k=k if k else None, vectors=k > 0, backend=backend)
+    try:
+        res = svd(batch, k=k if k else None, vectors=k > 0, backend=backend)
+    except RuntimeError as e:  # LAPACK's "failed to converge": name the file, not a traceback
+        params = ", ".join(views[key]["param"] for key in keys)
+        return _Failed(BadCheckpointError(ckpt.files[0], f"SVD failed on {params}: {e}"))
     sq = res.sigma.double().square()
     out: dict[str, store.ViewResult] = {}
     start = 0
@@ -228,9 +249,13 @@ def _svd_group(
     return out
 
 
-def _merge(*parts: Mapping[str, store.ViewResult]) -> dict[str, store.ViewResult]:
+def _merge(
+    *parts: Mapping[str, store.ViewResult] | _Failed,
+) -> dict[str, store.ViewResult] | _Failed:
     merged: dict[str, store.ViewResult] = {}
     for p in parts:
+        if isinstance(p, _Failed):
+            return p
         merged.update(p)
     return merged
 
@@ -243,6 +268,7 @@ def ingest(
 
     Unchanged checkpoints are skipped without importing torch or dask; new ones are appended,
     changed ones (size or mtime differ) recomputed with a warning, unfinished ones completed.
+    Bad files are skipped and listed in the store (``strict`` raises on the first instead).
     """
     t0 = time.perf_counter()
     opts = options or IngestOptions()
@@ -250,21 +276,29 @@ def ingest(
     root = Path(root)
     spath = store.store_path(root)
     attrs = None if opts.overwrite else store.read_attrs(spath)
-    if attrs is not None:
-        attrs["_path"] = str(spath)
-    settings = _settings(opts, attrs)
-    known = {
-        c["name"]: (c["size"], c["mtime_ns"], c["step"], c["epoch"])
-        for c in (attrs or {}).get("checkpoints", [])
-    }
-    run = runs.discover(root, known=known)
-    report = IngestReport(store=spath)
-    bad: list[tuple[str, str]] = [(str(p), r) for p, r in run.bad]
-    if bad and opts.strict:
-        raise BadCheckpointError(bad[0][0], bad[0][1])
-
+    settings = _settings(opts, attrs, spath)
     stored = {c["name"]: c for c in (attrs or {}).get("checkpoints", [])}
-    todo: list[Checkpoint] = []
+    known = {n: (c["size"], c["mtime_ns"], c["step"], c["epoch"]) for n, c in stored.items()}
+    run = runs.discover(root, known=known)
+    report = IngestReport(store=spath, views=len((attrs or {}).get("views", {})))
+    report.bad = [(str(p), r) for p, r in run.bad]
+    if report.bad and opts.strict:
+        raise BadCheckpointError(*report.bad[0])
+
+    todo = _triage(run, stored, report, prog)
+    old_bad = [(b["path"], b["reason"]) for b in (attrs or {}).get("bad_files", [])]
+    if todo or report.bad != old_bad:
+        with store.lock(spath):
+            _ingest_locked(run, todo, settings, opts, attrs is None, prog, report)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _triage(
+    run: Run, stored: Mapping[str, Mapping[str, Any]], report: IngestReport, prog: Progress
+) -> list[Checkpoint]:
+    """The checkpoints to compute: new, unfinished, or changed on disk since their ingest."""
+    todo = []
     for ckpt in run.checkpoints:
         c = stored.get(ckpt.name)
         if c is None or not c.get("done"):
@@ -277,146 +311,156 @@ def ingest(
             todo.append(ckpt)
         else:
             report.unchanged += 1
-    old_bad = [(b["path"], b["reason"]) for b in (attrs or {}).get("bad_files", [])]
-    if not todo and bad == old_bad:
-        report.bad = bad
-        report.views = len((attrs or {}).get("views", {}))
-        report.seconds = time.perf_counter() - t0
-        return report
-
-    with store.lock(spath):
-        report = _ingest_locked(run, todo, settings, opts, prog, report, bad, attrs)
-    report.seconds = time.perf_counter() - t0
-    return report
+    return todo
 
 
 def _ingest_locked(
     run: Run,
     todo: list[Checkpoint],
-    settings: dict[str, Any],
+    settings: Mapping[str, Any],
     opts: IngestOptions,
+    new_store: bool,
     prog: Progress,
     report: IngestReport,
-    bad: list[tuple[str, str]],
-    attrs: Mapping[str, Any] | None,
-) -> IngestReport:
-    import dask
+) -> None:
+    from specan_kernels import resolve_backend
 
-    def reject(ckpt: Checkpoint, err: BadCheckpointError) -> None:
+    try:
+        backend = resolve_backend(opts.backend)
+    except ValueError as e:
+        raise OptionError(f"--backend: {e}") from None
+
+    def reject(err: BadCheckpointError) -> None:
         if opts.strict:
             raise err
-        bad.append((str(err.path), err.reason))
+        report.bad.append((str(err.path), err.reason))
         prog.warn(f"skipped {err}")
 
-    # Plan the views from the first readable checkpoint, or take them from the store.
     headers: dict[str, Mapping[str, TensorInfo]] = {}
-    good: list[Checkpoint] = []
     for ckpt in todo:
         try:
             headers[ckpt.name] = runs.read_header(ckpt)
-            good.append(ckpt)
         except BadCheckpointError as e:
-            reject(ckpt, e)
-    if attrs is None:
+            reject(e)
+    good = [c for c in todo if c.name in headers]
+    if new_store:
         if not good:
-            st = None
-        else:
-            specs = _plan(headers[good[0].name], settings, run)
-            header0 = headers[good[0].name]
-            view_dicts = [
-                {
-                    "key": s.key,
-                    "param": s.param,
-                    "rule": s.rule,
-                    "shape": list(s.shape),
-                    "heads": s.heads,
-                    # the stored parameter's shape, to check later checkpoints against
-                    "info": {**s.info, "param_shape": list(header0[s.param].shape)},
-                }
-                for s in specs
-            ]
-            for s in specs:
-                if s.info.get("heads_unknown"):
-                    msg = (
-                        f"{s.param}: number of attention heads unknown (no run.json/config.json);"
-                        " per-head Q/K views skipped, pass --heads N"
-                    )
-                    report.warnings.append(msg)
-                    prog.warn(msg)
-            kernel = {
-                "backend": opts.backend,
-                "top_k": settings["top_k"],
-                "vectors": settings["vectors"],
-                "vector_dtype": settings["vector_dtype"],
-            }
-            st = store.create(
-                store.store_path(run.root),
-                views=view_dicts,
-                kernel=kernel,
-                settings={k: settings[k] for k in ("family", "layers", "heads", "rules")},
-                overwrite=opts.overwrite,
-            )
+            path, reason = report.bad[0] if report.bad else ("", "")
+            raise EmptyRunError(run.root, f"every checkpoint is unreadable, e.g. {path}: {reason}")
+        st = _create_store(run, headers[good[0].name], settings, opts, backend, prog, report)
     else:
         st = store.open_store(store.store_path(run.root), mode="r+")
-
-    if st is None:  # nothing readable and no store: say why
-        from specan.errors import EmptyRunError
-
-        first = bad[0] if bad else ("", "")
-        raise EmptyRunError(
-            run.root, f"every checkpoint is unreadable, e.g. {first[0]}: {first[1]}"
-        )
-
-    views = {k: {**v, "param_shape": v["info"].get("param_shape")} for k, v in st.views.items()}
-    ready: list[Checkpoint] = []
+    views = st.views
+    ready = []
     for ckpt in good:
         try:
             _check_against_plan(ckpt, headers[ckpt.name], views)
             ready.append(ckpt)
         except ShapeMismatchError as e:
-            reject(ckpt, e)
-    st.set_bad_files([{"path": p, "reason": r} for p, r in bad])
-    report.bad = bad
+            reject(e)
+    st.set_bad_files([{"path": p, "reason": r} for p, r in report.bad])
     report.views = len(views)
-    if not ready:
-        return report
+    if ready:
+        _compute(st, ready, views, opts, prog, report, reject)
+
+
+def _create_store(
+    run: Run,
+    header: Mapping[str, TensorInfo],
+    settings: Mapping[str, Any],
+    opts: IngestOptions,
+    backend: str,
+    prog: Progress,
+    report: IngestReport,
+) -> store.Store:
+    """Plan the views from one checkpoint's header and create the store for them."""
+    specs = _plan(header, settings, run)
+    for s in specs:
+        if s.info.get("heads_unknown"):
+            msg = (
+                f"{s.param}: number of attention heads unknown (no run.json or config.json);"
+                " per-head Q/K views skipped, pass --heads N"
+            )
+            report.warnings.append(msg)
+            prog.warn(msg)
+    views = [
+        {
+            "key": s.key,
+            "param": s.param,
+            "rule": s.rule,
+            "shape": list(s.shape),
+            "heads": s.heads,
+            # the stored parameter's shape, to check later checkpoints against
+            "info": {**s.info, "param_shape": list(header[s.param].shape)},
+        }
+        for s in specs
+    ]
+    kernel = {
+        "backend": backend,
+        "top_k": settings["top_k"],
+        "vectors": settings["vectors"],
+        "vector_dtype": settings["vector_dtype"],
+    }
+    return store.create(
+        store.store_path(run.root),
+        views=views,
+        kernel=kernel,
+        settings={k: settings[k] for k in ("family", "layers", "heads", "rules")},
+        overwrite=opts.overwrite,
+    )
+
+
+def _compute(
+    st: store.Store,
+    ready: Sequence[Checkpoint],
+    views: Mapping[str, Mapping[str, Any]],
+    opts: IngestOptions,
+    prog: Progress,
+    report: IngestReport,
+    reject: Callable[[BadCheckpointError], None],
+) -> None:
+    """Run the Dask graph window by window; this thread writes each finished checkpoint."""
+    import dask
 
     rows = st.reserve(
         [
-            {
-                "name": c.name,
-                "size": c.size,
-                "mtime_ns": c.mtime_ns,
-                "step": c.step,
-                "epoch": c.epoch,
-            }
+            {"name": c.name, "size": c.size, "mtime_ns": c.mtime_ns, "step": c.step,
+             "epoch": c.epoch}
             for c in ready
         ]
-    )
+    )  # fmt: skip
     groups = _groups(views)
-    backend = opts.backend
-    prog.start(len(ready), len(views), sum(c.size for c in ready))
     workers = opts.workers or os.cpu_count() or 1
-    with _torch_threads(max(1, (os.cpu_count() or 1) // workers)):
-        window = max(1, opts.window)
-        for i in range(0, len(ready), window):
-            chunk = ready[i : i + window]
-            # partial() keeps Dask from walking (and rebuilding) the dataclass arguments
-            tasks = [
-                dask.delayed(_merge)(
-                    *[dask.delayed(partial(_svd_group, c, g, views, backend))() for g in groups]
-                )
-                for c in chunk
-            ]
-            results = dask.compute(*tasks, scheduler="threads", num_workers=workers)
-            for ckpt, res in zip(chunk, results, strict=True):
-                st.write_row(rows[ckpt.name], res)
-                st.mark_done(ckpt.name)
-                report.computed.append(ckpt.name)
-                report.bytes_read += ckpt.size
-                prog.advance(ckpt.name, len(views), ckpt.size)
-    prog.finish()
-    return report
+    prog.start(len(ready), len(views), sum(c.size for c in ready))
+    try:
+        with _torch_threads(max(1, (os.cpu_count() or 1) // workers)):
+            for i in range(0, len(ready), max(1, opts.window)):
+                chunk = ready[i : i + max(1, opts.window)]
+                # partial() keeps Dask from walking (and rebuilding) the dataclass arguments
+                tasks = [
+                    dask.delayed(_merge)(
+                        *[
+                            dask.delayed(partial(_svd_group, c, g, views, opts.backend))()
+                            for g in groups
+                        ]
+                    )
+                    for c in chunk
+                ]
+                results = dask.compute(*tasks, scheduler="threads", num_workers=workers)
+                for ckpt, res in zip(chunk, results, strict=True):
+                    if isinstance(res, _Failed):
+                        # its row stays reserved and not done: the next ingest tries it again
+                        reject(res.error)
+                        st.set_bad_files([{"path": p, "reason": r} for p, r in report.bad])
+                        prog.advance(ckpt.name, 0, ckpt.size)
+                        continue
+                    st.write_row(rows[ckpt.name], res)
+                    st.mark_done(ckpt.name)
+                    report.computed.append(ckpt.name)
+                    report.bytes_read += ckpt.size
+                    prog.advance(ckpt.name, len(views), ckpt.size)
+    finally:
+        prog.finish()
 
 
 class _torch_threads:

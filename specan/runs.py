@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from specan.errors import BadCheckpointError, EmptyRunError, RunNotFoundError
+from specan.store import STORE_NAME
 
 if TYPE_CHECKING:
     import torch
 
-STORE_NAME = "specan.zarr"
 INDEX_SUFFIX = ".safetensors.index.json"
 # Bytes per element of each safetensors dtype; unknown (future) dtypes skip the size check.
 _ITEMSIZE = {

@@ -111,3 +111,10 @@ def test_demo_writes_ingests_and_reports(tmp_path: Path) -> None:
     assert "ingested 3 checkpoint(s)" in res.stdout and "lstm.weight_ih_l0_reverse" in res.stdout
     res = specan("demo", "--out", str(tmp_path / "demo"), "--checkpoints", "3")
     assert res.returncode == 0 and "ingested 0 checkpoint(s) (3 already there)" in res.stdout
+
+
+def test_unavailable_backend_is_one_line(tmp_path: Path) -> None:
+    run = write_synthetic_run(tmp_path / "run", checkpoints=2, width=16)
+    res = specan("ingest", str(run), "--backend", "nonsense")
+    assert res.returncode == 2 and "--backend" in res.stderr and "torch-cpu" in res.stderr
+    assert "Traceback" not in res.stderr and not (run / "specan.zarr").exists()

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import specan_kernels as sk
 import torch
+
+import specan_kernels as sk
 from specan_kernels.torch_svd import GRAM_REL_FLOOR
 
 METHODS = ["auto", "gram", "gesdd"]
@@ -174,3 +175,23 @@ def test_cuda_matches_numpy(method) -> None:
     on_gpu = sk.svd(batch.cuda(), k=6)
     assert on_gpu.backend == "torch-cuda" and on_gpu.U.is_cuda
     torch.testing.assert_close(on_gpu.sigma.cpu(), res.sigma, rtol=1e-4, atol=1e-5)
+
+
+def test_hugging_face_kernels_package_beside_specan_breaks_neither(tmp_path) -> None:
+    """`kernels/` ships as `specan_kernels`: HF's top-level `kernels` must keep its name."""
+    import subprocess
+    import sys
+
+    fake = tmp_path / "site" / "kernels"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("HF_KERNEL_HUB = True\n")
+    code = (
+        "import kernels, torch\n"
+        "assert kernels.HF_KERNEL_HUB\n"
+        "from specan_kernels import svd\n"
+        "assert svd(torch.eye(3)).sigma.shape == (1, 3)\n"
+    )
+    env = {"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                         capture_output=True, text=True)  # fmt: skip
+    assert res.returncode == 0, res.stderr

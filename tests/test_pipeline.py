@@ -205,7 +205,8 @@ def test_kill_9_mid_ingest_then_resume_equals_uninterrupted(tmp_path: Path) -> N
     run = write_synthetic_run(tmp_path / "run", checkpoints=12, width=96)
     reference = tmp_path / "reference"
     shutil.copytree(run, reference)
-    ingest(reference)
+    # one worker everywhere: the same thread layout gives bit-identical floats
+    ingest(reference, IngestOptions(workers=1))
     proc = subprocess.Popen(
         [sys.executable, "-m", "specan.cli", "ingest", str(run), "--workers", "1"],
         stdout=subprocess.DEVNULL,
@@ -225,7 +226,7 @@ def test_kill_9_mid_ingest_then_resume_equals_uninterrupted(tmp_path: Path) -> N
     proc.wait()
     assert killed_at is not None and killed_at < 12, "ingest finished before it could be killed"
     assert Path(str(sp) + ".lock").exists()  # the dead writer's lock is left behind...
-    report = ingest(run)  # ...and taken over
+    report = ingest(run, IngestOptions(workers=1))  # ...and taken over
     assert 0 < len(report.computed) <= 12 - killed_at + 1
     a, b = store.open_store(sp), store.open_store(store.store_path(reference))
     assert store.summary(sp)["checkpoints"]["done"] == 12
@@ -335,3 +336,19 @@ def test_twenty_checkpoints_of_a_5m_parameter_model(tmp_path: Path) -> None:
     assert st.read_sigma("mlp.0.weight").shape == (20, 320)
     meta = json.loads((run / "run.json").read_text())
     assert meta["model"]["width"] == 320
+
+
+def test_diverged_checkpoint_with_nan_is_skipped_and_named(small_run: Path) -> None:
+    import torch
+
+    path = sorted((small_run / "checkpoints").glob("*.safetensors"))[3]
+    tensors = {k: torch.from_numpy(v) for k, v in load_np(str(path)).items()}
+    tensors["mlp.2.weight"][0, 0] = float("nan")
+    save_file(tensors, str(path), {"step": "300"})
+    report = ingest(small_run)
+    assert len(report.computed) == 3
+    ((bad, reason),) = report.bad
+    assert bad == str(path) and "mlp.2.weight" in reason and "NaN" in reason
+    assert store.summary(store.store_path(small_run))["checkpoints"]["done"] == 3
+    with pytest.raises(BadCheckpointError, match="NaN"):
+        ingest(small_run, IngestOptions(strict=True))
