@@ -2,9 +2,10 @@
 
 The graph has one task per (checkpoint, group of same-shaped views): each task reads its tensors
 from the memory-mapped checkpoint, stacks them and calls the kernel, so reading one group overlaps
-the SVDs of another and no task holds more than one batch. Checkpoints go through in small windows;
-after each window the calling thread, the store's only writer, writes the rows and marks them done.
-An interrupted ingest therefore loses at most the window in flight, and the next ingest redoes it.
+the SVDs of another and no task holds more than one batch. A checkpoint's write task follows its
+SVD tasks and the previous checkpoint's write, so exactly one task writes the store at a time, in
+order, while later checkpoints are still being decomposed. A row is marked done only after its
+arrays are written; an interrupted ingest loses at most the rows in flight, and the next redoes them.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class IngestOptions:
     vector_dtype: str | None = None
     overwrite: bool = False
     workers: int | None = None  # Dask threads; default: one per core
-    window: int = 2  # checkpoints in flight between writes
+    window: int = 8  # checkpoints per Dask graph; an interrupt loses at most these
 
 
 @dataclass
@@ -419,7 +420,12 @@ def _compute(
     report: IngestReport,
     reject: Callable[[BadCheckpointError], None],
 ) -> None:
-    """Run the Dask graph window by window; this thread writes each finished checkpoint."""
+    """Run the Dask graph, a window of checkpoints at a time.
+
+    Each checkpoint's write is a task that depends on its SVDs and on the previous checkpoint's
+    write: the chain keeps one writer at a time, in order, while the SVDs of the next checkpoints
+    run beside it, so no core idles while a row is written.
+    """
     import dask
 
     rows = st.reserve(
@@ -430,35 +436,36 @@ def _compute(
         ]
     )  # fmt: skip
     groups = _groups(views)
+
+    def write(ckpt: Checkpoint, res: dict[str, store.ViewResult] | _Failed, _prev: None) -> None:
+        if isinstance(res, _Failed):
+            # its row stays reserved and not done: the next ingest tries it again
+            reject(res.error)
+            st.set_bad_files([{"path": p, "reason": r} for p, r in report.bad])
+            prog.advance(ckpt.name, 0, ckpt.size)
+            return
+        st.write_row(rows[ckpt.name], res)
+        st.mark_done(ckpt.name)
+        report.computed.append(ckpt.name)
+        report.bytes_read += ckpt.size
+        prog.advance(ckpt.name, len(views), ckpt.size)
+
     workers = opts.workers or os.cpu_count() or 1
+    window = max(1, opts.window)
     prog.start(len(ready), len(views), sum(c.size for c in ready))
     try:
         with _torch_threads(max(1, (os.cpu_count() or 1) // workers)):
-            for i in range(0, len(ready), max(1, opts.window)):
-                chunk = ready[i : i + max(1, opts.window)]
-                # partial() keeps Dask from walking (and rebuilding) the dataclass arguments
-                tasks = [
-                    dask.delayed(_merge)(
-                        *[
-                            dask.delayed(partial(_svd_group, c, g, views, opts.backend))()
-                            for g in groups
-                        ]
-                    )
-                    for c in chunk
-                ]
-                results = dask.compute(*tasks, scheduler="threads", num_workers=workers)
-                for ckpt, res in zip(chunk, results, strict=True):
-                    if isinstance(res, _Failed):
-                        # its row stays reserved and not done: the next ingest tries it again
-                        reject(res.error)
-                        st.set_bad_files([{"path": p, "reason": r} for p, r in report.bad])
-                        prog.advance(ckpt.name, 0, ckpt.size)
-                        continue
-                    st.write_row(rows[ckpt.name], res)
-                    st.mark_done(ckpt.name)
-                    report.computed.append(ckpt.name)
-                    report.bytes_read += ckpt.size
-                    prog.advance(ckpt.name, len(views), ckpt.size)
+            for i in range(0, len(ready), window):
+                last = None
+                for c in ready[i : i + window]:
+                    # partial() keeps Dask from walking (and rebuilding) the dataclass arguments
+                    parts = [
+                        dask.delayed(partial(_svd_group, c, g, views, opts.backend))()
+                        for g in groups
+                    ]
+                    merged = dask.delayed(_merge)(*parts)
+                    last = dask.delayed(partial(write, c))(merged, last)
+                dask.compute(last, scheduler="threads", num_workers=workers)
     finally:
         prog.finish()
 
