@@ -258,6 +258,45 @@ def demo(
     info(out_dir, Format.table)
 
 
+# -- train ------------------------------------------------------------------------------------
+TRAIN_EXAMPLES = """
+Examples:
+
+- `specan train grokking --wd 1.0 --train-frac 0.3 --steps 20000 --out runs/grok-wd1`
+
+- `specan train grokking --help` : every option with the paper's default
+
+- `python -m trainers.grokking --help` : the same trainer without the CLI
+"""
+
+
+@app.command(
+    epilog=TRAIN_EXAMPLES,
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def train(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Trainer: grokking.", show_default=False)] = "",
+) -> None:
+    """Train one of the paper's experiments, writing a run directory that `ingest` reads.
+
+    Every option after the trainer's name goes to the trainer (`specan train grokking --help`
+    lists them with the paper's defaults). A killed training resumes from its last checkpoint
+    when run again with the same options.
+    """
+    if not name or name in ("-h", "--help"):
+        out.print(ctx.get_help())
+        return
+    from trainers import trainer_module
+
+    try:
+        module = trainer_module(name)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="NAME") from None
+    module.main([*ctx.args])
+
+
 # -- entry point ------------------------------------------------------------------------------
 def main() -> None:
     """Console-script entry: known errors become one line on stderr and an exit code."""

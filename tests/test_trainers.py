@@ -1,0 +1,118 @@
+"""Trainers: the run-directory contract, resumability, and that `specan ingest` reads the result."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import trainers
+from specan import store
+from specan.pipeline import ingest
+from specan.runs import discover
+from trainers import grokking
+from trainers.checkpoint import RunWriter, save_steps
+
+TINY = ["--p", "11", "--d-model", "16", "--n-heads", "2", "--d-mlp", "32", "--train-frac", "0.5"]
+
+
+def test_save_steps_schedules() -> None:
+    assert save_steps(1000, every=250) == {0, 250, 500, 750, 1000}
+    assert save_steps(10, at="3, 7") == {0, 3, 7, 10}
+    log = sorted(save_steps(10000, log=8))
+    assert log[0] == 0 and log[-1] == 10000 and log[1] < 10 and len(log) >= 8
+    with pytest.raises(ValueError, match="--save-at"):
+        save_steps(10, at="a,b")
+
+
+def test_writer_round_trips_model_optimizer_and_rng(tmp_path: Path) -> None:
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    w = RunWriter(tmp_path / "run", trainer="grokking", config={"a": 1})
+    w.log({"step": 0, "loss": 1.0})
+    w.save(model, 5, epoch=0.5, optimizer=opt)
+    w.log({"step": 7, "loss": 0.5})  # logged after the last checkpoint: lost on resume
+    expected = torch.rand(3)
+    torch.manual_seed(123)  # RNG restored on resume, whatever it is now
+
+    model2 = torch.nn.Linear(4, 3)
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=0.1)
+    w2 = RunWriter(tmp_path / "run", trainer="grokking", config={"a": 1})
+    assert w2.resume(model2, opt2) == 5
+    assert torch.equal(model2.weight, model.weight)
+    s1, s2 = opt.state_dict()["state"][0], opt2.state_dict()["state"][0]
+    assert torch.equal(s1["exp_avg_sq"], s2["exp_avg_sq"])
+    assert torch.equal(torch.rand(3), expected)
+    steps = [
+        json.loads(x)["step"] for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == [0]
+    with safe_open(str(tmp_path / "run/checkpoints/step-00000005.safetensors"), "pt") as f:
+        assert f.metadata()["step"] == "5" and f.metadata()["epoch"] == "0.5"
+    with pytest.raises(FileExistsError, match="different run"):
+        RunWriter(tmp_path / "run", trainer="grokking", config={"a": 2})
+
+
+def test_grokking_run_contract_and_ingest(tmp_path: Path) -> None:
+    out = tmp_path / "grok"
+    grokking.main(
+        [*TINY, "--steps", "6", "--save-every", "2", "--eval-every", "2", "--out", str(out)]
+    )
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["trainer"] == "grokking" and meta["config"]["wd"] == 1.0
+    assert {p["kind"] for p in meta["pairs"]} == {"embedding", "qk", "linear"}
+    run = discover(out)
+    assert [c.step for c in run.checkpoints] == [0, 2, 4, 6]
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[0] == 0 and steps[-1] == 6
+    assert not list(out.rglob("*.tmp"))
+    report = ingest(out)
+    assert len(report.computed) == 4 and not report.bad
+    views = store.read_attrs(store.store_path(out))["views"]
+    assert {v["rule"] for v in views.values()} >= {"embedding", "in_proj", "q_heads", "linear"}
+    assert views["blocks.0.self_attn.in_proj_weight__q"]["heads"] == 2  # from run.json
+    model = trainers.build_model(out)
+    data = trainers.eval_data(out)
+    assert model(data["x_val"]).shape == (len(data["y_val"]), 11)
+
+
+def test_grokking_resumes_after_a_kill_with_identical_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = [*TINY, "--steps", "8", "--save-every", "3", "--eval-every", "1"]
+    grokking.main([*args, "--out", str(tmp_path / "whole")])
+
+    real = RunWriter.save
+
+    def killed_at_6(self: RunWriter, model, step, **kw):  # noqa: ANN001
+        if step == 6:
+            raise KeyboardInterrupt
+        return real(self, model, step, **kw)
+
+    monkeypatch.setattr(RunWriter, "save", killed_at_6)
+    with pytest.raises(KeyboardInterrupt):
+        grokking.main([*args, "--out", str(tmp_path / "cut")])
+    monkeypatch.setattr(RunWriter, "save", real)
+    grokking.main([*args, "--out", str(tmp_path / "cut")])  # resumes from step 3
+    for name in ("step-00000006.safetensors", "step-00000008.safetensors"):
+        with safe_open(str(tmp_path / "whole/checkpoints" / name), "pt") as a:
+            with safe_open(str(tmp_path / "cut/checkpoints" / name), "pt") as b:
+                for k in a.keys():  # noqa: SIM118
+                    assert torch.equal(a.get_tensor(k), b.get_tensor(k)), (name, k)
+    steps = [
+        json.loads(x)["step"] for x in (tmp_path / "cut/metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == list(range(9))
+
+
+def test_help_names_the_paper_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        grokking.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ("default: 113", "default: 0.3", "default: 40000", "weight decay"):
+        assert default in text

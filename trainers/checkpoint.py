@@ -1,0 +1,263 @@
+"""The one module the trainers share: the run directory of DESIGN Contract 1, written atomically.
+
+    runs/<name>/
+      run.json              trainer, its config (every default), model config, pairs, schema
+      metrics.jsonl         one JSON object per evaluation: step, epoch, losses, accuracies
+      checkpoints/step-XXXXXXXX.safetensors   the model's state_dict; metadata step, epoch, config
+      resume.safetensors    the newest model + optimizer + RNG state, to continue a killed run
+
+Every file is written under a temporary name and renamed into place, so a reader (or `specan
+ingest` running beside the trainer) never sees half a file. Only this module knows file names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import math
+import os
+import typing
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    import torch
+
+SCHEMA_VERSION = 1
+T = TypeVar("T")
+
+
+# -- configuration ----------------------------------------------------------------------------
+def _field_comments(cls: type) -> dict[str, str]:
+    """Trailing comments of a dataclass's fields: `lr: float = 1e-3  # learning rate` -> help."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+        tree = ast.parse("\n".join(lines).strip() if lines[0].startswith(" ") else "\n".join(lines))
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    comments = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            line = lines[node.lineno - 1]
+            if "#" in line:
+                comments[node.target.id] = line.split("#", 1)[1].strip()
+    return comments
+
+
+def parse_config(cls: type[T], argv: Sequence[str] | None, *, prog: str, description: str) -> T:
+    """Build `cls` (a dataclass of literal defaults) from command-line flags.
+
+    Every field becomes ``--field-name``; its trailing source comment is the help, and the help
+    shows the default, so ``--help`` names the paper's settings.
+    """
+    comments = _field_comments(cls)
+    hints = typing.get_type_hints(cls)
+    ap = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        help_ = comments.get(f.name, " ")
+        if kind is bool:
+            ap.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_
+            )
+        else:
+            ap.add_argument(flag, type=_optional(kind), default=f.default, help=help_)
+    return cls(**vars(ap.parse_args(argv)))
+
+
+def _optional(kind: Any) -> Any:
+    # "str | None" and the like: the flag takes the non-None type
+    args = [a for a in getattr(kind, "__args__", ()) if a is not type(None)]
+    return args[0] if args else kind
+
+
+def save_steps(total: int, *, every: int = 0, log: int = 0, at: str = "") -> set[int]:
+    """Steps at which to save, always including 0 and ``total``.
+
+    ``every`` N steps; ``log`` about that many log-spaced steps (dense early, where weights move
+    fastest); ``at`` an explicit comma-separated list. They combine.
+    """
+    steps = {0, total}
+    if every > 0:
+        steps.update(range(0, total + 1, every))
+    if log > 0:
+        steps.update(
+            min(total, round(math.exp(math.log(total + 1) * i / log)) - 1) for i in range(log + 1)
+        )
+    if at.strip():
+        try:
+            steps.update(int(s) for s in at.split(",") if s.strip())
+        except ValueError as e:
+            raise ValueError(f"--save-at takes comma-separated steps, got {at!r}") from e
+    return {s for s in steps if 0 <= s <= total}
+
+
+# -- writing ----------------------------------------------------------------------------------
+def _atomic(path: Path, write: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+class RunWriter:
+    """Writes one run directory; reopening it with the same trainer and config resumes it.
+
+    Parameters
+    ----------
+    out
+        The run directory (created).
+    trainer
+        The trainer's module name under `trainers` (``grokking``, ``vgg``, …).
+    config
+        ``dataclasses.asdict(cfg)``: every setting, enough to rebuild model and data.
+    pairs
+        The model's alignment pairs (SPEC §3) as ``{"prev", "next", "kind", ...}`` dicts.
+    view_rules
+        Parameter name -> view rule where names do not say it (e.g. transposed convolutions).
+    """
+
+    def __init__(
+        self,
+        out: Path | str,
+        *,
+        trainer: str,
+        config: dict[str, Any],
+        pairs: Iterable[dict[str, Any]] = (),
+        view_rules: dict[str, str] | None = None,
+        model: dict[str, Any] | None = None,
+    ) -> None:
+        self.out = Path(out)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.meta = {
+            "schema_version": SCHEMA_VERSION,
+            "trainer": trainer,
+            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in config.items()},
+            "model": model or {},
+            "pairs": list(pairs),
+            "view_rules": view_rules or {},
+        }
+        run_json = self.out / "run.json"
+        if run_json.exists():
+            old = json.loads(run_json.read_text())
+            if {k: old.get(k) for k in ("trainer", "config")} != {
+                k: self.meta[k] for k in ("trainer", "config")
+            }:
+                raise FileExistsError(
+                    f"{self.out}: holds a different run ({old.get('trainer')}); "
+                    "choose another --out or delete it"
+                )
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        _atomic(run_json, lambda p: p.write_text(json.dumps(self.meta, indent=2) + "\n"))
+
+    def checkpoint_path(self, step: int) -> Path:
+        return self.ckpt_dir / f"step-{step:08d}.safetensors"
+
+    def save(
+        self,
+        model: torch.nn.Module,
+        step: int,
+        *,
+        epoch: float | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> Path:
+        """Write the checkpoint for ``step`` and the resume state beside it."""
+        from safetensors.torch import save_file
+
+        meta = {"step": str(step), "config": json.dumps(self.meta["config"])}
+        if epoch is not None:
+            meta["epoch"] = str(epoch)
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        path = self.checkpoint_path(step)
+        _atomic(path, lambda p: save_file(state, str(p), metadata=meta))
+        resume = {f"model.{k}": v for k, v in state.items()}
+        resume.update(_rng_state())
+        if optimizer is not None:
+            tensors, groups = _flatten_optimizer(optimizer)
+            resume.update(tensors)
+            meta["optimizer_groups"] = json.dumps(groups)
+        _atomic(self.out / "resume.safetensors", lambda p: save_file(resume, str(p), metadata=meta))
+        return path
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append one evaluation to metrics.jsonl (flushed, so a kill loses nothing logged)."""
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def resume(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
+    ) -> int | None:
+        """Load the newest resume state into ``model`` (and ``optimizer``); return its step.
+
+        None when there is nothing to resume. Metrics logged after that step (the killed
+        run's work since its last checkpoint) are dropped, so steps stay monotone.
+        """
+        path = self.out / "resume.safetensors"
+        if not path.exists():
+            return None
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        step = int(meta["step"])
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        if optimizer is not None and "optimizer_groups" in meta:
+            optimizer.load_state_dict(
+                _unflatten_optimizer(tensors, json.loads(meta["optimizer_groups"]))
+            )
+        _set_rng_state(tensors)
+        metrics = self.out / "metrics.jsonl"
+        if metrics.exists():
+            kept = [
+                line
+                for line in metrics.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step
+            ]
+            _atomic(metrics, lambda p: p.write_text("".join(x + "\n" for x in kept)))
+        return step
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    import torch
+
+    return {"rng.torch": torch.get_rng_state()}
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor]) -> None:
+    import torch
+
+    if "rng.torch" in tensors:
+        torch.set_rng_state(tensors["rng.torch"])
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
+    """Optimizer state as flat tensors plus JSON groups: safetensors holds no nested objects."""
+    import torch
+
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, state in sd["state"].items():
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{idx}.{name}"] = value.detach().contiguous().cpu()
+            elif value is not None:
+                tensors[f"optim.{idx}.{name}"] = torch.tensor(value)
+    return tensors, sd["param_groups"]
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": groups}
