@@ -5,7 +5,7 @@ from the memory-mapped checkpoint, stacks them and calls the kernel, so reading 
 the SVDs of another and no task holds more than one batch. A checkpoint's write task follows its
 SVD tasks and the previous checkpoint's write, so exactly one task writes the store at a time, in
 order, while later checkpoints are still being decomposed. A row is marked done only after its
-arrays are written; an interrupted ingest loses at most the rows in flight, and the next redoes them.
+arrays are written; an interrupted ingest loses at most the rows in flight; the next redoes them.
 """
 
 from __future__ import annotations

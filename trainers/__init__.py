@@ -32,7 +32,8 @@ def _run_config(run: Path | str) -> tuple[ModuleType, dict[str, Any]]:
     try:
         meta = json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no run.json (not a run written by specan's trainers)")
+        msg = f"{path}: no run.json (not a run written by specan's trainers)"
+        raise FileNotFoundError(msg) from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
     return trainer_module(meta["trainer"]), meta["config"]
