@@ -105,12 +105,22 @@ def test_conflicting_flags_are_refused(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "--no-vectors" in res.output
 
 
-def test_demo_writes_ingests_and_reports(tmp_path: Path) -> None:
-    res = specan("demo", "--out", str(tmp_path / "demo"), "--checkpoints", "3")
-    assert res.returncode == 0, res.stderr
-    assert "ingested 3 checkpoint(s)" in res.stdout and "lstm.weight_ih_l0_reverse" in res.stdout
-    res = specan("demo", "--out", str(tmp_path / "demo"), "--checkpoints", "3")
-    assert res.returncode == 0 and "ingested 0 checkpoint(s) (3 already there)" in res.stdout
+def test_demo_trains_twice_ingests_and_reports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import specan.demo
+
+    tiny = ["--p", "11", "--d-model", "16", "--n-heads", "2", "--d-mlp", "32", "--steps", "4",
+            "--save-every", "2", "--eval-every", "2"]  # fmt: skip
+    monkeypatch.setattr(specan.demo, "GROKKING_DEMO", tiny)
+    res = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])
+    assert res.exit_code == 0, res.output
+    assert "grok-wd1" in res.output and "grok-wd0" in res.output
+    report = tmp_path / "demo" / "report.html"
+    assert report.exists() and report.read_text().count("data:image/png;base64") >= 2
+    for name in ("grok-wd1", "grok-wd0"):
+        assert (tmp_path / "demo" / name / "specan.zarr" / "zarr.json").exists()
+        assert (tmp_path / "demo" / name / "report.html").exists()
 
 
 def test_unavailable_backend_is_one_line(tmp_path: Path) -> None:
@@ -118,3 +128,28 @@ def test_unavailable_backend_is_one_line(tmp_path: Path) -> None:
     res = specan("ingest", str(run), "--backend", "nonsense")
     assert res.returncode == 2 and "--backend" in res.stderr and "torch-cpu" in res.stderr
     assert "Traceback" not in res.stderr and not (run / "specan.zarr").exists()
+
+
+def test_train_then_every_analysis_command(tmp_path: Path) -> None:
+    run = tmp_path / "grok"
+    tiny = ["--p", "11", "--d-model", "16", "--n-heads", "2", "--d-mlp", "32", "--steps", "6",
+            "--save-every", "2", "--eval-every", "2", "--out", str(run)]  # fmt: skip
+    res = runner.invoke(app, ["train", "grokking", *tiny])
+    assert res.exit_code == 0, res.output
+    assert runner.invoke(app, ["ingest", str(run)]).exit_code == 0
+    res = runner.invoke(app, ["rank", str(run), "--format", "json", "--steps", "2:4"])
+    rows = json.loads(res.output)
+    assert {r["step"] for r in rows} == {2, 4} and all(0 < r["erank_norm"] <= 1 for r in rows)
+    res = runner.invoke(app, ["rank", str(run)])
+    assert res.exit_code == 0 and "val_acc" in res.output
+    res = runner.invoke(app, ["align", str(run), "--format", "csv"])
+    assert res.exit_code == 0 and "Q·K" in res.output and "embedding" in res.output
+    res = runner.invoke(app, ["sva", str(run), "--against", str(run), "--format", "json"])
+    scores = [r["score"] for r in json.loads(res.output)]
+    assert scores and all(abs(s - 1) < 1e-5 for s in scores)  # a run agrees with itself
+    res = runner.invoke(app, ["plot", str(run), "--out", str(tmp_path / "figs")])
+    assert res.exit_code == 0 and (tmp_path / "figs" / "rank.png").stat().st_size > 1000
+    res = runner.invoke(app, ["report", str(run)])
+    assert res.exit_code == 0 and (run / "report.html").exists()
+    res = runner.invoke(app, ["rank", str(run), "--steps", "x:y"])
+    assert res.exit_code != 0

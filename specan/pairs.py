@@ -1,0 +1,114 @@
+"""Which views are consecutive for alignment (SPEC §3), and how their vectors meet.
+
+Runs written by specan's trainers list their pairs in run.json; for other runs the MLP/VGG rule
+(consecutive >=2-D parameters in state-dict order) is inferred. Each pair is resolved here into
+the two vector sets that Eqn 3 multiplies, following SPEC §3's special cases: an embedding meets
+with its right vectors, Q meets K left with left per head, an LSTM contributes the g block of U,
+a convolution's right vectors are sliced at the kernel centre, and a bidirectional next layer is
+sliced to the direction's half. A pair whose dimensions do not meet is skipped with a reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+WHOLE_RULES = ("linear", "embedding", "conv", "conv_transpose", "lstm", "in_proj")
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Layer ``prev`` feeds layer ``next`` (parameter names)."""
+
+    prev: str
+    next: str
+    kind: str = "linear"  # linear | embedding | qk | lstm | conv | skip | time | ...
+    prev_part: str | None = None  # "v": the W_V block of a fused in_proj
+    direction: str | None = None  # LSTM: "forward" | "reverse"
+
+    @property
+    def label(self) -> str:
+        prev = self.prev + (f"[{self.prev_part}]" if self.prev_part else "")
+        if self.kind == "qk":
+            return f"{self.prev} Q·K"
+        return f"{prev} -> {self.next}"
+
+
+# A loader returns the stacked top-k vectors of a view: ("U" | "V", key) -> [T, (H,) d, k].
+Loader = Callable[[str, str], np.ndarray]
+
+
+def pairs_for(
+    config: Mapping[str, Any], views: Mapping[str, Mapping[str, Any]]
+) -> tuple[list[Pair], str]:
+    """The run's pairs and a sentence saying where they came from."""
+    listed = config.get("pairs")
+    if listed:
+        fields = ("prev", "next", "kind", "prev_part", "direction")
+        pairs = [Pair(**{k: p[k] for k in fields if k in p}) for p in listed]
+        return pairs, "pairs listed by the trainer in run.json"
+    whole = [v["param"] for v in views.values() if v["rule"] in WHOLE_RULES]
+    params = list(dict.fromkeys(whole))
+    if any(views[k]["rule"] in ("lstm", "in_proj") for k in views):
+        return [], (
+            "no pairs in run.json, and only the MLP/VGG rule is inferred; this run has LSTM or "
+            "attention layers, so its pairs must be listed in run.json"
+        )
+    return [Pair(a, b) for a, b in zip(params, params[1:], strict=False)], (
+        "inferred: consecutive parameters in state-dict order (MLP/VGG rule)"
+    )
+
+
+def _view(views: Mapping[str, Mapping[str, Any]], param: str, rules: Sequence[str]) -> str:
+    for key, v in views.items():
+        if v["param"] == param and v["rule"] in rules:
+            return key
+    raise KeyError(f"no {'/'.join(rules)} view of {param!r} in the store")
+
+
+def resolve(
+    pair: Pair, views: Mapping[str, Mapping[str, Any]], load: Loader
+) -> tuple[np.ndarray, np.ndarray]:
+    """The (previous-layer, next-layer) vector sets whose |product| is Eqn 3's matrix.
+
+    Returns ``prev_left [T, (H,) d, k1]`` and ``next_right [T, (H,) d, k2]``; raises ValueError
+    (with the reason) when the dimensions do not meet.
+    """
+    if pair.kind == "qk":
+        q = _view(views, pair.prev, ("q_heads",))
+        k = _view(views, pair.next, ("k_heads",))
+        # left with left: the attention score is x' W_Q' W_K x, so A_h = |U_Q,h' U_K,h|
+        return load("U", k), load("U", q)
+    if pair.prev_part == "v":
+        prev_key = _view(views, pair.prev, ("v",))
+    else:
+        prev_key = _view(views, pair.prev, WHOLE_RULES)
+    prev_view = views[prev_key]
+    if prev_view["rule"] == "embedding" or pair.kind == "embedding":
+        prev = load("V", prev_key)  # an embedding's output space is spanned by V
+    else:
+        prev = load("U", prev_key)
+    if prev_view["rule"] == "lstm":
+        h = prev_view["info"]["hidden"]
+        prev = prev[..., 2 * h : 3 * h, :]  # the g gate's block of U, not renormalised
+    next_key = _view(views, pair.next, WHOLE_RULES)
+    nxt = load("V", next_key)
+    d = prev.shape[-2]
+    if nxt.shape[-2] == d:
+        return prev, nxt
+    info = views[next_key].get("info", {})
+    kernel = info.get("kernel")
+    if kernel and info.get("c_in") == d:
+        # a conv's right vector reshapes to (c_in, *kernel): take the centre position
+        centre = int(np.ravel_multi_index(tuple(s // 2 for s in kernel), tuple(kernel)))
+        size = int(np.prod(kernel))
+        return prev, nxt[..., centre::size, :]
+    if nxt.shape[-2] == 2 * d and pair.direction in ("forward", "reverse"):
+        half = slice(0, d) if pair.direction == "forward" else slice(d, 2 * d)
+        return prev, nxt[..., half, :]  # the direction's half of a bidirectional input
+    raise ValueError(
+        f"dimensions do not meet: {pair.prev} gives {d}, {pair.next} takes {nxt.shape[-2]}"
+    )

@@ -1,0 +1,416 @@
+"""The paper's figures, drawn from `specan.analysis` results; the only module that uses matplotlib.
+
+matplotlib is imported inside the functions, and figures are built as `matplotlib.figure.Figure`
+objects rendered by Agg, without pyplot: drawing here never changes the caller's backend or
+pyplot's list of open figures. Each drawing function returns its figure and writes nothing;
+`save_all` runs the analyses and writes the files.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from specan import analysis, store
+from specan.errors import StoreError
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+log = logging.getLogger(__name__)
+
+MAX_LINES = 100  # singular values drawn per view (the paper's top 100)
+MAX_FIGURES = 6  # per-pair and per-view figures written by save_all, each kind
+MAX_TICKS = 10
+DPI = 110
+
+
+def _figure(width: float, height: float) -> Figure:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+
+
+def _cmap(name: str) -> Any:
+    from matplotlib import colormaps
+
+    return colormaps[name].with_extremes(bad="0.85")
+
+
+def _step_axis(ax: Axes, steps: np.ndarray) -> np.ndarray:
+    """x values for ``steps`` on a line plot, with a log (or symlog, when step 0 is there) scale
+    when they span more than two decades. Unknown steps (-1) fall back to checkpoint indices."""
+    steps = np.asarray(steps)
+    if steps.size == 0 or (steps < 0).any():
+        ax.set_xlabel("checkpoint")
+        return np.arange(steps.size, dtype=float)
+    ax.set_xlabel("step")
+    pos = steps[steps > 0]
+    if pos.size > 1 and pos.max() / pos.min() > 100:
+        if steps[0] > 0:
+            ax.set_xscale("log")
+        else:
+            ax.set_xscale("symlog", linthresh=float(pos.min()), linscale=0.5)
+    return steps.astype(float)
+
+
+def _step_ticks(ax: Axes, steps: np.ndarray) -> None:
+    """Label a heatmap's checkpoint columns with their steps, at most MAX_TICKS of them."""
+    steps = np.asarray(steps)
+    if steps.size == 0:
+        return
+    cols = np.arange(0, steps.size, -(-steps.size // MAX_TICKS))  # an even stride
+    labels = [str(int(steps[c])) if steps[c] >= 0 else f"#{c}" for c in cols]
+    rotate = max(len(s) for s in labels) > 5
+    ax.set_xticks(cols, labels, rotation=45 if rotate else 0, ha="right" if rotate else "center")
+    ax.set_xlabel("step (one column per checkpoint)")
+
+
+def _heatmap(
+    values: np.ndarray,
+    steps: np.ndarray,
+    labels: Sequence[str] | None,
+    *,
+    title: str,
+    ylabel: str,
+    cbar: str,
+) -> Figure:
+    """Rows x checkpoints on the fixed 0-1 colour scale; ``labels`` name the rows (else indices)."""
+    values = np.asarray(values, dtype=float)
+    rows = values.shape[0] if values.ndim == 2 else 0
+    size = 9 if rows <= 30 else 7 if rows <= 60 else 5
+    height = min(2.2 + 0.24 * rows, 30.0) if labels is not None else 4.5
+    # widen by the row labels' length so the heatmap itself keeps about 5.5 inches
+    label_in = 0.075 * size / 9 * max((len(s) for s in labels or ()), default=0)
+    fig = _figure(min(7.0 + label_in, 18.0), max(height, 3.0))
+    ax = fig.add_subplot()
+    ax.set_title(title, fontsize=12 if len(title) < 60 else 9)
+    ax.set_ylabel(ylabel)
+    if values.ndim != 2 or values.size == 0:
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+        return fig
+    im = ax.imshow(
+        values, aspect="auto", vmin=0.0, vmax=1.0, cmap=_cmap("viridis"), interpolation="nearest"
+    )
+    _step_ticks(ax, steps)
+    if labels is not None:
+        ax.set_yticks(range(rows), list(labels), fontsize=size)
+    fig.colorbar(im, ax=ax, label=cbar)
+    return fig
+
+
+def singular_values(steps: np.ndarray, sigma: np.ndarray, *, title: str) -> Figure:
+    """σ_i of one view over training, one line per rank index i < 100, coloured by i.
+
+    ``sigma`` is ``[T, R]``, or ``[T, H, R]`` for per-head views (averaged over heads).
+    """
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    s = np.asarray(sigma, dtype=float)
+    heads = s.shape[1] if s.ndim == 3 else 0
+    if heads:
+        s = s.mean(axis=1)
+    n = min(MAX_LINES, s.shape[-1]) if s.ndim == 2 else 0
+    fig = _figure(7.5, 4.8)
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    ax.set_ylabel(r"singular value $\sigma_i$" + (f" (mean over {heads} heads)" if heads else ""))
+    x = _step_axis(ax, steps)
+    if n == 0 or s.shape[0] == 0:
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+        return fig
+    cmap, norm = _cmap("viridis"), Normalize(0, max(n - 1, 1))
+    marker = "o" if x.size < 3 else None
+    for i in reversed(range(n)):  # index 0 (the largest) drawn last, on top
+        ax.plot(x, s[:, i], color=cmap(norm(i)), lw=1.0, marker=marker, ms=3)
+    top = s[:, :n]
+    pos = top[np.isfinite(top) & (top > 0)]
+    if pos.size and pos.max() / pos.min() > 100:
+        ax.set_yscale("log")
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="rank index i")
+    return fig
+
+
+def _view_labels(result: analysis.RankResult) -> list[str]:
+    # a whole-matrix view is named by its parameter; extra views (per head, W_V) add their rule
+    return [
+        p if k == p else f"{p} [{r}]"
+        for k, p, r in zip(result.keys, result.params, result.rules, strict=True)
+    ]
+
+
+def rank_heatmap(result: analysis.RankResult, *, title: str) -> Figure:
+    """Normalised effective rank (Eqn 1-2): views (rows) x checkpoints, on a fixed 0-1 scale."""
+    return _heatmap(
+        result.values,
+        result.steps,
+        _view_labels(result),
+        title=title,
+        ylabel="view",
+        cbar="normalised effective rank",
+    )
+
+
+def alignment_diagonal(steps: np.ndarray, diag: np.ndarray, *, title: str) -> Figure:
+    """A_ii (Eqn 3) over training: index i (rows) x checkpoints, 0-1."""
+    d = np.asarray(diag)
+    return _heatmap(d.T, steps, None, title=title, ylabel="index i", cbar=r"alignment $A_{ii}$")
+
+
+def alignment_scores(alignment: analysis.Alignment, *, title: str) -> Figure:
+    """Alignment score a(t) (Eqn 4): pairs (rows) x checkpoints, 0-1."""
+    values = _stack([r.score for r in alignment.results], alignment.steps)
+    labels = [r.pair.label for r in alignment.results]
+    return _heatmap(
+        values,
+        alignment.steps,
+        labels,
+        title=title,
+        ylabel="pair (layer l -> l+1)",
+        cbar=r"alignment score (mean $A_{ii}$, $i < 10$)",
+    )
+
+
+def sva_diagonal(steps: np.ndarray, diag: np.ndarray, *, title: str) -> Figure:
+    """S_ii (Eqn 5) over training: index i (rows) x checkpoints, 0-1."""
+    d = np.asarray(diag)
+    return _heatmap(d.T, steps, None, title=title, ylabel="index i", cbar=r"agreement $S_{ii}$")
+
+
+def sva_scores(agreement: analysis.Agreement, *, title: str) -> Figure:
+    """SVA score s(t): views (rows) x checkpoints, 0-1."""
+    values = _stack([r.score for r in agreement.results], agreement.steps)
+    labels = [r.key for r in agreement.results]
+    return _heatmap(
+        values,
+        agreement.steps,
+        labels,
+        title=title,
+        ylabel="view",
+        cbar=r"SVA score (mean $S_{ii}$, $i < 10$)",
+    )
+
+
+def _stack(rows: list[np.ndarray], steps: np.ndarray) -> np.ndarray:
+    return np.array(rows, dtype=float) if rows else np.zeros((0, len(steps)))
+
+
+def loss_under_rank(result: analysis.RankResult, *, title: str) -> Figure:
+    """Losses (and accuracies, on a twin axis) above the mean normalised effective rank.
+
+    The grokking figure: the validation-loss drop coincides with the fall in effective rank.
+    """
+    fig = _figure(8.0, 6.5)
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    top.set_title(title)
+    x = _step_axis(bottom, result.steps)
+    names = sorted(result.metrics)
+    accs = [n for n in names if "acc" in n.lower()]
+    others = [n for n in names if n not in accs]
+    prefixes = list(dict.fromkeys(n.split("_")[0] for n in names))
+    colour = {p: f"C{i % 10}" for i, p in enumerate(prefixes)}
+    marker = "o" if x.size < 30 else None
+    handles = []
+    for ax, group, style in ((top, others, "-"), (None, accs, "--")):
+        if not group:
+            continue
+        if ax is None:
+            ax = top.twinx()
+            ax.set_ylabel("accuracy")
+        else:
+            ax.set_ylabel("loss" if any("loss" in n for n in group) else "metric")
+        vals = []
+        for n in group:
+            v = np.asarray(result.metrics[n], dtype=float)
+            ok = np.isfinite(v)
+            vals.append(v[ok])
+            (h,) = ax.plot(
+                x[ok],
+                v[ok],
+                style,
+                color=colour[n.split("_")[0]],
+                label=n,
+                marker=marker,
+                ms=3,
+                lw=1.4,
+            )
+            handles.append(h)
+        allv = np.concatenate(vals) if vals else np.zeros(0)
+        if style == "-" and allv.size and allv.min() > 0 and allv.max() / allv.min() > 100:
+            ax.set_yscale("log")
+        if style == "--" and allv.size and allv.min() >= 0 and allv.max() <= 1:
+            ax.set_ylim(-0.02, 1.02)
+    if handles:
+        top.legend(handles=handles, fontsize=8, loc="best")
+    else:
+        top.text(0.5, 0.5, "no metrics", ha="center", va="center", transform=top.transAxes)
+    values = np.asarray(result.values, dtype=float)
+    for row in values:
+        bottom.plot(x, row, color="0.6", lw=0.6, alpha=0.6)
+    if values.size:
+        bottom.plot(
+            x,
+            np.nanmean(values, axis=0),
+            color="C3",
+            lw=2.2,
+            marker=marker,
+            ms=3,
+            label=f"mean over {values.shape[0]} views (grey: each view)",
+        )
+        bottom.legend(fontsize=8, loc="best")
+    bottom.set_ylabel("normalised effective rank")
+    bottom.set_ylim(0.0, 1.02)
+    return fig
+
+
+@dataclass
+class Analyses:
+    """One run's analysis results, the store's views, and why any figure will be missing."""
+
+    run: Path
+    name: str
+    views: dict[str, dict[str, Any]]
+    rank: analysis.RankResult
+    alignment: analysis.Alignment | None
+    agreement: analysis.Agreement | None
+    notes: list[str] = field(default_factory=list)
+
+
+def analyse(run: Path | str) -> Analyses:
+    """Run rank, alignment and SVA on a run's store; a part that cannot be done becomes a note."""
+    run = Path(run)
+    views = store.open_store(store.store_path(run)).views
+    out = Analyses(run, run.resolve().name, views, analysis.rank(run), None, None)
+    if not any(np.isfinite(v).any() for v in out.rank.metrics.values()):
+        out.notes.append("no metrics.jsonl values at the checkpoints' steps: loss figure skipped")
+    try:
+        out.alignment = analysis.align(run)
+    except StoreError as e:
+        out.notes.append(f"alignment skipped: {e}")
+    else:
+        if not out.alignment.results:
+            out.notes.append(f"alignment: no pair could be compared ({out.alignment.rule})")
+        for pair, why in out.alignment.skipped:
+            out.notes.append(f"alignment pair {pair.label} skipped: {why}")
+    try:
+        out.agreement = analysis.sva(run)
+    except StoreError as e:
+        out.notes.append(f"SVA skipped: {e}")
+    else:
+        if not out.agreement.results:
+            out.notes.append("SVA skipped: no view has stored singular vectors")
+    return out
+
+
+@dataclass
+class Plot:
+    """One figure of a run: its file stem, a caption, and the figure."""
+
+    name: str
+    caption: str
+    figure: Figure
+
+
+def safe_name(key: str) -> str:
+    """A view key as a file-name part."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", key)
+
+
+def _largest(keys: Sequence[str], views: dict[str, dict[str, Any]]) -> list[str]:
+    def size(k: str) -> int:
+        m, n = views[k]["shape"]
+        return m * n * (views[k].get("heads") or 1)
+
+    return sorted(keys, key=lambda k: (-size(k), k))[:MAX_FIGURES]
+
+
+def figures(an: Analyses, *, views: Sequence[str] | None = None) -> Iterator[Plot]:
+    """The run's figures, one at a time; figures without data are left out (see ``an.notes``).
+
+    ``views`` picks the σ figures (default: the six largest views).
+    """
+    name, rk = an.name, an.rank
+    yield Plot(
+        "rank",
+        "Normalised effective rank (Eqn 1-2) of every view over training, "
+        "on a fixed 0-1 colour scale.",
+        rank_heatmap(rk, title=f"{name}: effective rank"),
+    )
+    if any(np.isfinite(v).any() for v in rk.metrics.values()):
+        yield Plot(
+            "loss_rank",
+            "Losses and accuracies (top) above the normalised effective rank "
+            "(bottom; red: mean over views).",
+            loss_under_rank(rk, title=f"{name}: loss and effective rank"),
+        )
+    al = an.alignment
+    if al is not None and al.results:
+        yield Plot(
+            "align_scores",
+            f"Alignment score (Eqn 4) of consecutive layers; {al.rule}.",
+            alignment_scores(al, title=f"{name}: alignment scores"),
+        )
+        for i, r in enumerate(al.results[:MAX_FIGURES]):
+            yield Plot(
+                f"align_{i}",
+                f"Alignment diagonal A_ii (Eqn 3), {r.pair.label}.",
+                alignment_diagonal(al.steps, r.diag, title=f"{name}: A_ii, {r.pair.label}"),
+            )
+    ag = an.agreement
+    if ag is not None and ag.results:
+        yield Plot(
+            "sva_scores",
+            f"Singular vector agreement score (Eqn 5) with {ag.reference}.",
+            sva_scores(ag, title=f"{name}: SVA scores"),
+        )
+        by_key = {r.key: r for r in ag.results}
+        for key in _largest(list(by_key), an.views):
+            yield Plot(
+                f"sva_{safe_name(key)}",
+                f"SVA diagonal S_ii of {key} with {ag.reference}.",
+                sva_diagonal(ag.steps, by_key[key].diag, title=f"{name}: S_ii, {key}"),
+            )
+    for key in list(views) if views is not None else _largest(list(an.views), an.views):
+        steps, sigma = analysis.sigma(an.run, key)
+        yield Plot(
+            f"sigma_{safe_name(key)}",
+            f"Singular values of {key} over training.",
+            singular_values(steps, sigma, title=f"{name}: singular values, {key}"),
+        )
+
+
+def png_bytes(fig: Figure) -> bytes:
+    """The figure as PNG bytes."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def save_all(
+    run: Path | str, out_dir: Path | str, *, svg: bool = False, views: Sequence[str] | None = None
+) -> list[Path]:
+    """Run the analyses and write every figure as ``<out_dir>/<name>.png`` (and ``.svg``).
+
+    Figures without data are skipped, each with a logged reason. Returns the written paths.
+    """
+    an = analyse(run)
+    for note in an.notes:
+        log.warning("%s: %s", an.name, note)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for plot in figures(an, views=views):
+        for ext in ("png", "svg") if svg else ("png",):
+            path = out / f"{plot.name}.{ext}"
+            plot.figure.savefig(path, format=ext)
+            paths.append(path)
+    return paths

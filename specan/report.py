@@ -1,0 +1,203 @@
+"""One self-contained HTML page per run (or per comparison of runs): config, summary, figures.
+
+Figures come from `specan.plots` and are embedded as base64 PNG; the page needs no other file.
+Every piece of text from the run (names, config, metrics) is escaped with `html.escape`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+from collections.abc import Sequence
+from html import escape
+from pathlib import Path
+
+import numpy as np
+
+from specan import plots
+
+log = logging.getLogger(__name__)
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+figure { margin: 1.5em 0; } figure img { max-width: 100%; }
+figcaption { color: #555; font-size: 0.9em; }
+pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; }
+.notes li { color: #8a5a00; }
+.cols { display: grid; gap: 1.5em; }
+.cols > div { min-width: 0; }
+.scroll { overflow-x: auto; }
+"""
+
+
+def _num(x: float | None, fmt: str = ".3f") -> str:
+    return "—" if x is None or not np.isfinite(x) else format(float(x), fmt)
+
+
+def _first_last(v: np.ndarray) -> tuple[float | None, float | None]:
+    ok = np.asarray(v, dtype=float)
+    ok = ok[np.isfinite(ok)]
+    return (float(ok[0]), float(ok[-1])) if ok.size else (None, None)
+
+
+def _table(head: Sequence[str], rows: Sequence[Sequence[str]], numeric: int = 0) -> str:
+    """An HTML table; cells are escaped here, the last ``numeric`` columns right-aligned."""
+    th = "".join(f"<th>{escape(h)}</th>" for h in head)
+    body = []
+    for row in rows:
+        n = len(row)
+        cells = "".join(
+            f'<td class="num">{escape(c)}</td>' if i >= n - numeric else f"<td>{escape(c)}</td>"
+            for i, c in enumerate(row)
+        )
+        body.append(f"<tr>{cells}</tr>")
+    table = f"<table><thead><tr>{th}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return f'<div class="scroll">{table}</div>'
+
+
+def summary_html(an: plots.Analyses) -> str:
+    """Summary tables: views (rank first -> last, SVA at the start), pairs, metrics."""
+    rk = an.rank
+    sva_start = {}
+    if an.agreement is not None:
+        sva_start = {r.key: float(r.score[0]) for r in an.agreement.results if r.score.size}
+    rows = []
+    for i, key in enumerate(rk.keys):
+        v = an.views.get(key, {})
+        shape = "×".join(str(d) for d in v.get("shape", ()))
+        if v.get("heads"):
+            shape += f" ×{v['heads']} heads"
+        first, last = _first_last(rk.values[i])
+        change = None if first is None or last is None else last - first
+        rows.append(
+            [
+                key,
+                rk.params[i],
+                rk.rules[i],
+                shape,
+                _num(first),
+                _num(last),
+                _num(change, "+.3f"),
+                _num(sva_start.get(key)),
+            ]
+        )
+    parts = [
+        f"<h3>Views ({len(rows)})</h3>",
+        _table(
+            [
+                "view",
+                "param",
+                "rule",
+                "shape",
+                "erank first",
+                "erank last",
+                "change",
+                "SVA at start",
+            ],
+            rows,
+            numeric=4,
+        ),
+        "<p>erank: normalised effective rank (Eqn 1-2); SVA at start: s(t) at the first "
+        "checkpoint against "
+        + escape(an.agreement.reference if an.agreement else "the final checkpoint")
+        + ".</p>",
+    ]
+    if an.alignment is not None and an.alignment.results:
+        pairs = [[r.pair.label, *map(_num, _first_last(r.score))] for r in an.alignment.results]
+        parts += [
+            "<h3>Alignment of consecutive layers (Eqn 4)</h3>",
+            _table(["pair", "score first", "score last"], pairs, numeric=2),
+            f"<p>{escape(an.alignment.rule)}.</p>",
+        ]
+    if rk.metrics:
+        mrows = [
+            [n, *(_num(x, ".4g") for x in _first_last(v))] for n, v in sorted(rk.metrics.items())
+        ]
+        parts += ["<h3>Metrics</h3>", _table(["metric", "first", "last"], mrows, numeric=2)]
+    if an.notes:
+        items = "".join(f"<li>{escape(n)}</li>" for n in an.notes)
+        parts.append(f'<h3>Notes</h3><ul class="notes">{items}</ul>')
+    return "\n".join(parts)
+
+
+def _img(plot: plots.Plot) -> str:
+    data = base64.b64encode(plots.png_bytes(plot.figure)).decode("ascii")
+    return (
+        f'<figure id="{escape(plot.name)}"><img alt="{escape(plot.name)}" '
+        f'src="data:image/png;base64,{data}"><figcaption>{escape(plot.caption)}</figcaption>'
+        "</figure>"
+    )
+
+
+def _config_html(run: Path) -> str:
+    path = run / "run.json"
+    if not path.exists():
+        return "<p>No run.json.</p>"
+    text = path.read_text(errors="replace")
+    try:
+        text = json.dumps(json.loads(text), indent=2)
+    except json.JSONDecodeError:
+        log.warning("%s: not valid JSON; shown as it is", path)
+    return f"<details><summary>Run config (run.json)</summary><pre>{escape(text)}</pre></details>"
+
+
+def _page(title: str, body: str) -> str:
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{escape(title)}</title><style>{STYLE}</style></head>\n"
+        f"<body>\n<h1>{escape(title)}</h1>\n{body}\n</body></html>\n"
+    )
+
+
+def _write(out: Path, text: str) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, out)
+    return out
+
+
+def write_report(run: Path | str, out: Path | str | None = None) -> Path:
+    """Write the run's report (default ``<run>/report.html``) and return its path."""
+    run = Path(run)
+    out = Path(out) if out is not None else run / "report.html"
+    an = plots.analyse(run)
+    figs = "\n".join(_img(p) for p in plots.figures(an))
+    body = (
+        f"<p>Run folder: <code>{escape(str(run.resolve()))}</code></p>\n{_config_html(run)}\n"
+        f"<h2>Summary</h2>\n{summary_html(an)}\n<h2>Figures</h2>\n{figs}"
+    )
+    return _write(out, _page(f"specan report: {an.name}", body))
+
+
+def write_comparison(runs: Sequence[Path | str], out: Path | str) -> Path:
+    """One page with each run's loss-and-rank figure side by side, above each run's summary."""
+    analyses = [plots.analyse(r) for r in runs]
+    head = []
+    for an in analyses:
+        first, last = _first_last(
+            np.nanmean(an.rank.values, axis=0) if an.rank.values.size else np.zeros(0)
+        )
+        finals = [
+            f"{n} {_num(_first_last(v)[1], '.4g')}" for n, v in sorted(an.rank.metrics.items())
+        ]
+        head.append([an.name, _num(first), _num(last), ", ".join(finals) or "—"])
+    cols = []
+    for i, an in enumerate(analyses):
+        fig = plots.loss_under_rank(an.rank, title=f"{an.name}: loss and effective rank")
+        caption = f"{an.name}: losses above the normalised effective rank."
+        plot = plots.Plot(f"loss_rank-{i}", caption, fig)
+        cols.append(f"<div><h2>{escape(an.name)}</h2>{_img(plot)}{summary_html(an)}</div>")
+    body = (
+        _table(["run", "mean erank first", "mean erank last", "final metrics"], head, numeric=0)
+        + f'\n<div class="cols" style="grid-template-columns: repeat({len(cols)}, 1fr)">'
+        + "\n".join(cols)
+        + "</div>"
+    )
+    names = " vs ".join(an.name for an in analyses)
+    return _write(Path(out), _page(f"specan comparison: {names}", body))

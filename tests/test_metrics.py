@@ -1,0 +1,144 @@
+"""Metrics and alignment pairs against hand-built matrices whose answers are known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from specan import metrics
+from specan.pairs import Pair, pairs_for, resolve
+
+rng = np.random.default_rng(0)
+
+
+def orthonormal(n: int, k: int) -> np.ndarray:
+    q, _ = np.linalg.qr(rng.standard_normal((n, k)))
+    return q
+
+
+def test_effective_rank_of_k_equal_singular_values_is_k() -> None:
+    sigma = np.array([[3.0, 3.0, 3.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
+    np.testing.assert_allclose(metrics.effective_rank(sigma), [3.0, 5.0])
+    np.testing.assert_allclose(metrics.normalized_effective_rank(sigma), [0.6, 1.0])
+    assert metrics.effective_rank(np.zeros(4)) == 0.0
+
+
+def test_effective_rank_uses_sigma_not_sigma_squared() -> None:
+    s = np.array([2.0, 1.0, 1.0])
+    p = s / 4.0
+    expected = np.exp(-(p * np.log(p)).sum())  # by hand: p = (1/2, 1/4, 1/4) -> 2^(1.5)
+    assert metrics.effective_rank(s) == pytest.approx(expected)
+    assert expected == pytest.approx(2**1.5)
+
+
+def test_sva_equals_frobenius_inner_product_of_outer_products() -> None:
+    u_t, v_t, u_r, v_r = orthonormal(7, 3), orthonormal(5, 3), orthonormal(7, 3), orthonormal(5, 3)
+    s = metrics.sva(u_t, v_t, u_r, v_r)
+    for j in range(3):
+        for k in range(3):
+            fro = np.sum(np.outer(u_t[:, j], v_t[:, j]) * np.outer(u_r[:, k], v_r[:, k]))
+            assert s[j, k] == pytest.approx(abs(fro))
+    np.testing.assert_allclose(np.diagonal(metrics.sva(u_t, v_t, u_t, v_t)), 1.0)
+    assert metrics.diagonal_score(np.eye(20)) == 1.0
+
+
+def svd_loader(mats: dict[str, np.ndarray]):
+    """Vectors from NumPy's SVD, with a leading checkpoint axis of length 1."""
+
+    def load(which: str, key: str) -> np.ndarray:
+        u, _, vt = np.linalg.svd(mats[key], full_matrices=False)
+        return (u if which == "U" else np.swapaxes(vt, -1, -2))[None]
+
+    return load
+
+
+def view(param: str, rule: str, shape, **info) -> dict:
+    return {"param": param, "rule": rule, "shape": list(shape), "heads": None, "info": info}
+
+
+def test_linear_pair_next_is_transpose_gives_diagonal_one() -> None:
+    w1 = orthonormal(8, 6) @ np.diag([6, 5, 4, 3, 2, 1.0]) @ orthonormal(6, 6).T  # (8, 6)
+    # W2 = W1^T: its right singular vectors are exactly W1's left ones
+    views = {"a": view("fc1", "linear", (8, 6)), "b": view("fc2", "linear", (6, 8))}
+    prev, nxt = resolve(Pair("fc1", "fc2"), views, svd_loader({"a": w1, "b": w1.T}))
+    a = metrics.alignment(prev, nxt)[0]
+    np.testing.assert_allclose(np.diagonal(a), 1.0, atol=1e-10)
+
+
+def test_conv_pair_uses_the_centre_position_of_the_next_kernel() -> None:
+    c0, c1, c2 = 3, 4, 4
+    prev = rng.standard_normal((c1, c0, 3, 3))
+    u_prev = np.linalg.svd(prev.reshape(c1, -1), full_matrices=False)[0]
+    nxt = np.zeros((c2, c1, 3, 3))
+    nxt[:, :, 1, 1] = np.diag([4.0, 3.0, 2.0, 1.0]) @ u_prev.T  # right vectors = U_prev
+    nxt[:, :, 0, 0] = 1e-3 * rng.standard_normal((c2, c1))  # off-centre taps: small
+    views = {
+        "p": view("c1", "conv", (c1, c0 * 9), c_in=c0, kernel=[3, 3]),
+        "n": view("c2", "conv", (c2, c1 * 9), c_in=c1, kernel=[3, 3]),
+    }
+    mats = {"p": prev.reshape(c1, -1), "n": nxt.reshape(c2, -1)}
+    p, n = resolve(Pair("c1", "c2", "conv"), views, svd_loader(mats))
+    assert n.shape[-2] == c1
+    np.testing.assert_allclose(np.diagonal(metrics.alignment(p, n)[0]), 1.0, atol=1e-4)
+
+
+def test_embedding_meets_with_its_right_vectors() -> None:
+    d = 6
+    emb = rng.standard_normal((20, d))
+    v_emb = np.linalg.svd(emb, full_matrices=False)[2].T
+    in_proj = np.diag(np.arange(3 * d, 0, -1.0))[:, :d] @ v_emb.T  # (3d, d), right vecs = V_emb
+    views = {"e": view("embed", "embedding", (20, d)), "q": view("attn", "in_proj", (3 * d, d))}
+    p, n = resolve(Pair("embed", "attn", "embedding"), views, svd_loader({"e": emb, "q": in_proj}))
+    np.testing.assert_allclose(np.diagonal(metrics.alignment(p, n)[0]), 1.0, atol=1e-10)
+
+
+def test_qk_pair_is_left_with_left_per_head() -> None:
+    heads, hd, d = 2, 3, 8
+    q, k = np.zeros((heads, hd, d)), np.zeros((heads, hd, d))
+    for h in range(heads):
+        u = orthonormal(hd, hd)
+        q[h] = u @ np.diag([3.0, 2.0, 1.0]) @ orthonormal(d, hd).T
+        k[h] = u @ np.diag([5.0, 4.0, 0.5]) @ orthonormal(d, hd).T  # same left vectors
+    views = {
+        "q": view("attn", "q_heads", (hd, d)) | {"heads": heads},
+        "k": view("attn", "k_heads", (hd, d)) | {"heads": heads},
+    }
+    p, n = resolve(Pair("attn", "attn", "qk"), views, svd_loader({"q": q, "k": k}))
+    a = metrics.alignment(p, n)[0]  # [H, hd, hd]
+    np.testing.assert_allclose(np.diagonal(a, axis1=-2, axis2=-1), 1.0, atol=1e-10)
+
+
+@pytest.mark.parametrize(("direction", "half"), [("forward", 0), ("reverse", 1)])
+def test_lstm_g_block_meets_the_directions_half(direction: str, half: int) -> None:
+    h, n_in = 4, 5
+    g = np.diag([4.0, 3.0, 2.0, 1.0]) @ orthonormal(n_in, h).T  # (h, in); U_g = I up to sign
+    g = orthonormal(h, h) @ g
+    ih = np.zeros((4 * h, n_in))
+    ih[2 * h : 3 * h] = g  # only the g gate: the g block of U is U_g exactly
+    u_g = np.linalg.svd(g, full_matrices=False)[0]
+    nxt = np.zeros((4 * h, 2 * h))
+    nxt[:h, half * h : (half + 1) * h] = np.diag([8.0, 6.0, 4.0, 2.0]) @ u_g.T
+    views = {
+        "a": view("rnn.weight_ih_l0", "lstm", (4 * h, n_in), hidden=h),
+        "b": view("rnn.weight_ih_l1", "lstm", (4 * h, 2 * h), hidden=h),
+    }
+    pair = Pair("rnn.weight_ih_l0", "rnn.weight_ih_l1", "lstm", direction=direction)
+    p, n = resolve(pair, views, svd_loader({"a": ih, "b": nxt}))
+    a = metrics.alignment(p, n)[0]
+    np.testing.assert_allclose(np.diagonal(a)[:h], 1.0, atol=1e-10)
+
+
+def test_dimension_mismatch_is_a_reason_not_a_crash() -> None:
+    views = {"a": view("fc1", "linear", (8, 6)), "b": view("fc2", "linear", (3, 5))}
+    mats = {"a": rng.standard_normal((8, 6)), "b": rng.standard_normal((3, 5))}
+    with pytest.raises(ValueError, match="do not meet"):
+        resolve(Pair("fc1", "fc2"), views, svd_loader(mats))
+
+
+def test_inferred_pairs_follow_state_dict_order_and_refuse_to_guess_lstm() -> None:
+    views = {"a": view("fc1", "linear", (8, 6)), "b": view("fc2", "linear", (3, 8))}
+    pairs, rule = pairs_for({}, views)
+    assert pairs == [Pair("fc1", "fc2")] and "inferred" in rule
+    views["c"] = view("rnn.weight_ih_l0", "lstm", (16, 3), hidden=4)
+    pairs, rule = pairs_for({}, views)
+    assert pairs == [] and "run.json" in rule
