@@ -506,7 +506,13 @@ Examples:
 )
 def train(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(help="Trainer: grokking.", show_default=False)] = "",
+    name: Annotated[
+        str,
+        typer.Argument(
+            help="Trainer: grokking, deep-mlp, random-labels, vgg, unet, lstm, lm.",
+            show_default=False,
+        ),
+    ] = "",
 ) -> None:
     """Train one of the paper's experiments, writing a run directory that `ingest` reads.
 

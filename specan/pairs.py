@@ -1,7 +1,8 @@
 """Which views are consecutive for alignment (SPEC §3), and how their vectors meet.
 
-Runs written by specan's trainers list their pairs in run.json; for other runs the MLP/VGG rule
-(consecutive >=2-D parameters in state-dict order) is inferred. Each pair is resolved here into
+Runs written by specan's trainers list their pairs in run.json; for other runs they are inferred
+from parameter names: torch Transformer and GPT-NeoX blocks, LSTM layers, and otherwise the
+MLP/VGG rule (consecutive >=2-D parameters in state-dict order). Each pair is resolved here into
 the two vector sets that Eqn 3 multiplies, following SPEC §3's special cases: an embedding meets
 with its right vectors, Q meets K left with left per head, an LSTM contributes the g block of U,
 a convolution's right vectors are sliced at the kernel centre, and a bidirectional next layer is
@@ -10,6 +11,7 @@ sliced to the direction's half. A pair whose dimensions do not meet is skipped w
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,25 +43,88 @@ class Pair:
 Loader = Callable[[str, str], np.ndarray]
 
 
+# Per-block parameter names of the transformer families (SPEC §3): fused QKV, attention output,
+# MLP in, MLP out.
+BLOCK_NAMES = {
+    "transformer": ("self_attn.in_proj_weight", "self_attn.out_proj.weight", "linear1.weight",
+                    "linear2.weight"),
+    "neox": ("attention.query_key_value.weight", "attention.dense.weight",
+             "mlp.dense_h_to_4h.weight", "mlp.dense_4h_to_h.weight"),
+}  # fmt: skip
+_LSTM_NAME = re.compile(r"^(.*?)weight_(ih|hh)_l(\d+)(_reverse)?$")
+
+
 def pairs_for(
     config: Mapping[str, Any], views: Mapping[str, Mapping[str, Any]]
 ) -> tuple[list[Pair], str]:
-    """The run's pairs and a sentence saying where they came from."""
+    """The run's pairs and a sentence saying where they came from (run.json, or which rule)."""
     listed = config.get("pairs")
     if listed:
         fields = ("prev", "next", "kind", "prev_part", "direction")
         pairs = [Pair(**{k: p[k] for k in fields if k in p}) for p in listed]
         return pairs, "pairs listed by the trainer in run.json"
-    whole = [v["param"] for v in views.values() if v["rule"] in WHOLE_RULES]
-    params = list(dict.fromkeys(whole))
-    if any(views[k]["rule"] in ("lstm", "in_proj") for k in views):
-        return [], (
-            "no pairs in run.json, and only the MLP/VGG rule is inferred; this run has LSTM or "
-            "attention layers, so its pairs must be listed in run.json"
-        )
+    params = list(dict.fromkeys(v["param"] for v in views.values() if v["rule"] in WHOLE_RULES))
+    rules = {v["param"]: v["rule"] for v in views.values() if v["rule"] in WHOLE_RULES}
+    for family, names in BLOCK_NAMES.items():
+        if any(p.endswith(names[0]) for p in params):
+            return _transformer_pairs(params, rules, names), (
+                f"inferred: {family} blocks (embedding -> QKV, Q·K, V -> O, O -> W1 -> W2 -> next)"
+            )
+    if "lstm" in rules.values():
+        return _lstm_pairs(params, rules), "inferred: LSTM layers per direction (g gate)"
     return [Pair(a, b) for a, b in zip(params, params[1:], strict=False)], (
         "inferred: consecutive parameters in state-dict order (MLP/VGG rule)"
     )
+
+
+def _transformer_pairs(
+    params: Sequence[str], rules: Mapping[str, str], names: Sequence[str]
+) -> list[Pair]:
+    qkv, out, w1, w2 = names
+    prefixes = [p[: -len(qkv)] for p in params if p.endswith(qkv)]
+    inside = {prefix + n for prefix in prefixes for n in names}
+    outside = [p for p in params if p not in inside]
+    embeds = [p for p in outside if rules[p] == "embedding"]
+    pairs: list[Pair] = []
+    if embeds:
+        pairs.append(Pair(embeds[0], prefixes[0] + qkv, "embedding"))
+    for i, pre in enumerate(prefixes):
+        pairs += [
+            Pair(pre + qkv, pre + qkv, "qk"),
+            Pair(pre + qkv, pre + out, "linear", prev_part="v"),
+            Pair(pre + out, pre + w1),
+            Pair(pre + w1, pre + w2),
+        ]
+        if i + 1 < len(prefixes):
+            pairs.append(Pair(pre + w2, prefixes[i + 1] + qkv))
+    last = [p for p in outside if p not in embeds[:1] and params.index(p) > params.index(
+        prefixes[-1] + w2)]  # fmt: skip
+    if last:
+        pairs.append(Pair(prefixes[-1] + w2, last[0]))
+    return pairs
+
+
+def _lstm_pairs(params: Sequence[str], rules: Mapping[str, str]) -> list[Pair]:
+    layers: dict[tuple[str, str, int], str] = {}
+    for p in params:
+        m = _LSTM_NAME.match(p)
+        if m and rules[p] == "lstm":
+            direction = "reverse" if m.group(4) else "forward"
+            layers[(direction, m.group(2), int(m.group(3)))] = p
+    top = max(k for _, _, k in layers)
+    last_lstm = max(params.index(p) for p in layers.values())
+    output = next((p for p in params[last_lstm + 1 :] if rules[p] == "linear"), None)
+    pairs = []
+    for d in ("forward", "reverse"):
+        for k in range(top + 1):
+            ih, hh = layers.get((d, "ih", k)), layers.get((d, "hh", k))
+            if ih is None or hh is None:
+                continue
+            nxt = layers.get((d, "ih", k + 1)) if k < top else output
+            pairs.append(Pair(ih, hh, "lstm", direction=d))
+            if nxt is not None:
+                pairs += [Pair(ih, nxt, "lstm", direction=d), Pair(hh, nxt, "lstm", direction=d)]
+    return pairs
 
 
 def _view(views: Mapping[str, Mapping[str, Any]], param: str, rules: Sequence[str]) -> str:

@@ -135,10 +135,54 @@ def test_dimension_mismatch_is_a_reason_not_a_crash() -> None:
         resolve(Pair("fc1", "fc2"), views, svd_loader(mats))
 
 
-def test_inferred_pairs_follow_state_dict_order_and_refuse_to_guess_lstm() -> None:
+def test_inferred_pairs_follow_state_dict_order() -> None:
     views = {"a": view("fc1", "linear", (8, 6)), "b": view("fc2", "linear", (3, 8))}
     pairs, rule = pairs_for({}, views)
     assert pairs == [Pair("fc1", "fc2")] and "inferred" in rule
-    views["c"] = view("rnn.weight_ih_l0", "lstm", (16, 3), hidden=4)
+
+
+def test_inferred_neox_pairs_use_pythia_names() -> None:
+    names = ["gpt_neox.embed_in.weight"]
+    for i in range(2):
+        pre = f"gpt_neox.layers.{i}."
+        names += [
+            pre + n
+            for n in (
+                "attention.query_key_value.weight",
+                "attention.dense.weight",
+                "mlp.dense_h_to_4h.weight",
+                "mlp.dense_4h_to_h.weight",
+            )
+        ]
+    names.append("embed_out.weight")
+    rules = {n: "embedding" if "embed_in" in n else "linear" for n in names}
+    rules["gpt_neox.layers.0.attention.query_key_value.weight"] = "in_proj"
+    rules["gpt_neox.layers.1.attention.query_key_value.weight"] = "in_proj"
+    views = {n: view(n, rules[n], (4, 4)) for n in names}
     pairs, rule = pairs_for({}, views)
-    assert pairs == [] and "run.json" in rule
+    assert "neox" in rule
+    l0, l1 = "gpt_neox.layers.0.", "gpt_neox.layers.1."
+    assert pairs[0] == Pair("gpt_neox.embed_in.weight", l0 + "attention.query_key_value.weight",
+                            "embedding")  # fmt: skip
+    assert Pair(l0 + "attention.query_key_value.weight", l0 + "attention.query_key_value.weight",
+                "qk") in pairs  # fmt: skip
+    assert Pair(l0 + "attention.query_key_value.weight", l0 + "attention.dense.weight",
+                prev_part="v") in pairs  # fmt: skip
+    assert Pair(l0 + "mlp.dense_4h_to_h.weight", l1 + "attention.query_key_value.weight") in pairs
+    assert pairs[-1] == Pair(l1 + "mlp.dense_4h_to_h.weight", "embed_out.weight")
+    assert len(pairs) == 1 + 2 * 4 + 1 + 1
+
+
+def test_inferred_lstm_pairs_per_direction() -> None:
+    names = [f"rnn.weight_{g}_l{k}{s}" for k in range(2) for s in ("", "_reverse")
+             for g in ("ih", "hh")] + ["out.weight"]  # fmt: skip
+    views = {n: view(n, "linear" if n == "out.weight" else "lstm", (4, 4)) for n in names}
+    pairs, rule = pairs_for({}, views)
+    assert "LSTM" in rule
+    fwd = {(p.prev, p.next) for p in pairs if p.direction == "forward"}
+    assert fwd == {
+        ("rnn.weight_ih_l0", "rnn.weight_hh_l0"), ("rnn.weight_ih_l0", "rnn.weight_ih_l1"),
+        ("rnn.weight_hh_l0", "rnn.weight_ih_l1"), ("rnn.weight_ih_l1", "rnn.weight_hh_l1"),
+        ("rnn.weight_ih_l1", "out.weight"), ("rnn.weight_hh_l1", "out.weight"),
+    }  # fmt: skip
+    assert len(pairs) == 12

@@ -73,24 +73,22 @@ def check_pngs(paths: list[Path]) -> None:
         assert p.read_bytes()[:8] == PNG
 
 
-def test_save_all_synthetic_skips_alignment(
-    synthetic: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, two_each: int
+def test_save_all_synthetic_infers_lstm_pairs(
+    synthetic: Path, tmp_path: Path, two_each: int
 ) -> None:
     before = files_under(synthetic)
     out = tmp_path / "figs"
-    with caplog.at_level(logging.WARNING, logger="specan.plots"):
-        paths = plots.save_all(synthetic, out)
+    paths = plots.save_all(synthetic, out)
     names = [p.name for p in paths]
-    assert names[:3] == ["rank.png", "loss_rank.png", "sva_scores.png"]
-    assert not [n for n in names if n.startswith("align")]
+    assert names[:3] == ["rank.png", "loss_rank.png", "align_scores.png"]
+    assert len([n for n in names if n.startswith("align_") and n[6].isdigit()]) == two_each
     assert len([n for n in names if n.startswith("sva_")]) == 1 + two_each
     assert len([n for n in names if n.startswith("sigma_")]) == two_each
     assert "sigma_embed.weight.png" in names  # the largest view
-    assert len(set(names)) == len(names) == 3 + 2 * two_each
+    assert len(set(names)) == len(names) == 4 + 3 * two_each
     check_pngs(paths)
     assert files_under(out) == set(paths)
     assert files_under(synthetic) == before  # nothing written beside the run
-    assert "alignment" in caplog.text and "run.json" in caplog.text
 
 
 def test_save_all_alignment_svg_and_views(mlp: Path, tmp_path: Path, two_each: int) -> None:

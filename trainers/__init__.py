@@ -17,7 +17,15 @@ if TYPE_CHECKING:
     import torch
 
 # `specan train NAME` -> module trainers.<module>; grows as trainers land.
-TRAINERS = {"grokking": "grokking"}
+TRAINERS = {
+    "grokking": "grokking",
+    "deep-mlp": "deep_mlp",
+    "random-labels": "random_labels",
+    "vgg": "vgg",
+    "unet": "unet",
+    "lstm": "lstm",
+    "lm": "lm",
+}
 
 
 def trainer_module(name: str) -> ModuleType:
