@@ -529,7 +529,13 @@ def train(
         module = trainer_module(name)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="NAME") from None
-    module.main([*ctx.args])
+    from specan.errors import OptionError
+    from trainers.data import DataError
+
+    try:
+        module.main([*ctx.args])
+    except (DataError, FileExistsError) as e:  # a bad --data path, or --out holds another run
+        raise OptionError(str(e)) from None
 
 
 # -- entry point ------------------------------------------------------------------------------

@@ -153,3 +153,9 @@ def test_train_then_every_analysis_command(tmp_path: Path) -> None:
     assert res.exit_code == 0 and (run / "report.html").exists()
     res = runner.invoke(app, ["rank", str(run), "--steps", "x:y"])
     assert res.exit_code != 0
+
+
+def test_train_with_a_missing_dataset_names_the_expected_format(tmp_path: Path) -> None:
+    res = specan("train", "vgg", "--data", str(tmp_path / "cifar"), "--out", str(tmp_path / "v"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert str(tmp_path / "cifar") in res.stderr and "data_batch_1.bin" in res.stderr

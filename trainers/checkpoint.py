@@ -19,6 +19,7 @@ import inspect
 import json
 import math
 import os
+import sys
 import typing
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -261,3 +262,14 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list) -> dict
             _, idx, name = key.split(".", 2)
             state.setdefault(int(idx), {})[name] = value
     return {"state": state, "param_groups": groups}
+
+
+def run_main(main: Any, argv: Sequence[str]) -> None:
+    """`python -m trainers.X`: a bad --data path or a clashing --out is one line, exit code 2."""
+    from trainers.data import DataError
+
+    try:
+        main(argv)
+    except (DataError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from trainers.checkpoint import RunWriter, parse_config, save_steps
+from trainers.checkpoint import RunWriter, parse_config, run_main, save_steps
 
 
 @dataclass
@@ -179,4 +179,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main, sys.argv[1:])

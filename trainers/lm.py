@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from trainers import data as datasets
-from trainers.checkpoint import RunWriter, parse_config, save_steps
+from trainers.checkpoint import RunWriter, parse_config, run_main, save_steps
 
 VOCAB = datasets.ByteTokenizer.vocab_size  # 256, for text and synthetic data alike
 
@@ -270,4 +270,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main, sys.argv[1:])

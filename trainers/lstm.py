@@ -29,7 +29,7 @@ from torch.nn import functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, pad_sequence
 
 from trainers import data as datasets
-from trainers.checkpoint import RunWriter, parse_config, save_steps
+from trainers.checkpoint import RunWriter, parse_config, run_main, save_steps
 
 
 @dataclass
@@ -232,4 +232,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main, sys.argv[1:])

@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from trainers import data as datasets
-from trainers.checkpoint import RunWriter, parse_config, save_steps
+from trainers.checkpoint import RunWriter, parse_config, run_main, save_steps
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -190,4 +190,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main, sys.argv[1:])

@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from trainers import data as datasets
-from trainers.checkpoint import RunWriter, parse_config, save_steps
+from trainers.checkpoint import RunWriter, parse_config, run_main, save_steps
 
 VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -221,4 +221,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main, sys.argv[1:])
