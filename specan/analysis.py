@@ -1,7 +1,9 @@
 """The analyses of a run's store: rank, alignment and SVA over checkpoints, as plain arrays.
 
-Each function opens the store read-only, reads what it needs, and returns a small dataclass that
+Each function opens the store, reads what it needs, and returns a small dataclass that
 `specan.cli` prints and `specan.plots` draws. Steps are in step order (done checkpoints only).
+Results are cached in the store's ``derived/`` under a fingerprint of their inputs (the done
+checkpoints, the views, the pairs), so they are recomputed only after the store changed.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -98,21 +100,47 @@ def run_metrics(run: Path | str, steps: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
+def _inputs(st: store.Store) -> list[Any]:
+    """What every analysis of a store depends on: its done checkpoints and its views."""
+    done = [
+        [c["name"], c["size"], c["mtime_ns"], c["row"]] for c in st.checkpoints if c.get("done")
+    ]
+    return [done, st.views]
+
+
+def _cached(st: store.Store, name: str, key: str, compute: Any) -> tuple[dict, dict]:
+    """(arrays, info) from ``derived/<name>`` when ``key`` matches, else computed and cached."""
+    hit = store.read_derived(st.path, name, key)
+    if hit is not None:
+        return hit
+    arrays, info = compute()
+    store.write_derived(st.path, name, key, arrays, info)
+    return arrays, info
+
+
 def rank(run: Path | str) -> RankResult:
-    """Normalised effective rank (Eqn 1-2) of every view at every checkpoint."""
+    """Normalised effective rank (Eqn 1-2) of every view at every checkpoint (cached)."""
     st = _open(run)
     steps = _steps(st)
-    keys, params, rules, rows = [], [], [], []
-    for key, v in st.views.items():
-        erank = metrics.normalized_effective_rank(st.read_sigma(key))
-        if erank.ndim == 2:  # per-head views: [T, H]
-            erank = erank.mean(axis=1)
-        keys.append(key)
-        params.append(v["param"])
-        rules.append(v["rule"])
-        rows.append(erank)
-    values = np.array(rows) if rows else np.zeros((0, len(steps)))
-    return RankResult(steps, keys, params, rules, values, run_metrics(run, steps))
+    views = st.views
+
+    def compute() -> tuple[dict, dict]:
+        rows = []
+        for key in views:
+            erank = metrics.normalized_effective_rank(st.read_sigma(key))
+            rows.append(erank.mean(axis=1) if erank.ndim == 2 else erank)  # heads: mean
+        return {"values": np.array(rows) if rows else np.zeros((0, len(steps)))}, {}
+
+    arrays, _ = _cached(st, "rank", store.fingerprint("rank", *_inputs(st)), compute)
+    keys = list(views)
+    return RankResult(
+        steps,
+        keys,
+        [views[k]["param"] for k in keys],
+        [views[k]["rule"] for k in keys],
+        arrays["values"],
+        run_metrics(run, steps),
+    )
 
 
 def sigma(run: Path | str, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -135,25 +163,37 @@ def _loader(st: store.Store) -> Any:
 
 
 def align(run: Path | str) -> Alignment:
-    """Alignment of consecutive layers (Eqn 3) and its score (Eqn 4) at every checkpoint."""
+    """Alignment of consecutive layers (Eqn 3) and its score (Eqn 4) at every checkpoint
+    (cached)."""
     st = _open(run)
-    config = _config(run)
     views = st.views
-    pairs, rule = pairs_for(config, views)
-    load = _loader(st)
-    results, skipped = [], []
-    for pair in pairs:
-        try:
-            prev, nxt = resolve(pair, views, load)
-        except (KeyError, ValueError) as e:
-            skipped.append((pair, str(e).strip("'\"")))
-            continue
-        a = metrics.alignment(prev, nxt)  # [T, (H,) k2, k1]
-        n = min(DIAG_TOP, a.shape[-1], a.shape[-2])
-        diag = np.diagonal(a, axis1=-2, axis2=-1)[..., :n]
-        if diag.ndim == 3:  # per head -> mean over heads, as the paper plots it
-            diag = diag.mean(axis=1)
-        results.append(AlignResult(pair, diag, diag[:, : metrics.SCORE_TOP].mean(axis=1)))
+    pairs, rule = pairs_for(_config(run), views)
+
+    def compute() -> tuple[dict, dict]:
+        load = _loader(st)
+        arrays, kept, skipped = {}, [], []
+        for pair in pairs:
+            try:
+                prev, nxt = resolve(pair, views, load)
+            except (KeyError, ValueError) as e:
+                skipped.append([asdict(pair), str(e).strip("'\"")])
+                continue
+            a = metrics.alignment(prev, nxt)  # [T, (H,) k2, k1]
+            n = min(DIAG_TOP, a.shape[-1], a.shape[-2])
+            diag = np.diagonal(a, axis1=-2, axis2=-1)[..., :n]
+            if diag.ndim == 3:  # per head -> mean over heads, as the paper plots it
+                diag = diag.mean(axis=1)
+            arrays[f"diag_{len(kept)}"] = diag
+            kept.append(asdict(pair))
+        return arrays, {"pairs": kept, "skipped": skipped}
+
+    key = store.fingerprint("align", *_inputs(st), [asdict(p) for p in pairs])
+    arrays, info = _cached(st, "align", key, compute)
+    results = []
+    for i, p in enumerate(info["pairs"]):
+        diag = arrays[f"diag_{i}"]
+        results.append(AlignResult(Pair(**p), diag, diag[:, : metrics.SCORE_TOP].mean(axis=1)))
+    skipped = [(Pair(**p), reason) for p, reason in info["skipped"]]
     return Alignment(_steps(st), results, skipped, rule)
 
 
@@ -169,7 +209,7 @@ def _config(run: Path | str) -> dict[str, Any]:
 
 def sva(run: Path | str, against: Path | str | None = None) -> Agreement:
     """Singular vector agreement (Eqn 5): each checkpoint against the run's final one, or with
-    ``against``, against the other run's checkpoint at the same index.
+    ``against``, against the other run's checkpoint at the same index (cached).
     """
     st = _open(run)
     steps = _steps(st)
@@ -183,26 +223,30 @@ def sva(run: Path | str, against: Path | str | None = None) -> Agreement:
         if t < len(steps) or t < len(_steps(other)):
             log.warning("runs differ in length; comparing the first %d checkpoints", t)
         steps = steps[:t]
+
+    def compute() -> tuple[dict, dict]:
+        arrays = {}
+        for i, key in enumerate(views):
+            u, v = st.read_vectors(key)
+            if other is None:
+                u_ref, v_ref = u[-1:], v[-1:]
+            else:
+                u_ref, v_ref = other.read_vectors(key)
+                t = len(steps)
+                u, v, u_ref, v_ref = u[:t], v[:t], u_ref[:t], v_ref[:t]
+            s = metrics.sva(u, v, u_ref, v_ref)
+            diag = np.diagonal(s, axis1=-2, axis2=-1)[..., : min(DIAG_TOP, s.shape[-1])]
+            arrays[f"diag_{i}"] = diag.mean(axis=1) if diag.ndim == 3 else diag
+        return arrays, {}
+
+    inputs = [*_inputs(st), _inputs(other) if other is not None else None]
+    name = "sva" if other is None else f"sva_vs_{store.fingerprint(str(other.path))}"
+    arrays, _ = _cached(st, name, store.fingerprint("sva", *inputs), compute)
     results = []
-    for key in views:
-        u, v = st.read_vectors(key)
-        if other is None:
-            u_ref, v_ref = u[-1:], v[-1:]
-        else:
-            u_ref, v_ref = other.read_vectors(key)
-            u, v, u_ref, v_ref = (
-                u[: len(steps)],
-                v[: len(steps)],
-                u_ref[: len(steps)],
-                v_ref[: len(steps)],
-            )
-        s = metrics.sva(u, v, u_ref, v_ref)
-        n = min(DIAG_TOP, s.shape[-1])
-        diag = np.diagonal(s, axis1=-2, axis2=-1)[..., :n]
-        if diag.ndim == 3:
-            diag = diag.mean(axis=1)
+    for i, key in enumerate(views):
+        diag = arrays[f"diag_{i}"]
         results.append(
-            SVAResult(key, views[key]["param"], diag, diag[:, : metrics.SCORE_TOP].mean(1))
+            SVAResult(key, views[key]["param"], diag, diag[:, : metrics.SCORE_TOP].mean(axis=1))
         )
     reference = f"checkpoint-by-checkpoint against {against}" if against else "the final checkpoint"
     return Agreement(steps, results, reference)

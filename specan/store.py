@@ -15,6 +15,8 @@ Layout (``schema_version`` 1)::
       views/<key>/U         float32 [T, (H,) m, k]        dims (checkpoint, (head,) row, component)
       views/<key>/V         float32 [T, (H,) n, k]        dims (checkpoint, (head,) col, component)
       views/<key>/tail      float32 [T, (H,)]             sum of sigma^2 beyond the top k
+      derived/<analysis>/   cached results of rank, align, sva; attrs "key" fingerprints the
+                            inputs (done checkpoints, views, pairs), a mismatch means recompute
 
 Rows are in ingestion order and are never moved: appending a checkpoint resizes the arrays and
 writes only the new row's chunks. ``step`` says which step a row holds; readers sort by it.
@@ -49,6 +51,9 @@ __all__ = [
     "Store",
     "ViewResult",
     "create",
+    "fingerprint",
+    "read_derived",
+    "write_derived",
     "lock",
     "open_store",
     "store_path",
@@ -448,3 +453,60 @@ def summary(path: Path | str) -> dict[str, Any]:
         "bad_files": attrs.get("bad_files", []),
         "bytes": _du(path),
     }
+
+
+# -- derived results ----------------------------------------------------------------------------
+def fingerprint(*parts: Any) -> str:
+    """A short hash of JSON-able inputs: a cached result is valid while its fingerprint matches."""
+    import hashlib
+
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def read_derived(
+    path: Path | str, name: str, key: str
+) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+    """A cached analysis result (arrays, attrs) under ``derived/<name>``, if its key matches."""
+    import zarr
+
+    try:
+        group = zarr.open_group(Path(path) / "derived" / name, mode="r", zarr_format=3)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return None
+    attrs = dict(group.attrs)
+    if attrs.get("key") != key:
+        return None
+    return {n: a[...] for n, a in group.arrays()}, attrs.get("info", {})
+
+
+def write_derived(
+    path: Path | str, name: str, key: str, arrays: Mapping[str, np.ndarray], info: Mapping
+) -> bool:
+    """Cache an analysis result under ``derived/<name>``; False (nothing written) while another
+    process holds the writer lock or the store is read-only: a cache is never worth failing for.
+
+    The group is built beside and renamed into place, so readers see the old result or the new.
+    """
+    import shutil
+
+    import zarr
+
+    target = Path(path) / "derived" / name
+    try:
+        with lock(path):
+            building = target.with_name(f"{target.name}.partial-{os.getpid()}")
+            shutil.rmtree(building, ignore_errors=True)
+            group = zarr.open_group(building, mode="w-", zarr_format=3)
+            for n, a in arrays.items():
+                group.create_array(n, data=a, compressors=_zstd())
+            group.update_attributes({"key": key, "info": dict(info)})
+            old = target.with_name(f"{target.name}.old-{os.getpid()}")
+            if target.exists():
+                target.rename(old)
+            building.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+    except (StoreLockedError, OSError) as e:  # locked, or a read-only store: just don't cache
+        log.debug("not caching %s in %s: %s", name, path, e)
+        return False
+    return True

@@ -186,3 +186,30 @@ def test_inferred_lstm_pairs_per_direction() -> None:
         ("rnn.weight_ih_l1", "out.weight"), ("rnn.weight_hh_l1", "out.weight"),
     }  # fmt: skip
     assert len(pairs) == 12
+
+
+def test_analyses_are_cached_until_the_store_changes(tmp_path, monkeypatch) -> None:
+    from specan import analysis, store
+    from specan.demo import write_synthetic_run
+    from specan.pipeline import ingest
+
+    run = write_synthetic_run(tmp_path / "run", checkpoints=3, width=16)
+    (run / "checkpoints" / "step-00000200.safetensors").rename(tmp_path / "later.safetensors")
+    ingest(run)
+    first = analysis.rank(run)
+    assert (store.store_path(run) / "derived" / "rank" / "zarr.json").exists()
+    calls = []
+    real = metrics.normalized_effective_rank
+    monkeypatch.setattr(metrics, "normalized_effective_rank", lambda s: calls.append(1) or real(s))
+    again = analysis.rank(run)
+    assert calls == [] and np.array_equal(again.values, first.values)  # served from derived/
+    (tmp_path / "later.safetensors").rename(run / "checkpoints" / "step-00000200.safetensors")
+    ingest(run)  # a new checkpoint changes the fingerprint: recomputed
+    third = analysis.rank(run)
+    assert calls and third.values.shape[1] == 3
+    np.testing.assert_array_equal(third.values[:, :2], first.values)
+    a1, a2 = analysis.align(run), analysis.align(run)
+    assert [r.pair for r in a1.results] == [r.pair for r in a2.results]
+    assert all(np.array_equal(x.diag, y.diag) for x, y in zip(a1.results, a2.results, strict=True))
+    s1 = analysis.sva(run, against=run)
+    assert all(np.allclose(r.score, 1.0, atol=1e-5) for r in s1.results)
