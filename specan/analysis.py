@@ -19,7 +19,7 @@ import numpy as np
 
 from specan import metrics, store
 from specan.errors import StoreError
-from specan.pairs import Pair, pairs_for, resolve
+from specan.pairs import Pair, pairs_for, per_head_vo, resolve
 
 log = logging.getLogger(__name__)
 
@@ -162,12 +162,15 @@ def _loader(st: store.Store) -> Any:
     return load
 
 
-def align(run: Path | str) -> Alignment:
+def align(run: Path | str, *, vo_per_head: bool = False) -> Alignment:
     """Alignment of consecutive layers (Eqn 3) and its score (Eqn 4) at every checkpoint
-    (cached)."""
+    (cached). ``vo_per_head`` takes W_V -> W_O per attention head instead of whole."""
     st = _open(run)
     views = st.views
     pairs, rule = pairs_for(_config(run), views)
+    if vo_per_head:
+        pairs = per_head_vo(pairs)
+        rule += "; V -> O per head"
 
     def compute() -> tuple[dict, dict]:
         load = _loader(st)

@@ -346,13 +346,25 @@ def rank(
 @app.command(
     epilog="Examples:\n\n- `specan align runs/grok-wd1`\n\n- `specan align runs/vgg --format json`"
 )
-def align(run: RunArg, steps: StepsOpt = None, format: OutFormatOpt = OutFormat.table) -> None:
+def align(
+    run: RunArg,
+    steps: StepsOpt = None,
+    vo_per_head: Annotated[
+        bool,
+        typer.Option(
+            "--vo-per-head",
+            help="Align W_V -> W_O per attention head instead of "
+            "whole matrices (the paper's figures use whole).",
+        ),
+    ] = False,
+    format: OutFormatOpt = OutFormat.table,
+) -> None:
     """Alignment of consecutive layers: the diagonal |V_next' U_prev|_ii (Eqn 3) and its
     score, the mean of the first 10 (Eqn 4), per pair of layers and checkpoint."""
     from specan.analysis import align as compute
     from specan.analysis import select_steps
 
-    a = compute(run)
+    a = compute(run, vo_per_head=vo_per_head)
     cols = select_steps(a.steps, steps)
     err.print(f"pairs: {a.rule}")
     for pair, reason in a.skipped:

@@ -27,7 +27,7 @@ class Pair:
 
     prev: str
     next: str
-    kind: str = "linear"  # linear | embedding | qk | lstm | conv | skip | time | ...
+    kind: str = "linear"  # linear | embedding | qk | vo_heads | lstm | conv | skip | time | ...
     prev_part: str | None = None  # "v": the W_V block of a fused in_proj
     direction: str | None = None  # LSTM: "forward" | "reverse"
 
@@ -36,6 +36,8 @@ class Pair:
         prev = self.prev + (f"[{self.prev_part}]" if self.prev_part else "")
         if self.kind == "qk":
             return f"{self.prev} Q·K"
+        if self.kind == "vo_heads":
+            return f"{self.prev}[v per head] -> {self.next}"
         return f"{prev} -> {self.next}"
 
 
@@ -127,6 +129,12 @@ def _lstm_pairs(params: Sequence[str], rules: Mapping[str, str]) -> list[Pair]:
     return pairs
 
 
+def per_head_vo(pairs: Sequence[Pair]) -> list[Pair]:
+    """The same pairs with each whole W_V -> W_O pair taken per head instead (SPEC §3 offers it;
+    the paper's figures use whole matrices, the default)."""
+    return [Pair(p.prev, p.next, "vo_heads") if p.prev_part == "v" else p for p in pairs]
+
+
 def _view(views: Mapping[str, Mapping[str, Any]], param: str, rules: Sequence[str]) -> str:
     for key, v in views.items():
         if v["param"] == param and v["rule"] in rules:
@@ -147,6 +155,15 @@ def resolve(
         k = _view(views, pair.next, ("k_heads",))
         # left with left: the attention score is x' W_Q' W_K x, so A_h = |U_Q,h' U_K,h|
         return load("U", k), load("U", q)
+    if pair.kind == "vo_heads":
+        v_key = _view(views, pair.prev, ("v_heads",))
+        u_v = load("U", v_key)  # [T, H, hd, k]
+        heads, hd = u_v.shape[-3], u_v.shape[-2]
+        v_o = load("V", _view(views, pair.next, WHOLE_RULES))  # [T, d, k2]
+        # head h writes into O's input columns h*hd:(h+1)*hd: slice O's right vectors there,
+        # not renormalised, as the conv centre tap and the LSTM halves are
+        per_head = np.stack([v_o[..., h * hd : (h + 1) * hd, :] for h in range(heads)], axis=-3)
+        return u_v, per_head
     if pair.prev_part == "v":
         prev_key = _view(views, pair.prev, ("v",))
     else:

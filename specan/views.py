@@ -26,7 +26,9 @@ FAMILIES = ("auto", "vgg", "mlp", "lstm", "transformer", "neox")
 # What a `rules` override may name. "qkv_interleaved" is the GPT-NeoX fused layout: it plans the
 # same four views as "in_proj" (rules in_proj/q_heads/k_heads/v) but de-interleaves the heads.
 OVERRIDES = ("linear", "embedding", "conv", "conv_transpose", "lstm", "in_proj", "qkv_interleaved")
-RULES = (*OVERRIDES[:-1], "q_heads", "k_heads", "v")  # the rules a ViewSpec can carry
+RULES = (*OVERRIDES[:-1], "q_heads", "k_heads", "v_heads", "v")  # the rules a ViewSpec carries
+# Which third of a fused Q/K/V weight each split view takes (W_V whole is "v").
+_QKV_PART = {"q_heads": 0, "k_heads": 1, "v_heads": 2, "v": 2}
 KEY_MAX = 180  # well under the 255-byte file-name limit, leaving room for "-<sha1>" and "__q"
 
 _LSTM = re.compile(r"(?:^|\.)weight_(ih|hh)_l(\d+)(_reverse)?$")
@@ -206,9 +208,10 @@ def _plan_param(param: str, shape: tuple[int, ...], rule: str, heads: int | None
     parts: list[Part] = [("", "in_proj", (rows, d), None, whole)]
     if heads is not None:
         hd = d // heads
-        for part in ("q", "k"):
+        # W_V per head too: the per-head V -> O alignment, offered beside the whole one
+        for part, suffix in (("q", "__q"), ("k", "__k"), ("v", "__vh")):
             info = {"layout": layout, "d": d, "heads": heads, "head_dim": hd, "part": part}
-            parts.append((f"__{part}", f"{part}_heads", (hd, d), heads, info))
+            parts.append((suffix, f"{part}_heads", (hd, d), heads, info))
     v_info = {"layout": layout, "d": d, "heads": heads, "part": "v"}
     parts.append(("__v", "v", (d, d), None, v_info))
     return parts
@@ -306,7 +309,7 @@ def _stored_shape(spec: ViewSpec) -> tuple[int, ...]:
         return (m, spec.info["c_in"], *spec.info["kernel"])
     if spec.rule == "conv_transpose":
         return (spec.info["c_in"], m, *spec.info["kernel"])
-    if spec.rule in ("q_heads", "k_heads", "v"):
+    if spec.rule in _QKV_PART:
         return (3 * n, n)
     return (m, n)
 
@@ -336,19 +339,19 @@ def extract(spec: ViewSpec, tensor: torch.Tensor) -> torch.Tensor:
     m, n = spec.shape
     rule, layout, h = spec.rule, spec.info.get("layout"), spec.heads or spec.info.get("heads")
     want = (spec.heads, m, n) if spec.heads else (m, n)
-    if rule in ("q_heads", "k_heads") or (rule == "v" and layout == "interleaved"):
+    if rule in ("q_heads", "k_heads", "v_heads") or (rule == "v" and layout == "interleaved"):
         if not h or n % h or (spec.heads and spec.heads * m != n):
             raise ViewRuleError(f"{where}: head count {h} does not split width {n}")
     if rule == "conv":
         out = t.reshape(m, n)  # storage order: a row reshapes back to (c_in, *k)
     elif rule == "conv_transpose":
         out = t.transpose(0, 1).reshape(m, n)
-    elif rule in ("q_heads", "k_heads", "v") and layout == "interleaved":
+    elif rule in _QKV_PART and layout == "interleaved":
         # NeoX rows are [head][q|k|v][head_dim]: W.view(H, 3, hd, d)
-        part = t.reshape(h, 3, n // h, n)[:, ("q_heads", "k_heads", "v").index(rule)]
+        part = t.reshape(h, 3, n // h, n)[:, _QKV_PART[rule]]
         out = part.reshape(n, n) if rule == "v" else part
-    elif rule in ("q_heads", "k_heads", "v"):
-        i = ("q_heads", "k_heads", "v").index(rule)
+    elif rule in _QKV_PART:
+        i = _QKV_PART[rule]
         block = t[i * n : (i + 1) * n]  # stacked [W_Q; W_K; W_V]
         out = block if rule == "v" else block.reshape(spec.heads, m, n)
     else:

@@ -144,6 +144,8 @@ def test_train_then_every_analysis_command(tmp_path: Path) -> None:
     assert res.exit_code == 0 and "val_acc" in res.output
     res = runner.invoke(app, ["align", str(run), "--format", "csv"])
     assert res.exit_code == 0 and "Q·K" in res.output and "embedding" in res.output
+    res = runner.invoke(app, ["align", str(run), "--vo-per-head", "--format", "csv"])
+    assert res.exit_code == 0 and "v per head" in res.output and "vo_heads" in res.output
     res = runner.invoke(app, ["sva", str(run), "--against", str(run), "--format", "json"])
     scores = [r["score"] for r in json.loads(res.output)]
     assert scores and all(abs(s - 1) < 1e-5 for s in scores)  # a run agrees with itself

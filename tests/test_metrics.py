@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from specan import metrics
-from specan.pairs import Pair, pairs_for, resolve
+from specan.pairs import Pair, pairs_for, per_head_vo, resolve
 
 rng = np.random.default_rng(0)
 
@@ -213,3 +213,27 @@ def test_analyses_are_cached_until_the_store_changes(tmp_path, monkeypatch) -> N
     assert all(np.array_equal(x.diag, y.diag) for x, y in zip(a1.results, a2.results, strict=True))
     s1 = analysis.sva(run, against=run)
     assert all(np.allclose(r.score, 1.0, atol=1e-5) for r in s1.results)
+
+
+def test_vo_per_head_slices_the_output_projection_by_head() -> None:
+    heads, hd = 2, 3
+    d = heads * hd
+    w_v = rng.standard_normal((heads, hd, d))
+    w_o = rng.standard_normal((d, d))
+    views = {
+        "vh": view("attn.in_proj", "v_heads", (hd, d)) | {"heads": heads},
+        "o": view("attn.out_proj", "linear", (d, d)),
+    }
+    pair = Pair("attn.in_proj", "attn.out_proj", "vo_heads")
+    p, n = resolve(pair, views, svd_loader({"vh": w_v, "o": w_o}))
+    a = metrics.alignment(p, n)[0]  # [H, k2, k1]
+    v_o = np.linalg.svd(w_o)[2].T  # columns: O's right singular vectors
+    for h in range(heads):
+        u_vh = np.linalg.svd(w_v[h], full_matrices=False)[0]
+        # by hand: head h's rows of O's right vectors, not renormalised, against U of W_V,h
+        expected = np.abs(v_o[h * hd : (h + 1) * hd].T @ u_vh)
+        np.testing.assert_allclose(a[h], expected, atol=1e-10)
+    assert per_head_vo([Pair("a", "b", prev_part="v"), Pair("b", "c")]) == [
+        Pair("a", "b", "vo_heads"),
+        Pair("b", "c"),
+    ]

@@ -30,9 +30,9 @@ def small_run(tmp_path: Path) -> Path:
 
 def hand_view(name: str, w: np.ndarray, key_suffix: str) -> np.ndarray:
     """The matrix view of SPEC §1, computed here by plain slicing, independent of specan.views."""
-    if key_suffix in ("q", "k", "v"):
+    if key_suffix in ("q", "k", "vh", "v"):
         d = w.shape[1]
-        part = {"q": 0, "k": 1, "v": 2}[key_suffix]
+        part = {"q": 0, "k": 1, "vh": 2, "v": 2}[key_suffix]
         block = w[part * d : (part + 1) * d]
         if key_suffix == "v":
             return block
@@ -83,7 +83,7 @@ def test_ingest_equals_numpy_svd(small_run: Path) -> None:
     st = store.open_store(store.store_path(small_run))
     rules = {v["rule"] for v in st.views.values()}
     assert rules >= {"linear", "embedding", "conv", "conv_transpose", "lstm", "in_proj"}
-    assert rules >= {"q_heads", "k_heads", "v"}
+    assert rules >= {"q_heads", "k_heads", "v_heads", "v"}
     check_against_numpy(small_run)
 
 

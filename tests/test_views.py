@@ -221,15 +221,17 @@ def test_in_proj_views():
         (name, "in_proj", (3 * d, d), None),
         (name + "__q", "q_heads", (hd, d), heads),
         (name + "__k", "k_heads", (hd, d), heads),
+        (name + "__vh", "v_heads", (hd, d), heads),
         (name + "__v", "v", (d, d), None),
     ]
     assert specs[0].info["heads"] == heads and "heads_unknown" not in specs[0].info
-    whole, q, k, v = (extract(s, w) for s in specs)
+    whole, q, k, vh, v = (extract(s, w) for s in specs)
     assert torch.equal(whole, w)
-    assert q.shape == (heads, hd, d) and k.shape == (heads, hd, d)
+    assert q.shape == (heads, hd, d) and k.shape == (heads, hd, d) and vh.shape == (heads, hd, d)
     for h in range(heads):
         assert torch.equal(q[h], w[h * hd : (h + 1) * hd])
         assert torch.equal(k[h], w[d + h * hd : d + (h + 1) * hd])
+        assert torch.equal(vh[h], w[2 * d + h * hd : 2 * d + (h + 1) * hd])
     assert torch.equal(v, w[2 * d : 3 * d])
 
 
@@ -285,11 +287,11 @@ def test_neox_deinterleave():
     name = "gpt_neox.layers.0.attention.query_key_value.weight"
     shapes = {name: w.shape, name.replace("weight", "bias"): (3 * d,)}
     specs = plan_views(shapes, heads=heads)
-    assert [s.rule for s in specs] == ["in_proj", "q_heads", "k_heads", "v"]
+    assert [s.rule for s in specs] == ["in_proj", "q_heads", "k_heads", "v_heads", "v"]
     assert specs[0].info["layout"] == "interleaved"
-    whole, q, k, v = (extract(s, w) for s in specs)
+    whole, q, k, vh, v = (extract(s, w) for s in specs)
     assert torch.equal(whole, w)
-    assert torch.equal(q, Q) and torch.equal(k, K)
+    assert torch.equal(q, Q) and torch.equal(k, K) and torch.equal(vh, V)
     # whole W_V: head h's rows are h*hd:(h+1)*hd
     assert torch.equal(v, torch.cat([V[h] for h in range(heads)]))
     # and per row, straight from the stored layout
