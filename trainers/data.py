@@ -371,3 +371,47 @@ def random_labels(labels: np.ndarray, seed: int = 12345) -> np.ndarray:
     """One fixed permutation of the labels (SPEC: random-labels run, applied before the split)."""
     labels = np.asarray(labels)
     return labels[np.random.default_rng(seed).permutation(len(labels))]
+
+
+# The usual CIFAR-10 per-channel statistics, used to standardise its pixels.
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+
+def cifar_split(
+    path: Path | str,
+    *,
+    val_frac: float = 0.1,
+    limit_train: int = 0,
+    permute_labels: bool = False,
+) -> dict:
+    """CIFAR-10's training set (or the built-in digits at 32x32x3 when ``path`` is empty) as
+    standardised float tensors, split into training and held-out validation (seed 42).
+
+    ``permute_labels`` applies the fixed random-label permutation (seed 12345) before the split,
+    as the paper does; ``limit_train`` > 0 keeps that many training examples (for tests).
+    Returns torch tensors ``x_train, y_train, x_val, y_val``.
+    """
+    import torch
+
+    if path:
+        images, labels = read_cifar10(path, "train")
+    else:
+        images, labels = digits_images(size=32, channels=3)
+    if permute_labels:
+        labels = random_labels(labels, seed=12345)
+    train, val = split_validation(len(labels), val_frac, seed=42)
+    if limit_train > 0:
+        train = train[:limit_train]
+    mean = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
+
+    def pixels(x: np.ndarray) -> torch.Tensor:
+        return (torch.from_numpy(x.astype(np.float32) / 255.0) - mean) / std
+
+    return {
+        "x_train": pixels(images[train]),
+        "y_train": torch.from_numpy(labels[train]),
+        "x_val": pixels(images[val]),
+        "y_val": torch.from_numpy(labels[val]),
+    }

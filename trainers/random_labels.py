@@ -24,16 +24,12 @@ from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from trainers import data as datasets
 from trainers.checkpoint import RunWriter, parse_config, run_main, save_steps
-
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 
 @dataclass
@@ -86,27 +82,12 @@ def pairs(config: dict[str, Any]) -> list[dict[str, str]]:
 # -- data -------------------------------------------------------------------------------------
 def make_data(config: dict[str, Any]) -> dict[str, torch.Tensor]:
     """CIFAR-10's training set, labels permuted if asked, then split: train and validation."""
-    if config["data"]:
-        images, labels = datasets.read_cifar10(config["data"], "train")
-    else:
-        images, labels = datasets.digits_images(size=32, channels=3)
-    if config["random_labels"]:
-        labels = datasets.random_labels(labels, seed=12345)  # before the split, as the paper
-    train, val = datasets.split_validation(len(labels), config["val_frac"], seed=42)
-    if config["limit_train"] > 0:
-        train = train[: config["limit_train"]]
-    mean = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
-
-    def pixels(x: np.ndarray) -> torch.Tensor:
-        return (torch.from_numpy(x.astype(np.float32) / 255.0) - mean) / std
-
-    return {
-        "x_train": pixels(images[train]),
-        "y_train": torch.from_numpy(labels[train]),
-        "x_val": pixels(images[val]),
-        "y_val": torch.from_numpy(labels[val]),
-    }
+    return datasets.cifar_split(
+        config["data"],
+        val_frac=config["val_frac"],
+        limit_train=config["limit_train"],
+        permute_labels=config["random_labels"],  # before the split, as the paper
+    )
 
 
 def eval_data(config: dict[str, Any]) -> dict[str, torch.Tensor]:
