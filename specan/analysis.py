@@ -222,8 +222,9 @@ def sva(run: Path | str, against: Path | str | None = None) -> Agreement:
         missing = [k for k in views if k not in other.views]
         if missing:
             raise StoreError(f"{other.path}: lacks views of {st.path}, e.g. {missing[0]!r}")
-        t = min(len(steps), len(_steps(other)))
-        if t < len(steps) or t < len(_steps(other)):
+        other_steps = len(_steps(other))
+        t = min(len(steps), other_steps)
+        if t < max(len(steps), other_steps):
             log.warning("runs differ in length; comparing the first %d checkpoints", t)
         steps = steps[:t]
 

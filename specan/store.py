@@ -400,9 +400,9 @@ def open_store(path: Path | str, *, mode: str = "r") -> Store:
     import zarr
 
     path = Path(path)
-    if read_attrs(path) is None:
+    attrs = read_attrs(path)
+    if attrs is None:
         raise StoreError(f"{path}: no specan store here (run `specan ingest` first)")
-    attrs = read_attrs(path) or {}
     if attrs.get("schema_version", 0) > SCHEMA_VERSION:
         raise StoreError(
             f"{path}: written by a newer specan (schema {attrs['schema_version']}); upgrade specan"
