@@ -283,10 +283,18 @@ def ingest(
     run = runs.discover(root, known=known)
     report = IngestReport(store=spath, views=len((attrs or {}).get("views", {})))
     report.bad = [(str(p), r) for p, r in run.bad]
+    stepless = [c.name for c in run.checkpoints if c.step is None]
+    if stepless:
+        msg = (
+            f"{len(stepless)} checkpoint(s) have no step (no 'step' metadata, no number in the "
+            f"name): {', '.join(stepless[:5])}{', ...' if len(stepless) > 5 else ''}; they are "
+            "listed after the others and never taken as the final checkpoint"
+        )
+        report.warnings.append(msg)
+        prog.warn(msg)
+    todo = _triage(run, stored, report, prog)
     if report.bad and opts.strict:
         raise BadCheckpointError(*report.bad[0])
-
-    todo = _triage(run, stored, report, prog)
     old_bad = [(b["path"], b["reason"]) for b in (attrs or {}).get("bad_files", [])]
     if todo or report.bad != old_bad:
         with store.lock(spath):
@@ -302,7 +310,10 @@ def _triage(
     todo = []
     for ckpt in run.checkpoints:
         c = stored.get(ckpt.name)
-        if c is None or not c.get("done"):
+        same = c is not None and (c["size"], c["mtime_ns"]) == (ckpt.size, ckpt.mtime_ns)
+        if c is not None and c.get("bad") and same:
+            report.bad.append((str(ckpt.files[0]), c["bad"]))  # known bad, file unchanged
+        elif c is None or not c.get("done"):
             todo.append(ckpt)
         elif (c["size"], c["mtime_ns"]) != (ckpt.size, ckpt.mtime_ns):
             msg = f"{ckpt.files[0]}: changed since it was ingested (size or mtime); recomputing"
@@ -439,8 +450,10 @@ def _compute(
 
     def write(ckpt: Checkpoint, res: dict[str, store.ViewResult] | _Failed, _prev: None) -> None:
         if isinstance(res, _Failed):
-            # its row stays reserved and not done: the next ingest tries it again
+            # its row stays reserved and not done; marked bad, so later ingests skip it until
+            # the file changes instead of reading it again every time
             reject(res.error)
+            st.mark_bad(ckpt.name, res.error.reason)
             st.set_bad_files([{"path": p, "reason": r} for p, r in report.bad])
             prog.advance(ckpt.name, 0, ckpt.size)
             return

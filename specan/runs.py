@@ -233,6 +233,21 @@ def _parse(v: str | None, kind: type) -> Any:
             return None
 
 
+_PICKLED = ("*.pt", "*.pth", "*.bin", "*.ckpt")
+
+
+def _pickles(root: Path) -> str:
+    """Why a folder without safetensors has no checkpoints, when it holds pickled torch files."""
+    found = [p for pat in _PICKLED for p in (*root.glob(pat), *root.glob("*/" + pat))]
+    if not found:
+        return ""
+    return (
+        f"it holds {len(found)} pickled torch file(s) such as {found[0].relative_to(root)}, "
+        "which specan does not read: convert each with "
+        "safetensors.torch.save_file(torch.load(f, weights_only=True), ...)"
+    )
+
+
 def _load_json(path: Path) -> dict:
     """A JSON object from a file; BadCheckpointError naming it if corrupt."""
     try:
@@ -312,7 +327,7 @@ def discover(
             bad.append((primary, f"cannot read: {e.strerror or e}"))
     if not ckpts:
         detail = f"{len(bad)} unreadable, first {bad[0][0]}: {bad[0][1]}" if bad else ""
-        raise EmptyRunError(root, detail)
+        raise EmptyRunError(root, detail or _pickles(root))
     ckpts.sort(key=lambda c: (c.step is None, c.step or 0, natural_key(c.name)))
 
     for folder in folders:  # the view planner needs num_attention_heads from the first config.json

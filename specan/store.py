@@ -8,7 +8,8 @@ Layout (``schema_version`` 1)::
         kernel       {backend, top_k, vectors, vector_dtype}   how the spectra were computed
         settings     {family, layers, heads, rules}            how the views were chosen
         views        {key: {param, rule, shape, heads, info}}  one entry per matrix view
-        checkpoints  [{name, size, mtime_ns, step, epoch, row, done}]
+        checkpoints  [{name, size, mtime_ns, step, epoch, row, done, [bad]}]  bad: why its
+                     spectra could not be computed (skipped until the file changes)
         bad_files    [{path, reason}]                           skipped at the last ingest
       step                  int64   [T]                  dims (checkpoint,)
       views/<key>/sigma     float32 [T, (H,) R]           dims (checkpoint, (head,) rank)
@@ -39,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from specan import __version__
-from specan.errors import StoreError, StoreExistsError, StoreLockedError
+from specan.errors import RunNotFoundError, StoreError, StoreExistsError, StoreLockedError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -79,8 +80,18 @@ class ViewResult:
 
 
 def store_path(run_root: Path | str) -> Path:
-    """Where the store of a run lives: ``<run>/specan.zarr``."""
-    return Path(run_root) / STORE_NAME
+    """Where the store of a run lives: ``<run>/specan.zarr``.
+
+    Raises RunNotFoundError when ``run_root`` is missing or is a file, so that every command
+    says so instead of failing on a path inside it.
+    """
+    root = Path(run_root)
+    if not root.exists():
+        raise RunNotFoundError(root)
+    if not root.is_dir():
+        raise RunNotFoundError(root, "not a folder (give the run folder, the one holding "
+                               f"{STORE_NAME} or the checkpoints)")  # fmt: skip
+    return root / STORE_NAME
 
 
 def read_attrs(path: Path | str) -> dict[str, Any] | None:
@@ -208,6 +219,7 @@ class Store:
             if e["name"] in by_name:
                 c = by_name[e["name"]]
                 c.update({k: e[k] for k in ("size", "mtime_ns", "step", "epoch")}, done=False)
+                c.pop("bad", None)
             else:
                 c = {**{k: e[k] for k in ("name", "size", "mtime_ns", "step", "epoch")}}
                 c.update(row=len(ckpts), done=False)
@@ -266,6 +278,15 @@ class Store:
         for c in ckpts:
             if c["name"] == name:
                 c["done"] = True
+        self._set_attrs(checkpoints=ckpts)
+
+    def mark_bad(self, name: str, reason: str) -> None:
+        """Mark a checkpoint whose spectra could not be computed (NaN weights, a failed SVD):
+        its row stays not done, and later ingests skip it until its file changes."""
+        ckpts = self.checkpoints
+        for c in ckpts:
+            if c["name"] == name:
+                c["bad"] = reason
         self._set_attrs(checkpoints=ckpts)
 
     def set_bad_files(self, bad: Sequence[Mapping[str, str]]) -> None:
@@ -444,7 +465,8 @@ def summary(path: Path | str) -> dict[str, Any]:
         "settings": attrs.get("settings", {}),
         "checkpoints": {
             "done": len(done),
-            "pending": len(ckpts) - len(done),
+            "bad": sum(1 for c in ckpts if not c.get("done") and c.get("bad")),
+            "pending": sum(1 for c in ckpts if not c.get("done") and not c.get("bad")),
             "first_step": done[0]["step"] if done else None,
             "last_step": done[-1]["step"] if done else None,
             "list": ckpts,

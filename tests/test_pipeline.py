@@ -15,7 +15,7 @@ import pytest
 from safetensors.numpy import load_file as load_np
 from safetensors.torch import save_file
 
-from specan import store
+from specan import pipeline, store
 from specan.demo import write_synthetic_run
 from specan.errors import BadCheckpointError, EmptyRunError, RunNotFoundError, StoreError
 from specan.pipeline import IngestOptions, ingest
@@ -117,17 +117,15 @@ def test_reingest_unchanged_does_nothing(small_run: Path) -> None:
 def test_reingest_imports_neither_torch_nor_dask(small_run: Path) -> None:
     ingest(small_run)
     code = (
-        "import sys, time; t = time.perf_counter()\n"
+        "import sys\n"
         "from specan.pipeline import ingest\n"
         f"r = ingest({str(small_run)!r})\n"
         "assert r.computed == [], r\n"
         "heavy = [m for m in ('torch', 'dask') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
-        "print(time.perf_counter() - t)"
-    )
+    )  # how fast that is, benchmarks/ measure: unit tests never assert on time
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    assert float(res.stdout) < 1.5
 
 
 def test_new_checkpoints_are_appended(tmp_path: Path) -> None:
@@ -338,7 +336,9 @@ def test_twenty_checkpoints_of_a_5m_parameter_model(tmp_path: Path) -> None:
     assert meta["model"]["width"] == 320
 
 
-def test_diverged_checkpoint_with_nan_is_skipped_and_named(small_run: Path) -> None:
+def test_diverged_checkpoint_with_nan_is_skipped_and_named(
+    small_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import torch
 
     path = sorted((small_run / "checkpoints").glob("*.safetensors"))[3]
@@ -349,6 +349,12 @@ def test_diverged_checkpoint_with_nan_is_skipped_and_named(small_run: Path) -> N
     assert len(report.computed) == 3
     ((bad, reason),) = report.bad
     assert bad == str(path) and "mlp.2.weight" in reason and "NaN" in reason
-    assert store.summary(store.store_path(small_run))["checkpoints"]["done"] == 3
+    summary = store.summary(store.store_path(small_run))["checkpoints"]
+    assert (summary["done"], summary["bad"], summary["pending"]) == (3, 1, 0)
+    # known bad and unchanged: reported again, but neither read nor decomposed again
+    opened = []
+    monkeypatch.setattr(pipeline.runs, "read_header", lambda c: opened.append(c) or {})
+    again = ingest(small_run)
+    assert again.bad == report.bad and again.computed == [] and opened == []
     with pytest.raises(BadCheckpointError, match="NaN"):
         ingest(small_run, IngestOptions(strict=True))
