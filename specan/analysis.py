@@ -19,7 +19,7 @@ import numpy as np
 
 from specan import metrics, store
 from specan.errors import StoreError
-from specan.pairs import Pair, pairs_for, per_head_vo, resolve
+from specan.pairs import WHOLE_RULES, Pair, pairs_for, per_head_vo, resolve
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,26 @@ class RankResult:
     rules: list[str]
     values: np.ndarray  # [V, T]; per-head views: mean over heads
     metrics: dict[str, np.ndarray] = field(default_factory=dict)  # name -> [T], NaN if missing
+
+    @property
+    def whole(self) -> np.ndarray:
+        """[V] bool: the view is its parameter's whole matrix (one per weight matrix)."""
+        return np.array([r in WHOLE_RULES for r in self.rules], dtype=bool)
+
+    @property
+    def mean(self) -> np.ndarray:
+        """[T] the model's mean normalised effective rank (SPEC §3): the mean over its weight
+        matrices, one per parameter; per-head and split views are extra views, not extra weight.
+        """
+        rows = self.values[self.whole]
+        if not rows.size:
+            return np.full(len(self.steps), np.nan)
+        return rows.mean(axis=0)
+
+    @property
+    def matrices(self) -> int:
+        """How many weight matrices `mean` averages."""
+        return int(self.whole.sum())
 
 
 @dataclass
@@ -65,7 +85,8 @@ class Alignment:
 class Agreement:
     steps: np.ndarray
     results: list[SVAResult]
-    reference: str  # what each checkpoint was compared with
+    reference: str  # what each checkpoint was compared with, in words
+    dropped: list[str] = field(default_factory=list)  # what was left out of the comparison
 
 
 def _open(run: Path | str) -> store.Store:
@@ -166,6 +187,7 @@ def align(run: Path | str, *, vo_per_head: bool = False) -> Alignment:
     """Alignment of consecutive layers (Eqn 3) and its score (Eqn 4) at every checkpoint
     (cached). ``vo_per_head`` takes W_V -> W_O per attention head instead of whole."""
     st = _open(run)
+    _need_vectors(st, "alignment")
     views = st.views
     pairs, rule = pairs_for(_config(run), views)
     if vo_per_head:
@@ -210,63 +232,174 @@ def _config(run: Path | str) -> dict[str, Any]:
         raise StoreError(f"{path}: not valid JSON ({e})") from e
 
 
-def sva(run: Path | str, against: Path | str | None = None) -> Agreement:
-    """Singular vector agreement (Eqn 5): each checkpoint against the run's final one, or with
-    ``against``, against the other run's checkpoint at the same index (cached).
+def sva(run: Path | str, against: Path | str | None = None, *, by: str = "step") -> Agreement:
+    """Singular vector agreement (Eqn 5) of every whole-matrix view (cached).
+
+    Without ``against``, each checkpoint is compared with the run's final one: the checkpoint
+    with the largest step (checkpoints without a step are compared, never taken as final).
+    With ``against``, each checkpoint is compared with the other run's checkpoint at the same
+    step (``by="epoch"``: the same epoch); only shared steps are compared, and
+    ``Agreement.dropped`` says what was left out.
     """
+    if by not in ("step", "epoch"):
+        raise ValueError(f"by must be 'step' or 'epoch', not {by!r}")
     st = _open(run)
-    steps = _steps(st)
-    other = _open(against) if against is not None else None
-    views = _sva_views(st.views)
-    if other is not None:
-        missing = [k for k in views if k not in other.views]
-        if missing:
-            raise StoreError(f"{other.path}: lacks views of {st.path}, e.g. {missing[0]!r}")
-        other_steps = len(_steps(other))
-        t = min(len(steps), other_steps)
-        if t < max(len(steps), other_steps):
-            log.warning("runs differ in length; comparing the first %d checkpoints", t)
-        steps = steps[:t]
+    _, entries = st.done_rows()
+    views = _sva_views(st)
+    dropped: list[str] = []
+    if against is None:
+        other = None
+        ref, reference, note = _final(entries)
+        dropped += [note] if note else []
+        rows, ref_rows = list(range(len(entries))), [ref]
+    else:
+        other = _open(against)
+        _, other_entries = other.done_rows()
+        rows, ref_rows, why = _matched(entries, other_entries, by, st.path, other.path)
+        dropped += why
+        views, why = _shared_views(views, other, st.path)
+        dropped += why
+        reference = f"{against} at the same {by}"
+    steps = _steps(st)[rows]
 
     def compute() -> tuple[dict, dict]:
         arrays = {}
         for i, key in enumerate(views):
             u, v = st.read_vectors(key)
             if other is None:
-                u_ref, v_ref = u[-1:], v[-1:]
+                u_ref, v_ref = u[ref_rows], v[ref_rows]
             else:
-                u_ref, v_ref = other.read_vectors(key)
-                t = len(steps)
-                u, v, u_ref, v_ref = u[:t], v[:t], u_ref[:t], v_ref[:t]
-            s = metrics.sva(u, v, u_ref, v_ref)
+                u_ref, v_ref = (x[ref_rows] for x in other.read_vectors(key))
+            s = metrics.sva(u[rows], v[rows], u_ref, v_ref)
             diag = np.diagonal(s, axis1=-2, axis2=-1)[..., : min(DIAG_TOP, s.shape[-1])]
             arrays[f"diag_{i}"] = diag.mean(axis=1) if diag.ndim == 3 else diag
         return arrays, {}
 
-    inputs = [*_inputs(st), _inputs(other) if other is not None else None]
+    inputs = [*_inputs(st), _inputs(other) if other is not None else None, rows, ref_rows]
     name = "sva" if other is None else f"sva_vs_{store.fingerprint(str(other.path))}"
-    arrays, _ = _cached(st, name, store.fingerprint("sva", *inputs), compute)
+    arrays, _ = _cached(st, name, store.fingerprint("sva", list(views), *inputs), compute)
     results = []
     for i, key in enumerate(views):
         diag = arrays[f"diag_{i}"]
         results.append(
             SVAResult(key, views[key]["param"], diag, diag[:, : metrics.SCORE_TOP].mean(axis=1))
         )
-    reference = f"checkpoint-by-checkpoint against {against}" if against else "the final checkpoint"
-    return Agreement(steps, results, reference)
+    return Agreement(steps, results, reference, dropped)
 
 
-def _sva_views(views: Mapping[str, Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
-    # whole matrices: the per-head and V splits would repeat the in_proj's story
-    return {k: v for k, v in views.items() if v["rule"] in ("linear", "embedding", "conv",
-            "conv_transpose", "lstm", "in_proj") and v.get("k")}  # fmt: skip
+def _final(entries: list[dict[str, Any]]) -> tuple[int, str, str | None]:
+    """The reference row of a single-run SVA: (index, words for it, a note or None)."""
+    known = [i for i, e in enumerate(entries) if e["step"] is not None]
+    stepless = [e["name"] for e in entries if e["step"] is None]
+    if not entries:
+        return 0, "the final checkpoint", None
+    if not known:
+        i = len(entries) - 1
+        return (
+            i,
+            f"the last checkpoint by name, {entries[i]['name']} (no checkpoint has a step)",
+            ("no checkpoint has a step: the last by name was taken as final"),
+        )
+    i = known[-1]  # entries come in step order
+    note = None
+    if stepless:
+        note = (
+            f"{len(stepless)} checkpoint(s) without a step ({', '.join(stepless[:3])}"
+            f"{', ...' if len(stepless) > 3 else ''}) compared, but not taken as final"
+        )
+    return i, f"the final checkpoint, step {entries[i]['step']} ({entries[i]['name']})", note
+
+
+def _matched(
+    entries: list[dict[str, Any]], other: list[dict[str, Any]], by: str, here: Path, there: Path
+) -> tuple[list[int], list[int], list[str]]:
+    """Rows of both runs that share a step (or epoch), in order, and what was left out."""
+
+    def key(e: dict[str, Any]) -> float | None:
+        x = e.get(by)
+        return None if x is None else round(float(x), 6)
+
+    mine = {key(e): i for i, e in enumerate(entries) if key(e) is not None}
+    theirs = {key(e): i for i, e in enumerate(other) if key(e) is not None}
+    shared = sorted(set(mine) & set(theirs))
+    if not shared:
+        raise StoreError(
+            f"{here.parent} and {there.parent} share no {by}: {_span(mine)} against "
+            f"{_span(theirs)}" + (" (use by='epoch' for runs saved at different steps)"
+                                  if by == "step" else "")
+        )  # fmt: skip
+    dropped = []
+    for where, have, n_none in ((here, mine, len(entries) - len(mine)),
+                                (there, theirs, len(other) - len(theirs))):  # fmt: skip
+        alone = sorted(set(have) - set(shared))
+        if alone:
+            dropped.append(f"{where.parent}: {by}s {_span(alone)} have no match in the other run")
+        if n_none:
+            dropped.append(f"{where.parent}: {n_none} checkpoint(s) without a {by} left out")
+    return [mine[k] for k in shared], [theirs[k] for k in shared], dropped
+
+
+def _span(values: Any) -> str:
+    vals = sorted(values)
+    fmt = [f"{v:g}" for v in vals]
+    return ", ".join(fmt) if len(fmt) <= 6 else f"{', '.join(fmt[:3])}, ..., {fmt[-1]}"
+
+
+def _shared_views(
+    views: dict[str, Mapping[str, Any]], other: store.Store, here: Path
+) -> tuple[dict[str, Mapping[str, Any]], list[str]]:
+    """The views both runs have, with equal shapes; a shape that differs is an error."""
+    theirs = _sva_views(other)
+    for key in views.keys() & theirs.keys():
+        a, b = views[key], theirs[key]
+        if (list(a["shape"]), a.get("heads")) != (list(b["shape"]), b.get("heads")):
+            raise StoreError(
+                f"{other.path}: view {key!r} is {_shape(b)} there but {_shape(a)} in {here}: "
+                "these runs are not the same model"
+            )
+    keep = {k: v for k, v in views.items() if k in theirs}
+    if not keep:
+        raise StoreError(f"{here} and {other.path} share no view with singular vectors")
+    dropped = []
+    for where, only in (
+        (here, views.keys() - theirs.keys()),
+        (other.path, theirs.keys() - views.keys()),
+    ):
+        if only:
+            dropped.append(f"views only in {where}: {', '.join(sorted(only))}")
+    return keep, dropped
+
+
+def _shape(view: Mapping[str, Any]) -> str:
+    text = "x".join(str(d) for d in view["shape"])
+    return text + (f" x {view['heads']} heads" if view.get("heads") else "")
+
+
+def _sva_views(st: store.Store) -> dict[str, Mapping[str, Any]]:
+    """Whole-matrix views with stored vectors (per-head and split views would repeat the whole
+    matrix's story); a store without vectors is an error, not an empty result."""
+    _need_vectors(st, "SVA")
+    return {k: v for k, v in st.views.items() if v["rule"] in WHOLE_RULES and v.get("k")}
+
+
+def _need_vectors(st: store.Store, what: str) -> None:
+    if not st.attrs.get("kernel", {}).get("vectors", True):
+        raise StoreError(
+            f"{st.path}: holds singular values only (ingested without vectors); {what} needs "
+            "singular vectors: ingest again with --overwrite and without --no-vectors"
+        )
 
 
 def select_steps(steps: np.ndarray, spec: str | None) -> np.ndarray:
-    """Indices of ``steps`` kept by ``--steps``: ``A:B`` (inclusive range, either end open),
-    a comma-separated list, or None/"all" for every step."""
+    """Indices of ``steps`` kept by a step selection: ``A:B`` (inclusive range, either end
+    open), a comma-separated list of steps, or None/"all" for every step.
+
+    Raises ValueError when the selection is malformed, names a step the run does not have, or
+    keeps nothing: a silent empty or partial answer would look like a result.
+    """
     if spec is None or spec.strip().lower() == "all":
         return np.arange(len(steps))
+    have = f"the run has {len(steps)} checkpoint(s), steps {_span(steps.tolist())}"
     try:
         if ":" in spec:
             lo, hi = (s.strip() for s in spec.split(":", 1))
@@ -275,8 +408,17 @@ def select_steps(steps: np.ndarray, spec: str | None) -> np.ndarray:
                 keep &= steps >= int(lo)
             if hi:
                 keep &= steps <= int(hi)
+            if not keep.any():
+                raise LookupError(f"steps {spec!r} select no checkpoint; {have}")
             return np.flatnonzero(keep)
-        wanted = {int(s) for s in spec.split(",") if s.strip()}
+        wanted = [int(s) for s in spec.split(",") if s.strip()]
     except ValueError:
-        raise ValueError(f"--steps takes A:B or a comma-separated list, got {spec!r}") from None
-    return np.flatnonzero(np.isin(steps, list(wanted)))
+        raise ValueError(f"steps take A:B or a comma-separated list, got {spec!r}") from None
+    except LookupError as e:
+        raise ValueError(str(e)) from None
+    missing = [w for w in wanted if w not in set(steps.tolist())]
+    if missing or not wanted:
+        which = ", ".join(map(str, missing)) if missing else repr(spec)
+        raise ValueError(f"no checkpoint at step {which}; {have}")
+    index = {int(s): i for i, s in enumerate(steps)}
+    return np.array(sorted({index[w] for w in wanted}), dtype=np.int64)

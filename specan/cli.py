@@ -32,8 +32,10 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-out = Console(highlight=False)  # results
-err = Console(stderr=True, highlight=False)  # progress, warnings, errors
+# In a pipe rich would wrap at 80 columns: messages never wrap there (one line each, greppable)
+# and tables get room, so a redirected table reads as it does on a terminal.
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # progress, warnings, errors
 
 
 class Family(str, Enum):
@@ -209,6 +211,7 @@ def info(run: RunArg, format: FormatOpt = Format.table) -> None:
     out.print(
         f"checkpoints: {ck['done']} done"
         + (f", {ck['pending']} unfinished" if ck["pending"] else "")
+        + (f", {ck['bad']} bad (skipped until their files change)" if ck.get("bad") else "")
         + (f", steps {ck['first_step']} … {ck['last_step']}" if ck["done"] else "")
         + f"   kernel: {k.get('backend')}, top-k {k.get('top_k') or 'all'}, "
         f"vectors {'yes' if k.get('vectors') else 'no'} ({k.get('vector_dtype')})"
@@ -261,11 +264,11 @@ def _filters(params: list[str], steps, layers: str | None, steps_spec: str | Non
     try:
         cols = select_steps(steps, steps_spec)
     except ValueError as e:
-        raise OptionError(str(e)) from None
+        raise OptionError(f"--steps: {e}") from None
     return [i for i, p in enumerate(params) if p in keep], cols
 
 
-def _emit_long(rows: list[dict], format: OutFormat) -> None:
+def _emit_long(rows: list[dict], format: OutFormat, fields: list[str]) -> None:
     if format is OutFormat.json:
         out.print_json(json.dumps(rows))
     else:
@@ -273,9 +276,13 @@ def _emit_long(rows: list[dict], format: OutFormat) -> None:
         import io
 
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["empty"])
+        writer = csv.DictWriter(buf, fieldnames=fields)
         writer.writeheader()
-        writer.writerows(rows)
+        for row in rows:  # a list (a diagonal) is one cell: values separated by ';'
+            writer.writerow(
+                {k: ";".join(f"{x:.6g}" for x in v) if isinstance(v, list) else v
+                 for k, v in row.items()}
+            )  # fmt: skip
         sys.stdout.write(buf.getvalue())
 
 
@@ -299,25 +306,26 @@ def rank(
     format: OutFormatOpt = OutFormat.table,
 ) -> None:
     """Normalized effective rank (Eqn 1-2) of every view at every checkpoint, with the run's
-    losses and accuracies beside it."""
+    losses and accuracies beside it.
+
+    The model's mean is over its weight matrices, one per parameter (per-head and split views
+    are listed but not counted twice); csv/json mark the views it counts (`in_mean`).
+    """
     import numpy as np
 
     from specan.analysis import rank as compute
 
     r = compute(run)
     rows, cols = _filters(r.params, r.steps, layers, steps)
+    whole = r.whole
     if format is not OutFormat.table:
+        fields = ["view", "param", "rule", "in_mean", "step", "erank_norm"]
         _emit_long(
-            [
-                {"view": r.keys[i], "param": r.params[i], "rule": r.rules[i],
-                 "step": int(r.steps[t]), "erank_norm": float(r.values[i, t])}
-                for i in rows for t in cols
-            ],
-            format,
+            [dict(zip(fields, (r.keys[i], r.params[i], r.rules[i], bool(whole[i]),
+                               int(r.steps[t]), float(r.values[i, t])), strict=True))
+             for i in rows for t in cols],
+            format, fields,
         )  # fmt: skip
-        return
-    if not len(cols):
-        out.print("no checkpoints selected")
         return
     t0, t1 = cols[0], cols[-1]
     table = Table(title=f"normalized effective rank, {run}: step {r.steps[t0]} -> {r.steps[t1]}",
@@ -326,28 +334,48 @@ def rank(
         table.add_column(col, justify="left" if col in ("view", "rule") else "right")
     for i in rows:
         v = r.values[i, cols]
-        table.add_row(
-            r.keys[i], r.rules[i], _f(v[0]), _f(v[-1]), _f(v.min()), f"{v[-1] - v[0]:+.3f}"
-        )
+        label = r.keys[i] if whole[i] else f"[dim]{r.keys[i]}[/]"
+        table.add_row(label, r.rules[i], _f(v[0]), _f(v[-1]), _f(v.min()), f"{v[-1] - v[0]:+.3f}")
     out.print(table)
-    if r.metrics:
-        names = [n for n in r.metrics if "loss" in n or "acc" in n] or list(r.metrics)
-        per = Table(title="per checkpoint: mean normalized effective rank and the run's metrics",
-                    title_justify="left")  # fmt: skip
-        for col in ("step", "mean erank", *names):
-            per.add_column(col, justify="right")
-        shown = cols if len(cols) <= 25 else cols[np.linspace(0, len(cols) - 1, 25).astype(int)]
-        for t in shown:
-            per.add_row(str(r.steps[t]), _f(r.values[rows, t].mean()),
-                        *(_f(r.metrics[n][t]) for n in names))  # fmt: skip
-        out.print(per)
+    counted = [i for i in rows if whole[i]]
+    mean_col = f"mean erank ({len(counted)} matrices)"
+    names = [n for n in r.metrics if "loss" in n or "acc" in n] or list(r.metrics)
+    per = Table(title="per checkpoint: the model's mean normalized effective rank"
+                + (" and the run's metrics" if names else ""), title_justify="left")  # fmt: skip
+    for col in ("step", mean_col, *names):
+        per.add_column(col, justify="right")
+    shown = cols if len(cols) <= 25 else cols[np.linspace(0, len(cols) - 1, 25).astype(int)]
+    mean = r.values[counted].mean(axis=0) if counted else np.full(len(r.steps), np.nan)
+    for t in shown:
+        per.add_row(str(r.steps[t]), _f(mean[t]), *(_f(r.metrics[n][t]) for n in names))
+    out.print(per)
+    if len(rows) > len(counted):
+        out.print(
+            f"[dim]dimmed: {len(rows) - len(counted)} extra views (per head, W_V, halves), "
+            "not counted in the mean[/]"
+        )
 
 
-@app.command(
-    epilog="Examples:\n\n- `specan align runs/grok-wd1`\n\n- `specan align runs/vgg --format json`"
+ALIGN_EXAMPLES = "Examples:\n\n" + "\n\n".join(
+    [
+        "- `specan align runs/grok-wd1`",
+        "- `specan align runs/vgg --layers 'features.*' --steps 0:5000`",
+        "- `specan align runs/vgg --format csv > align.csv` : diag cells are ';'-separated",
+    ]
 )
+
+
+@app.command(epilog=ALIGN_EXAMPLES)
 def align(
     run: RunArg,
+    layers: Annotated[
+        str | None,
+        typer.Option(
+            "--layers",
+            help="Which pairs: those whose previous or next parameter matches (globs or "
+            "`re:<regex>`, as for ingest). Default: all.",
+        ),
+    ] = None,
     steps: StepsOpt = None,
     vo_per_head: Annotated[
         bool,
@@ -360,61 +388,96 @@ def align(
     format: OutFormatOpt = OutFormat.table,
 ) -> None:
     """Alignment of consecutive layers: the diagonal |V_next' U_prev|_ii (Eqn 3) and its
-    score, the mean of the first 10 (Eqn 4), per pair of layers and checkpoint."""
+    score, the mean of the first 10 (Eqn 4), per pair of layers and checkpoint.
+
+    Says which rule gave the pairs (run.json, or the family inferred from names) and every
+    pair it skipped, with the reason. csv/json carry the diagonal (top 100) per row.
+    """
     from specan.analysis import align as compute
-    from specan.analysis import select_steps
+    from specan.views import select
 
     a = compute(run, vo_per_head=vo_per_head)
-    cols = select_steps(a.steps, steps)
+    params = sorted({p for r in a.results for p in (r.pair.prev, r.pair.next)})
+    keep = set(select(params, layers)) if a.results else set()
+    results = [r for r in a.results if {r.pair.prev, r.pair.next} & keep]
+    _, cols = _filters([], a.steps, None, steps)
     err.print(f"pairs: {a.rule}")
     for pair, reason in a.skipped:
         err.print(f"[yellow]skipped pair[/] {pair.label}: {reason}")
     if format is not OutFormat.table:
+        fields = ["pair", "kind", "step", "score", "diag"]
         _emit_long(
-            [{"pair": r.pair.label, "kind": r.pair.kind, "step": int(a.steps[t]),
-              "score": float(r.score[t]),
-              "diag": [float(x) for x in r.diag[t]] if format is OutFormat.json else None}
-             for r in a.results for t in cols],
-            format,
+            [dict(zip(fields, (r.pair.label, r.pair.kind, int(a.steps[t]), float(r.score[t]),
+                               [float(x) for x in r.diag[t]]), strict=True))
+             for r in results for t in cols],
+            format, fields,
         )  # fmt: skip
         return
     table = Table(title=f"alignment score (Eqn 4), {run}", title_justify="left")
     for col in ("pair", "kind", "first", "last", "max"):
         table.add_column(col, justify="left" if col in ("pair", "kind") else "right")
-    for r in a.results:
+    for r in results:
         s = r.score[cols]
         table.add_row(r.pair.label, r.pair.kind, _f(s[0]), _f(s[-1]), _f(s.max()))
     out.print(table)
 
 
-@app.command(
-    epilog="Examples:\n\n- `specan sva runs/vgg`\n\n- `specan sva runs/a --against runs/b`"
+class By(str, Enum):
+    step = "step"
+    epoch = "epoch"
+
+
+SVA_EXAMPLES = "Examples:\n\n" + "\n\n".join(
+    [
+        "- `specan sva runs/vgg`",
+        "- `specan sva runs/a --against runs/b` : checkpoint by checkpoint, matched by step",
+        "- `specan sva runs/a --against runs/b --by epoch --format json`",
+    ]
 )
+
+
+@app.command(epilog=SVA_EXAMPLES)
 def sva(
     run: RunArg,
     against: Annotated[
         Path | None,
         typer.Option(
             "--against",
-            help="Compare with this run checkpoint by checkpoint instead "
-            "of with the final checkpoint.",
+            help="Compare with this run, checkpoint by checkpoint at the same step (see --by), "
+            "instead of with the final checkpoint.",
         ),
     ] = None,
+    by: Annotated[
+        By, typer.Option("--by", help="With --against: match checkpoints by step or by epoch.")
+    ] = By.step,
     layers: LayersOpt = None,
     steps: StepsOpt = None,
     format: OutFormatOpt = OutFormat.table,
 ) -> None:
-    """Singular vector agreement (Eqn 5) of each checkpoint with the final one (or with another
-    run), its diagonal S_ii and the score s(t), the mean of the first 10."""
+    """Singular vector agreement (Eqn 5) of each checkpoint with the final one (the largest
+    step) or with another run's checkpoint at the same step: the diagonal S_ii and the score
+    s(t), the mean of the first 10.
+
+    Says which checkpoint is the reference, and which steps or views were left out and why.
+    csv/json carry the diagonal (top 100) per row.
+    """
     from specan.analysis import sva as compute
 
-    g = compute(run, against)
+    if against is None and by is not By.step:
+        raise typer.BadParameter("'--by' needs '--against'.")
+    g = compute(run, against, by=by.value)
     rows, cols = _filters([r.param for r in g.results], g.steps, layers, steps)
+    err.print(f"reference: {g.reference}")
+    for why in g.dropped:
+        err.print(f"[yellow]left out[/] {why}")
     if format is not OutFormat.table:
+        fields = ["view", "param", "step", "score", "diag"]
         _emit_long(
-            [{"view": g.results[i].key, "step": int(g.steps[t]),
-              "score": float(g.results[i].score[t])} for i in rows for t in cols],
-            format,
+            [dict(zip(fields, (g.results[i].key, g.results[i].param, int(g.steps[t]),
+                               float(g.results[i].score[t]),
+                               [float(x) for x in g.results[i].diag[t]]), strict=True))
+             for i in rows for t in cols],
+            format, fields,
         )  # fmt: skip
         return
     table = Table(title=f"SVA score against {g.reference}, {run}", title_justify="left")
@@ -439,12 +502,21 @@ def plot(
     run: RunArg,
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the figures.")] = Path("figs"),
     svg: Annotated[bool, typer.Option("--svg", help="Also write SVG.")] = False,
+    max_figures: Annotated[
+        int,
+        typer.Option(
+            "--max-figures",
+            min=0,
+            help="Per-pair and per-view figures of each kind (the first pairs, the largest "
+            "views); 0 draws all. What is left out is said.",
+        ),
+    ] = 6,
 ) -> None:
     """The paper's figures as PNG: singular values over time, effective-rank heatmap, loss under
     rank, alignment and SVA diagonals and scores."""
     from specan.plots import save_all
 
-    for path in save_all(run, out_dir, svg=svg):
+    for path in save_all(run, out_dir, svg=svg, limit=max_figures):
         out.print(str(path))
 
 

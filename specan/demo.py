@@ -122,7 +122,7 @@ def run_grokking_demo(out: Path | str, progress_for: Any = None) -> dict[str, An
         grokking.main([*GROKKING_DEMO, *extra, "--out", str(run)])
         ingest(run, progress=progress_for(name) if progress_for else None)
         r = analysis.rank(run)
-        mean = r.values.mean(axis=0)
+        mean = r.mean  # over the model's weight matrices, one per parameter
         numbers[name] = {
             "val_acc": float(r.metrics["val_acc"][-1]),
             "erank_first": float(mean[0]),

@@ -253,18 +253,18 @@ def loss_under_rank(result: analysis.RankResult, *, title: str) -> Figure:
         top.legend(handles=handles, fontsize=8, loc="best")
     else:
         top.text(0.5, 0.5, "no metrics", ha="center", va="center", transform=top.transAxes)
-    values = np.asarray(result.values, dtype=float)
+    values = np.asarray(result.values, dtype=float)[result.whole]
     for row in values:
         bottom.plot(x, row, color="0.6", lw=0.6, alpha=0.6)
     if values.size:
         bottom.plot(
             x,
-            np.nanmean(values, axis=0),
+            result.mean,
             color="C3",
             lw=2.2,
             marker=marker,
             ms=3,
-            label=f"mean over {values.shape[0]} views (grey: each view)",
+            label=f"mean over {result.matrices} weight matrices (grey: each matrix)",
         )
         bottom.legend(fontsize=8, loc="best")
     bottom.set_ylabel("normalised effective rank")
@@ -325,19 +325,32 @@ def safe_name(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", key)
 
 
-def _largest(keys: Sequence[str], views: dict[str, dict[str, Any]]) -> list[str]:
+def _largest(keys: Sequence[str], views: dict[str, dict[str, Any]], limit: int | None) -> list[str]:
+    """The ``limit`` largest views (all for None), listed in the order given."""
+
     def size(k: str) -> int:
         m, n = views[k]["shape"]
         return m * n * (views[k].get("heads") or 1)
 
-    return sorted(keys, key=lambda k: (-size(k), k))[:MAX_FIGURES]
+    chosen = set(sorted(keys, key=lambda k: (-size(k), k))[:limit])
+    return [k for k in keys if k in chosen]
 
 
-def figures(an: Analyses, *, views: Sequence[str] | None = None) -> Iterator[Plot]:
+def _note_cut(an: Analyses, total: int, limit: int | None, what: str) -> None:
+    if limit is not None and total > limit:
+        an.notes.append(f"drew {limit} of {total} {what} (--max-figures 0 draws all)")
+
+
+def figures(
+    an: Analyses, *, views: Sequence[str] | None = None, limit: int | None = None
+) -> Iterator[Plot]:
     """The run's figures, one at a time; figures without data are left out (see ``an.notes``).
 
-    ``views`` picks the σ figures (default: the six largest views).
+    ``views`` picks the σ figures; otherwise, and for the per-pair and per-view diagonals,
+    ``limit`` caps each kind (None: `MAX_FIGURES`, 0: all), and a note in ``an.notes`` says
+    what was left out.
     """
+    limit = MAX_FIGURES if limit is None else (limit or None)
     name, rk = an.name, an.rank
     yield Plot(
         "rank",
@@ -349,7 +362,7 @@ def figures(an: Analyses, *, views: Sequence[str] | None = None) -> Iterator[Plo
         yield Plot(
             "loss_rank",
             "Losses and accuracies (top) above the normalised effective rank "
-            "(bottom; red: mean over views).",
+            "(bottom; red: the mean over the model's weight matrices, one per parameter).",
             loss_under_rank(rk, title=f"{name}: loss and effective rank"),
         )
     al = an.alignment
@@ -359,7 +372,8 @@ def figures(an: Analyses, *, views: Sequence[str] | None = None) -> Iterator[Plo
             f"Alignment score (Eqn 4) of consecutive layers; {al.rule}.",
             alignment_scores(al, title=f"{name}: alignment scores"),
         )
-        for i, r in enumerate(al.results[:MAX_FIGURES]):
+        _note_cut(an, len(al.results), limit, "alignment diagonals (the first pairs)")
+        for i, r in enumerate(al.results[:limit]):
             yield Plot(
                 f"align_{i}",
                 f"Alignment diagonal A_ii (Eqn 3), {r.pair.label}.",
@@ -373,13 +387,16 @@ def figures(an: Analyses, *, views: Sequence[str] | None = None) -> Iterator[Plo
             sva_scores(ag, title=f"{name}: SVA scores"),
         )
         by_key = {r.key: r for r in ag.results}
-        for key in _largest(list(by_key), an.views):
+        _note_cut(an, len(by_key), limit, "SVA diagonals (the largest views)")
+        for key in _largest(list(by_key), an.views, limit):
             yield Plot(
                 f"sva_{safe_name(key)}",
                 f"SVA diagonal S_ii of {key} with {ag.reference}.",
                 sva_diagonal(ag.steps, by_key[key].diag, title=f"{name}: S_ii, {key}"),
             )
-    for key in list(views) if views is not None else _largest(list(an.views), an.views):
+    if views is None:
+        _note_cut(an, len(an.views), limit, "singular-value figures (the largest views)")
+    for key in list(views) if views is not None else _largest(list(an.views), an.views, limit):
         steps, sigma = analysis.sigma(an.run, key)
         yield Plot(
             f"sigma_{safe_name(key)}",
@@ -396,21 +413,27 @@ def png_bytes(fig: Figure) -> bytes:
 
 
 def save_all(
-    run: Path | str, out_dir: Path | str, *, svg: bool = False, views: Sequence[str] | None = None
+    run: Path | str,
+    out_dir: Path | str,
+    *,
+    svg: bool = False,
+    views: Sequence[str] | None = None,
+    limit: int | None = None,
 ) -> list[Path]:
     """Run the analyses and write every figure as ``<out_dir>/<name>.png`` (and ``.svg``).
 
-    Figures without data are skipped, each with a logged reason. Returns the written paths.
+    Figures without data, and those beyond ``limit`` per kind (see `figures`), are skipped,
+    each with a logged reason. Returns the written paths.
     """
     an = analyse(run)
-    for note in an.notes:
-        log.warning("%s: %s", an.name, note)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for plot in figures(an, views=views):
+    for plot in figures(an, views=views, limit=limit):
         for ext in ("png", "svg") if svg else ("png",):
             path = out / f"{plot.name}.{ext}"
             plot.figure.savefig(path, format=ext)
             paths.append(path)
+    for note in an.notes:
+        log.warning("%s: %s", an.name, note)
     return paths

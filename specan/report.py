@@ -180,9 +180,7 @@ def write_comparison(runs: Sequence[Path | str], out: Path | str) -> Path:
     analyses = [plots.analyse(r) for r in runs]
     head = []
     for an in analyses:
-        first, last = _first_last(
-            np.nanmean(an.rank.values, axis=0) if an.rank.values.size else np.zeros(0)
-        )
+        first, last = _first_last(an.rank.mean)
         finals = [
             f"{n} {_num(_first_last(v)[1], '.4g')}" for n, v in sorted(an.rank.metrics.items())
         ]

@@ -138,7 +138,7 @@ def test_train_then_every_analysis_command(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert runner.invoke(app, ["ingest", str(run)]).exit_code == 0
     res = runner.invoke(app, ["rank", str(run), "--format", "json", "--steps", "2:4"])
-    rows = json.loads(res.output)
+    rows = json.loads(res.stdout)
     assert {r["step"] for r in rows} == {2, 4} and all(0 < r["erank_norm"] <= 1 for r in rows)
     res = runner.invoke(app, ["rank", str(run)])
     assert res.exit_code == 0 and "val_acc" in res.output
@@ -147,7 +147,7 @@ def test_train_then_every_analysis_command(tmp_path: Path) -> None:
     res = runner.invoke(app, ["align", str(run), "--vo-per-head", "--format", "csv"])
     assert res.exit_code == 0 and "v per head" in res.output and "vo_heads" in res.output
     res = runner.invoke(app, ["sva", str(run), "--against", str(run), "--format", "json"])
-    scores = [r["score"] for r in json.loads(res.output)]
+    scores = [r["score"] for r in json.loads(res.stdout)]
     assert scores and all(abs(s - 1) < 1e-5 for s in scores)  # a run agrees with itself
     res = runner.invoke(app, ["plot", str(run), "--out", str(tmp_path / "figs")])
     assert res.exit_code == 0 and (tmp_path / "figs" / "rank.png").stat().st_size > 1000
@@ -161,3 +161,79 @@ def test_train_with_a_missing_dataset_names_the_expected_format(tmp_path: Path) 
     res = specan("train", "vgg", "--data", str(tmp_path / "cifar"), "--out", str(tmp_path / "v"))
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert str(tmp_path / "cifar") in res.stderr and "data_batch_1.bin" in res.stderr
+
+
+@pytest.fixture(scope="module")
+def ingested(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = write_synthetic_run(tmp_path_factory.mktemp("cli") / "syn", checkpoints=4, width=32)
+    assert runner.invoke(app, ["ingest", str(run)]).exit_code == 0
+    return run  # steps 0, 100, 200, 300
+
+
+def test_scripts_get_the_diagonals(ingested: Path) -> None:
+    res = runner.invoke(app, ["align", str(ingested), "--format", "csv"])
+    lines = res.stdout.splitlines()
+    assert lines[0] == "pair,kind,step,score,diag"
+    diag = lines[1].rsplit(",", 1)[1].split(";")
+    assert len(diag) > 10 and all(0 <= float(x) <= 1 + 1e-6 for x in diag)
+    res = runner.invoke(app, ["sva", str(ingested), "--format", "json"])
+    rows = json.loads(res.stdout)
+    assert rows and all(len(r["diag"]) > 1 and r["diag"][0] >= 0 for r in rows)
+    last = [r for r in rows if r["step"] == 300]
+    assert last and all(abs(x - 1) < 1e-4 for r in last for x in r["diag"])  # final vs itself
+    assert "reference: the final checkpoint, step 300" in res.stderr
+
+
+def test_align_layers_filters_pairs(ingested: Path) -> None:
+    res = runner.invoke(app, ["align", str(ingested), "--layers", "mlp.*", "--format", "json"])
+    assert res.exit_code == 0, res.output
+    pairs = {r["pair"] for r in json.loads(res.stdout)}
+    assert pairs and all("mlp." in p for p in pairs)
+
+
+@pytest.mark.parametrize("command", ["rank", "align", "sva"])
+@pytest.mark.parametrize("steps", ["500:", "100,77", "x:y"])
+def test_steps_that_select_nothing_are_one_line(ingested: Path, command: str, steps: str) -> None:
+    res = specan(command, str(ingested), "--steps", steps, "--format", "csv")
+    assert res.returncode == 2 and res.stdout == "", res.stdout
+    assert "Traceback" not in res.stderr and "--steps" in res.stderr
+    if steps == "100,77":
+        assert "step 77" in res.stderr
+
+
+def test_sva_and_align_on_a_store_without_vectors(tmp_path: Path) -> None:
+    run = write_synthetic_run(tmp_path / "novec", checkpoints=2, width=32)
+    assert runner.invoke(app, ["ingest", str(run), "--no-vectors"]).exit_code == 0
+    for command in ("sva", "align"):
+        res = specan(command, str(run))
+        assert res.returncode == 4 and "singular values only" in res.stderr, res.stderr
+        assert res.stdout == ""
+
+
+def test_a_file_instead_of_a_run_folder(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"x" * 16)
+    for command in ("rank", "info", "align"):
+        res = specan(command, str(path))
+        assert res.returncode == 2 and "not a folder" in res.stderr, res.stderr
+
+
+def test_a_folder_of_pickles_says_so(tmp_path: Path) -> None:
+    (tmp_path / "pt").mkdir()
+    (tmp_path / "pt" / "epoch_3.pt").write_bytes(b"\x80\x04")
+    res = specan("ingest", str(tmp_path / "pt"))
+    assert res.returncode == 2 and "pickled torch file" in res.stderr and "epoch_3.pt" in res.stderr
+
+
+def test_messages_are_one_line_in_a_pipe(tmp_path: Path) -> None:
+    deep = tmp_path / ("a-rather-long-folder-name-" * 4) / "run"
+    deep.mkdir(parents=True)
+    res = specan("ingest", str(deep))
+    first = res.stderr.splitlines()[0]
+    assert first.startswith("error:") and str(deep) in first and len(first) > 120
+
+
+def test_plot_says_what_it_left_out(ingested: Path, tmp_path: Path) -> None:
+    res = specan("plot", str(ingested), "--out", str(tmp_path / "f"), "--max-figures", "1")
+    assert res.returncode == 0, res.stderr
+    assert "drew 1 of" in res.stderr and "--max-figures 0" in res.stderr
