@@ -45,6 +45,8 @@ class Family(str, Enum):
     lstm = "lstm"
     transformer = "transformer"
     neox = "neox"
+    llama = "llama"
+    gpt2 = "gpt2"
 
 
 class Format(str, Enum):
@@ -113,8 +115,8 @@ def ingest(
         typer.Option(
             "--heads",
             min=1,
-            help="Attention heads, for the per-head Q/K views. Default: from run.json or "
-            "config.json.",
+            help="Attention (query) heads, for the per-head Q/K views; grouped K/V heads follow "
+            "from the shapes. Default: from run.json or config.json.",
         ),
     ] = None,
     rule: Annotated[

@@ -130,12 +130,16 @@ def _kernel_settings(kernel: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # -- planning ---------------------------------------------------------------------------------
-def _heads_from_config(run: Run) -> int | None:
+_HEAD_KEYS = ("n_heads", "num_heads", "nhead", "num_attention_heads", "n_head")  # n_head: GPT-2
+_KV_HEAD_KEYS = ("num_key_value_heads", "n_kv_heads", "num_kv_heads")
+
+
+def _heads_from_config(run: Run, keys: Sequence[str] = _HEAD_KEYS) -> int | None:
     cfg = run.config or {}
     for source in (cfg.get("model", {}), cfg, cfg.get("hf_config", {})):
         if isinstance(source, dict):
-            for name in ("n_heads", "num_heads", "nhead", "num_attention_heads"):
-                if isinstance(source.get(name), int):
+            for name in keys:
+                if isinstance(source.get(name), int) and not isinstance(source[name], bool):
                     return source[name]
     return None
 
@@ -151,10 +155,12 @@ def _plan(
     from specan.views import plan_views
 
     rules = {**_rules_from_config(run), **(settings["rules"] or {})}
+    given = settings["heads"]  # --heads: the K/V head count then follows from the shapes
     return plan_views(
         header,  # TensorInfo values: the planner also skips integer buffers by their dtype
         family=settings["family"],
-        heads=settings["heads"] or _heads_from_config(run),
+        heads=given or _heads_from_config(run),
+        kv_heads=None if given else _heads_from_config(run, _KV_HEAD_KEYS),
         layers=settings["layers"],
         rules=rules or None,
     )
@@ -387,14 +393,18 @@ def _create_store(
 ) -> store.Store:
     """Plan the views from one checkpoint's header and create the store for them."""
     specs = _plan(header, settings, run)
-    for s in specs:
-        if s.info.get("heads_unknown"):
-            msg = (
-                f"{s.param}: number of attention heads unknown (no run.json or config.json);"
-                " per-head Q/K views skipped, pass --heads N"
-            )
-            report.warnings.append(msg)
-            prog.warn(msg)
+    unknown = [s for s in specs if s.info.get("heads_unknown")]
+    if unknown:
+        interleaved = any(s.info.get("layout") == "interleaved" for s in unknown)
+        more = f" and {len(unknown) - 1} more" if len(unknown) > 1 else ""
+        msg = (
+            f"{unknown[0].param}{more}: number of attention heads unknown (no run.json or "
+            "config.json); whole-matrix spectra only, per-head Q/K views"
+            + (" and GPT-NeoX's W_V view" if interleaved else "")
+            + " skipped: pass --heads N to get them"
+        )
+        report.warnings.append(msg)
+        prog.warn(msg)
     views = [
         {
             "key": s.key,

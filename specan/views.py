@@ -1,6 +1,7 @@
 """Parameter name + shape -> matrix views (SPEC §1); extraction of a view from a stored tensor.
 
 Planning looks at names and shapes only, so it runs on checkpoint headers without reading weights.
+Views are planned in model order (`specan.order`), not in the file's alphabetical order.
 Only the standard library is imported at module level: the CLI plans views on its fast path and
 importing torch costs over a second, so `extract` imports torch when it is called.
 """
@@ -11,28 +12,51 @@ import fnmatch
 import hashlib
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from specan.errors import ViewRuleError
+from specan.order import model_order
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["FAMILIES", "ViewSpec", "detect_family", "extract", "plan_views", "safe_key", "select"]
+__all__ = [
+    "FAMILIES",
+    "WHOLE_RULES",
+    "ViewSpec",
+    "detect_family",
+    "extract",
+    "lstm_output",
+    "plan_views",
+    "safe_key",
+    "select",
+]
 
-FAMILIES = ("auto", "vgg", "mlp", "lstm", "transformer", "neox")
-# What a `rules` override may name. "qkv_interleaved" is the GPT-NeoX fused layout: it plans the
-# same four views as "in_proj" (rules in_proj/q_heads/k_heads/v) but de-interleaves the heads.
-OVERRIDES = ("linear", "embedding", "conv", "conv_transpose", "lstm", "in_proj", "qkv_interleaved")
-RULES = (*OVERRIDES[:-1], "q_heads", "k_heads", "v_heads", "v")  # the rules a ViewSpec carries
+FAMILIES = ("auto", "vgg", "mlp", "lstm", "transformer", "neox", "llama", "gpt2")
+# The rules of the one view per parameter that covers the whole weight: spectra and model means
+# (one matrix per parameter) take these; every other rule is an extra view for alignment.
+# "linear_t" is a Linear stored transposed, (in, out): GPT-2's Conv1D.
+WHOLE_RULES = ("linear", "linear_t", "embedding", "conv", "conv_transpose", "lstm", "in_proj")
+# What a `rules` override may name. "qkv_interleaved" (GPT-NeoX) and "qkv_transposed" (GPT-2's
+# c_attn, stored (d, 3d)) plan the same views as "in_proj" but read the fused weight in their own
+# layout; "q_proj" / "k_proj" are separate Q / K projections (Llama): the whole Linear plus one
+# view per head.
+OVERRIDES = (*WHOLE_RULES, "qkv_interleaved", "qkv_transposed", "q_proj", "k_proj")
+# The rules a ViewSpec carries: the whole ones, the per-head and W_V splits of attention, and
+# "col_half", a column half of the next weight after a bidirectional LSTM layer (one direction's
+# inputs), decomposed on its own; "o_grouped", W_O with the columns of each group of query
+# heads that share one V head summed (grouped-query attention), for W_V -> W_O.
+RULES = (*WHOLE_RULES, "q_heads", "k_heads", "v_heads", "v", "col_half", "o_grouped")
 # Which third of a fused Q/K/V weight each split view takes (W_V whole is "v").
 _QKV_PART = {"q_heads": 0, "k_heads": 1, "v_heads": 2, "v": 2}
+_ATTENTION_FAMILIES = ("transformer", "neox", "llama", "gpt2")
 KEY_MAX = 180  # well under the 255-byte file-name limit, leaving room for "-<sha1>" and "__q"
 
 _LSTM = re.compile(r"(?:^|\.)weight_(ih|hh)_l(\d+)(_reverse)?$")
-_TRANSPOSE = re.compile(r"transpose|deconv|convt|upconv", re.IGNORECASE)
+# "tconv4" is the paper's UNet naming of its transposed convolutions
+_TRANSPOSE = re.compile(r"transpose|deconv|convt|upconv|(?:^|[._])tconv", re.IGNORECASE)
 _EMBED = re.compile(r"embed|wte|wpe", re.IGNORECASE)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
@@ -105,6 +129,12 @@ def detect_family(names: Iterable[str], shapes: Mapping[str, Any] | None = None)
         return "lstm"
     if any(n.endswith("in_proj_weight") for n in names):
         return "transformer"
+    if any(n.endswith("c_attn.weight") for n in names):
+        return "gpt2"
+    if any(n.endswith("q_proj.weight") for n in names) and any(
+        n.endswith("k_proj.weight") for n in names
+    ):
+        return "llama"
     if shapes is not None:
         deep = any(len(_shape(shapes[n])) > 2 for n in names if n in shapes)
     else:
@@ -151,9 +181,18 @@ def _auto_rule(param: str, ndim: int, family: str) -> str:
     if param.endswith("query_key_value.weight"):
         # An explicit torch-style family means the fused rows are stacked [Q; K; V], not NeoX's.
         return "in_proj" if family == "transformer" else "qkv_interleaved"
+    if family == "gpt2":  # Conv1D stores (in, out): the transpose of a Linear
+        if param.endswith("c_attn.weight"):
+            return "qkv_transposed"
+        if param.endswith(("c_proj.weight", "c_fc.weight")):
+            return "linear_t"
+    if family == "llama" and param.endswith(("q_proj.weight", "k_proj.weight")):
+        return param[-len("q_proj.weight") :].removesuffix(".weight")
     # Judge the module that owns the weight, so "time_embed.0.weight" (a Linear) stays linear.
     owner = param.removesuffix(".weight").rsplit(".", 1)[-1].lower()
-    if _EMBED.search(owner) and "embed_out" not in owner:  # NeoX embed_out is the output Linear
+    if owner == "encoder" and family in _ATTENTION_FAMILIES and param.endswith(".weight"):
+        return "embedding"  # the paper's LMs name their token embedding "encoder"
+    if _EMBED.search(owner) and owner not in ("embed_out", "unembed"):  # both output Linears
         return "embedding"
     return "linear"
 
@@ -174,6 +213,10 @@ def _plan_param(param: str, shape: tuple[int, ...], rule: str, heads: int | None
     if rule in ("linear", "embedding"):
         info = {"output_space": "V"} if rule == "embedding" else {}  # embedding output is d: V
         return [("", rule, (rows, cols), None, info)]
+    if rule == "linear_t":  # stored (in, out): the view is the transpose, U spans the output
+        return [("", rule, (cols, rows), None, {})]
+    if rule in ("q_proj", "k_proj"):
+        return _plan_split_heads(param, shape, rule[0], heads)
     if rule == "lstm":
         m = _LSTM.search(param)
         if m is None:
@@ -193,19 +236,19 @@ def _plan_param(param: str, shape: tuple[int, ...], rule: str, heads: int | None
             "module": param[: m.start()],
         }
         return [("", "lstm", (rows, cols), None, info)]
-    # fused Q/K/V: "in_proj" (torch MultiheadAttention, stacked) or "qkv_interleaved" (GPT-NeoX)
-    layout = "interleaved" if rule == "qkv_interleaved" else "stacked"
-    d = cols
-    if rows != 3 * d:
+    # fused Q/K/V: "in_proj" (torch MultiheadAttention, stacked), "qkv_interleaved" (GPT-NeoX),
+    # "qkv_transposed" (GPT-2's c_attn, (d, 3d): its transpose is stacked [Q; K; V])
+    layout = {"qkv_interleaved": "interleaved", "qkv_transposed": "transposed"}.get(rule, "stacked")
+    d, fused = (rows, cols) if layout == "transposed" else (cols, rows)
+    if fused != 3 * d:
         raise ViewRuleError(f"{where}: a fused Q/K/V weight needs 3 x {d} = {3 * d} rows")
-    if heads is None and layout == "interleaved":
-        raise ViewRuleError(
-            f"{where}: GPT-NeoX interleaves Q/K/V per head, so the head count is needed (--heads)"
-        )
     if heads is not None and d % heads:
         raise ViewRuleError(f"{where}: width {d} is not divisible by {heads} heads")
     whole = {"layout": layout, "d": d, **({"heads": heads} if heads else {"heads_unknown": True})}
-    parts: list[Part] = [("", "in_proj", (rows, d), None, whole)]
+    parts: list[Part] = [("", "in_proj", (3 * d, d), None, whole)]
+    if heads is None and layout == "interleaved":
+        # GPT-NeoX interleaves Q/K/V per head: without the head count not even W_V can be cut out
+        return parts
     if heads is not None:
         hd = d // heads
         # W_V per head too: the per-head V -> O alignment, offered beside the whole one
@@ -217,11 +260,30 @@ def _plan_param(param: str, shape: tuple[int, ...], rule: str, heads: int | None
     return parts
 
 
+def _plan_split_heads(
+    param: str, shape: tuple[int, ...], part: str, heads: int | None
+) -> list[Part]:
+    """A separate Q or K projection (Llama's q_proj / k_proj, (heads x head_dim, d)): the whole
+    Linear, plus its rows cut per head, ``(heads, head_dim, d)``, each head its own SVD."""
+    rows, d = shape
+    if heads is None:
+        return [("", "linear", (rows, d), None, {"heads_unknown": True})]
+    if rows % heads:
+        raise ViewRuleError(f"{param} {shape}: {rows} rows are not divisible by {heads} heads")
+    hd = rows // heads
+    info = {"layout": "split", "d": d, "heads": heads, "head_dim": hd, "part": part}
+    return [
+        ("", "linear", (rows, d), None, {"heads": heads}),
+        (f"__{part}", f"{part}_heads", (hd, d), heads, info),
+    ]
+
+
 def plan_views(
     shapes: Mapping[str, Any],
     *,
     family: str = "auto",
     heads: int | None = None,
+    kv_heads: int | None = None,
     layers: str | None = None,
     rules: Mapping[str, str] | None = None,
 ) -> list[ViewSpec]:
@@ -231,12 +293,15 @@ def plan_views(
     ----------
     shapes : mapping
         Parameter name -> shape tuple (or an object with ``.shape``, e.g. `runs.TensorInfo`; one
-        with a non-float ``.dtype`` is skipped), in state-dict order.
+        with a non-float ``.dtype`` is skipped), in any order (a file lists them alphabetically).
     family : str
         One of `FAMILIES`. "auto" detects it; an explicit "transformer" reads a fused
         ``query_key_value.weight`` as stacked [Q; K; V] instead of NeoX's per-head interleaving.
     heads : int, optional
-        Attention head count; without it fused Q/K/V gets no per-head views (NeoX: an error).
+        Attention (query) head count; without it attention weights get their whole views only.
+    kv_heads : int, optional
+        Key/value head count of grouped-query attention (Llama's ``num_key_value_heads``);
+        checked against the shapes, which tell it anyway once `heads` is known.
     layers : str, optional
         The ``--layers`` filter (see `select`), applied to names before planning.
     rules : mapping, optional
@@ -245,13 +310,17 @@ def plan_views(
     Returns
     -------
     list of ViewSpec
-        In the order of `shapes`; a fused Q/K/V weight gives its whole view, then q_heads,
-        k_heads (when heads are known) and v. Keys are unique, also ignoring case.
+        In model order (`specan.order.model_order`), each parameter's whole view first, then
+        its extra views: q_heads, k_heads, v_heads (when heads are known) and v of a fused Q/K/V
+        weight; the per-head view of a separate Q or K projection; the two column halves
+        (forward, reverse) of the weight after a bidirectional LSTM layer. Keys are unique, also
+        ignoring case.
     """
     if family not in FAMILIES:
         raise ViewRuleError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
-    if heads is not None and (isinstance(heads, bool) or not isinstance(heads, int) or heads < 1):
-        raise ViewRuleError(f"head count must be a positive integer, not {heads!r}")
+    for what, n in (("head count", heads), ("key/value head count", kv_heads)):
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ViewRuleError(f"{what} must be a positive integer, not {n!r}")
     rules = dict(rules or {})
     for param, rule in rules.items():
         if rule not in OVERRIDES:
@@ -263,7 +332,7 @@ def plan_views(
     if family == "auto":
         family = detect_family(shapes)
     planned: list[tuple[str, list[Part]]] = []
-    for param in select(shapes, layers):
+    for param in model_order(select(shapes, layers)):
         shape = _shape(shapes[param])
         if param in rules:
             if len(shape) < 2 or not _is_float(shapes[param]):
@@ -273,15 +342,118 @@ def plan_views(
             rule = rules[param]
         elif len(shape) < 2 or 0 in shape or not _is_float(shapes[param]):
             continue  # biases, norms, scalars, empty and integer tensors have no spectrum
+        elif param.rsplit(".", 1)[-1] in ("bias", "masked_bias"):
+            continue  # a >=2-D "bias" is a buffer, e.g. GPT-2's causal mask (1, 1, n, n)
         else:
             rule = _auto_rule(param, len(shape), family)
-        planned.append((param, _plan_param(param, shape, rule, heads)))
+        n_heads = heads
+        if rule == "k_proj":
+            n_heads = _kv_heads(param, shape, shapes, heads, kv_heads)
+        planned.append((param, _plan_param(param, shape, rule, n_heads)))
+        if family == "llama" and rule == "linear" and param.endswith("o_proj.weight") and heads:
+            k_param = param.removesuffix("o_proj.weight") + "k_proj.weight"
+            if k_param in shapes:
+                kv = _kv_heads(k_param, _shape(shapes[k_param]), shapes, heads, kv_heads)
+                if kv is not None and kv < heads:
+                    planned[-1][1].append(_plan_grouped_o(param, shape, heads, kv))
+    _plan_lstm_halves(planned)
     base = _unique_bases(planned)
     return [
         ViewSpec(base[p] + sfx, p, rule, shape, h, info)
         for p, parts in planned
         for sfx, rule, shape, h, info in parts
     ]
+
+
+def _kv_heads(
+    param: str,
+    shape: tuple[int, ...],
+    shapes: Mapping[str, Any],
+    heads: int | None,
+    kv_heads: int | None,
+) -> int | None:
+    """Key heads of a separate K projection: its rows over the head width of its block's Q."""
+    if heads is None:
+        return None
+    q_param = param.removesuffix("k_proj.weight") + "q_proj.weight"
+    q_rows = _shape(shapes[q_param])[0] if q_param in shapes else None
+    if q_rows is None or q_rows % heads:
+        return kv_heads if kv_heads is not None else heads
+    hd = q_rows // heads
+    if shape[0] % hd:
+        raise ViewRuleError(
+            f"{param} {tuple(shape)}: {shape[0]} rows are not whole heads of {hd} "
+            f"({q_param} has {q_rows} rows for {heads} heads)"
+        )
+    kv = shape[0] // hd
+    if kv_heads is not None and kv != kv_heads:
+        raise ViewRuleError(
+            f"{param} {tuple(shape)}: holds {kv} key/value heads of width {hd}, "
+            f"not the {kv_heads} of num_key_value_heads"
+        )
+    if heads % kv:
+        raise ViewRuleError(f"{param}: {heads} query heads do not share {kv} key/value heads")
+    return kv
+
+
+def _plan_grouped_o(param: str, shape: tuple[int, ...], heads: int, kv: int) -> Part:
+    """W_O as the shared V heads see it under grouped-query attention: query head h reads V head
+    h // (heads / kv), so O's input columns of the heads of one group add up,
+    ``(d, kv x head_dim)``. W_V -> W_O meets V's outputs with this view's right vectors."""
+    d, cols = shape
+    if cols % heads:
+        raise ViewRuleError(f"{param} {tuple(shape)}: {cols} columns are not {heads} heads")
+    hd = cols // heads
+    info = {"heads": heads, "kv_heads": kv, "head_dim": hd}
+    return ("__grouped", "o_grouped", (d, kv * hd), None, info)
+
+
+def lstm_output(
+    order: Sequence[str], after: str, width: int, in_width: Mapping[str, int | None]
+) -> str | None:
+    """The layer an LSTM feeds: the first parameter after ``after`` (its last LSTM weight) in
+    model ``order`` whose input is ``width`` wide (h, or 2h when bidirectional); ``in_width``
+    gives the input width of the linear parameters (None or missing for any other)."""
+    start = list(order).index(after) + 1
+    return next((p for p in order[start:] if in_width.get(p) == width), None)
+
+
+def _plan_lstm_halves(planned: list[tuple[str, list[Part]]]) -> None:
+    """Add the column halves of what a bidirectional LSTM layer feeds (SPEC §3, LSTM).
+
+    The next layer's input is [forward output; reverse output], 2h wide. As in the paper's code,
+    alignment takes that weight's columns of one direction and decomposes them on their own, so
+    a direction's score does not depend on the other direction's weights: for ``weight_ih_l{k}``
+    (k >= 1) of both directions, and for the linear layer after the last LSTM layer.
+    """
+    order = [p for p, _ in planned]
+    parts_of = dict(planned)
+    whole = {p: parts[0] for p, parts in planned}  # (suffix, rule, shape, heads, info)
+    modules: dict[str, list[str]] = {}
+    for p, (_, rule, _shape, _heads, info) in whole.items():
+        if rule == "lstm":
+            modules.setdefault(info["module"], []).append(p)
+
+    def halves(p: str, h: int, of: str) -> None:
+        rows = whole[p][2][0]
+        for sfx, direction, lo in (("__fwd", "forward", 0), ("__rev", "reverse", h)):
+            info = {"cols": [lo, lo + h], "width": 2 * h, "direction": direction, "of": of,
+                    "hidden": h}  # fmt: skip
+            parts_of[p].append((sfx, "col_half", (rows, h), None, info))
+
+    for params in modules.values():
+        infos = {p: whole[p][4] for p in params}
+        if not any(i["direction"] == "reverse" for i in infos.values()):
+            continue  # unidirectional: the next layer takes h inputs, nothing to cut
+        for p, i in infos.items():
+            if i["kind"] == "ih" and i["layer"] >= 1 and whole[p][2][1] == 2 * i["hidden"]:
+                halves(p, i["hidden"], "lstm")
+        last = max(params, key=order.index)
+        h = max(infos.values(), key=lambda i: i["layer"])["hidden"]
+        linear = {p: whole[p][2][1] for p in order if whole[p][1] == "linear"}
+        out = lstm_output(order, last, 2 * h, linear)
+        if out is not None:
+            halves(out, h, "linear")
 
 
 def _unique_bases(planned: list[tuple[str, list[Part]]]) -> dict[str, str]:
@@ -305,12 +477,21 @@ def _unique_bases(planned: list[tuple[str, list[Part]]]) -> dict[str, str]:
 def _stored_shape(spec: ViewSpec) -> tuple[int, ...]:
     # What the raw tensor must look like, from the spec alone (it may come back from store JSON).
     m, n = spec.shape
+    layout = spec.info.get("layout")
     if spec.rule == "conv":
         return (m, spec.info["c_in"], *spec.info["kernel"])
     if spec.rule == "conv_transpose":
         return (spec.info["c_in"], m, *spec.info["kernel"])
+    if spec.rule == "linear_t" or (spec.rule == "in_proj" and layout == "transposed"):
+        return (n, m)
+    if spec.rule == "col_half":
+        return (m, spec.info["width"])
+    if spec.rule == "o_grouped":
+        return (m, spec.info["heads"] * spec.info["head_dim"])
+    if spec.rule in _QKV_PART and layout == "split":
+        return (spec.heads * m, n)
     if spec.rule in _QKV_PART:
-        return (3 * n, n)
+        return (n, 3 * n) if layout == "transposed" else (3 * n, n)
     return (m, n)
 
 
@@ -339,13 +520,28 @@ def extract(spec: ViewSpec, tensor: torch.Tensor) -> torch.Tensor:
     m, n = spec.shape
     rule, layout, h = spec.rule, spec.info.get("layout"), spec.heads or spec.info.get("heads")
     want = (spec.heads, m, n) if spec.heads else (m, n)
-    if rule in ("q_heads", "k_heads", "v_heads") or (rule == "v" and layout == "interleaved"):
+    if layout == "split":  # a separate Q or K projection: rows [head][head_dim]
+        if not spec.heads:
+            raise ViewRuleError(f"{where}: a per-head view needs its head count")
+    elif rule in ("q_heads", "k_heads", "v_heads") or (rule == "v" and layout == "interleaved"):
         if not h or n % h or (spec.heads and spec.heads * m != n):
             raise ViewRuleError(f"{where}: head count {h} does not split width {n}")
+    if layout == "transposed":  # GPT-2's c_attn (d, 3d): its transpose is stacked [Q; K; V]
+        t = t.T
     if rule == "conv":
         out = t.reshape(m, n)  # storage order: a row reshapes back to (c_in, *k)
     elif rule == "conv_transpose":
         out = t.transpose(0, 1).reshape(m, n)
+    elif rule == "linear_t":
+        out = t.T
+    elif rule == "col_half":
+        lo, hi = spec.info["cols"]
+        out = t[:, lo:hi]  # one direction's inputs of the layer after a bidirectional LSTM
+    elif layout == "split":
+        out = t.reshape(spec.heads, m, n)
+    elif rule == "o_grouped":  # input columns [head][head_dim], head h = group j * g + r
+        kv, hd = spec.info["kv_heads"], spec.info["head_dim"]
+        out = t.reshape(m, kv, spec.info["heads"] // kv, hd).sum(dim=2).reshape(m, n)
     elif rule in _QKV_PART and layout == "interleaved":
         # NeoX rows are [head][q|k|v][head_dim]: W.view(H, 3, hd, d)
         part = t.reshape(h, 3, n // h, n)[:, _QKV_PART[rule]]

@@ -118,12 +118,16 @@ def test_lstm_g_block_meets_the_directions_half(direction: str, half: int) -> No
     u_g = np.linalg.svd(g, full_matrices=False)[0]
     nxt = np.zeros((4 * h, 2 * h))
     nxt[:h, half * h : (half + 1) * h] = np.diag([8.0, 6.0, 4.0, 2.0]) @ u_g.T
+    nxt[h:, (1 - half) * h : (2 - half) * h] = rng.standard_normal((3 * h, h))  # other direction
     views = {
         "a": view("rnn.weight_ih_l0", "lstm", (4 * h, n_in), hidden=h),
         "b": view("rnn.weight_ih_l1", "lstm", (4 * h, 2 * h), hidden=h),
+        "f": view("rnn.weight_ih_l1", "col_half", (4 * h, h), direction="forward"),
+        "r": view("rnn.weight_ih_l1", "col_half", (4 * h, h), direction="reverse"),
     }
+    halves = {"f": nxt[:, :h], "r": nxt[:, h:]}  # the next side is the SVD of the half
     pair = Pair("rnn.weight_ih_l0", "rnn.weight_ih_l1", "lstm", direction=direction)
-    p, n = resolve(pair, views, svd_loader({"a": ih, "b": nxt}))
+    p, n = resolve(pair, views, svd_loader({"a": ih, "b": nxt, **halves}))
     a = metrics.alignment(p, n)[0]
     np.testing.assert_allclose(np.diagonal(a)[:h], 1.0, atol=1e-10)
 
@@ -160,7 +164,7 @@ def test_inferred_neox_pairs_use_pythia_names() -> None:
     rules["gpt_neox.layers.1.attention.query_key_value.weight"] = "in_proj"
     views = {n: view(n, rules[n], (4, 4)) for n in names}
     pairs, rule = pairs_for({}, views)
-    assert "neox" in rule
+    assert "GPT-NeoX" in rule
     l0, l1 = "gpt_neox.layers.0.", "gpt_neox.layers.1."
     assert pairs[0] == Pair("gpt_neox.embed_in.weight", l0 + "attention.query_key_value.weight",
                             "embedding")  # fmt: skip

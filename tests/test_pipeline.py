@@ -38,6 +38,9 @@ def hand_view(name: str, w: np.ndarray, key_suffix: str) -> np.ndarray:
             return block
         hd = d // HEADS
         return np.stack([block[h * hd : (h + 1) * hd] for h in range(HEADS)])
+    if key_suffix in ("fwd", "rev"):  # after a bidirectional LSTM: one direction's columns
+        h = w.shape[1] // 2
+        return w[:, :h] if key_suffix == "fwd" else w[:, h:]
     if name == "deconv.weight":
         w = np.swapaxes(w, 0, 1)
     return w.reshape(w.shape[0], -1)

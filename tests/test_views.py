@@ -13,6 +13,7 @@ from specan.errors import ViewRuleError
 from specan.views import (
     FAMILIES,
     KEY_MAX,
+    WHOLE_RULES,
     ViewSpec,
     detect_family,
     extract,
@@ -171,8 +172,13 @@ def test_lstm_views():
         "fc.weight": (7, 2 * h),
     }
     specs = plan_views(shapes)
-    assert [s.param for s in specs] == [n for n in shapes if "bias" not in n]
-    by = {s.param: s for s in specs}
+    assert [s.key for s in specs] == [
+        "rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.weight_ih_l0_reverse",
+        "rnn.weight_ih_l1_reverse", "rnn.weight_ih_l1_reverse__fwd",
+        "rnn.weight_ih_l1_reverse__rev", "weight_hh_l2", "fc.weight", "fc.weight__fwd",
+        "fc.weight__rev",
+    ]  # fmt: skip
+    by = {s.param: s for s in specs if s.rule in WHOLE_RULES}
     s = by["rnn.weight_ih_l1_reverse"]
     assert s.rule == "lstm" and s.shape == (4 * h, 2 * h)
     assert s.info == {
@@ -198,7 +204,7 @@ def test_lstm_views():
 def test_lstm_matches_torch_naming():
     lstm = torch.nn.LSTM(4, 6, num_layers=2, bidirectional=True)
     shapes = {f"lstm.{k}": tuple(v.shape) for k, v in lstm.state_dict().items()}
-    specs = plan_views(shapes)
+    specs = [s for s in plan_views(shapes) if s.rule in WHOLE_RULES]
     assert len(specs) == 8 and all(s.rule == "lstm" and s.info["hidden"] == 6 for s in specs)
     assert sum(s.info["direction"] == "reverse" for s in specs) == 4
 
@@ -300,10 +306,14 @@ def test_neox_deinterleave():
             assert torch.equal(v[h * hd + r], w[h * 3 * hd + 2 * hd + r])
 
 
-def test_neox_needs_heads_and_family_choices():
+def test_neox_without_heads_and_family_choices():
     name = "layers.0.attention.query_key_value.weight"
-    with pytest.raises(ViewRuleError, match="head count"):
-        plan_views({name: (24, 8)})
+    # without the head count: the whole matrix only (not even W_V can be cut out), no error
+    (whole,) = plan_views({name: (24, 8)})
+    assert (whole.rule, whole.info["layout"], whole.info["heads_unknown"]) == (
+        "in_proj", "interleaved", True)  # fmt: skip
+    w = torch.randn(24, 8)
+    assert torch.equal(extract(whole, w), w)
     # an explicit torch-style family reads the same name as stacked [Q; K; V]
     specs = plan_views({name: (24, 8)}, family="transformer", heads=2)
     assert specs[0].info["layout"] == "stacked"
@@ -471,3 +481,85 @@ def test_extract_from_json_round_trip_spec():
     broken = ViewSpec("k", "p", "conv", (2, 6), None, {})
     with pytest.raises(ViewRuleError, match="info lacks"):
         extract(broken, torch.randn(2, 3, 2))
+
+
+# --- names of other families -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["model.tconv4.weight", "tconv1.weight", "up.tconv.weight"])
+def test_paper_unet_tconv_is_a_transposed_conv(name):
+    assert one({name: (4, 3, 3, 3)}).rule == "conv_transpose"
+
+
+def test_paper_lm_encoder_is_an_embedding_only_beside_attention():
+    lm = {"model.encoder.weight": (11, 8), "layers.0.self_attn.in_proj_weight": (24, 8)}
+    assert plan_views(lm)[0].rule == "embedding"
+    assert one({"model.encoder.weight": (11, 8)}).rule == "linear"  # an autoencoder's encoder
+
+
+def test_views_are_planned_in_model_order():
+    names = sorted(f"layers.{i}.weight" for i in range(12)) + ["embed_out.weight"]
+    specs = plan_views(dict.fromkeys(names, (3, 3)))
+    assert [s.param for s in specs][:3] == ["layers.0.weight", "layers.1.weight", "layers.2.weight"]
+    assert specs[-1].param == "embed_out.weight" and specs[-1].rule == "linear"
+
+
+def test_a_multi_dimensional_bias_is_a_buffer_not_a_weight():
+    specs = plan_views({"h.0.attn.bias": (1, 1, 4, 4), "h.0.attn.c_attn.weight": (8, 24)}, heads=2)
+    assert "h.0.attn.bias" not in {s.param for s in specs}
+
+
+def test_gpt2_conv1d_views_are_transposes():
+    d, heads = 6, 3
+    hd = d // heads
+    w_attn, w_fc = torch.randn(d, 3 * d), torch.randn(d, 4 * d)  # Conv1D: (in, out)
+    specs = plan_views({"h.0.attn.c_attn.weight": w_attn.shape, "h.0.mlp.c_fc.weight": w_fc.shape},
+                       heads=heads)  # fmt: skip
+    by = {s.key: s for s in specs}
+    assert torch.equal(extract(by["h.0.mlp.c_fc.weight"], w_fc), w_fc.T)
+    assert torch.equal(extract(by["h.0.attn.c_attn.weight"], w_attn), w_attn.T)
+    q = extract(by["h.0.attn.c_attn.weight__q"], w_attn)
+    vh = extract(by["h.0.attn.c_attn.weight__vh"], w_attn)
+    for h in range(heads):
+        assert torch.equal(q[h], w_attn[:, h * hd : (h + 1) * hd].T)
+        assert torch.equal(vh[h], w_attn[:, 2 * d + h * hd : 2 * d + (h + 1) * hd].T)
+    assert torch.equal(extract(by["h.0.attn.c_attn.weight__v"], w_attn), w_attn[:, 2 * d :].T)
+
+
+def test_llama_split_heads_and_grouped_o():
+    heads, kv, hd, d = 4, 2, 3, 5
+    b = "model.layers.0.self_attn."
+    rows = {"q_proj": (heads * hd, d), "k_proj": (kv * hd, d), "v_proj": (kv * hd, d),
+            "o_proj": (d, heads * hd)}  # fmt: skip
+    w = {f"{b}{n}.weight": torch.randn(*shape) for n, shape in rows.items()}
+    specs = plan_views({k: v.shape for k, v in w.items()}, heads=heads, kv_heads=kv)
+    assert [s.key.removeprefix(b) for s in specs] == [
+        "q_proj.weight", "q_proj.weight__q", "k_proj.weight", "k_proj.weight__k", "v_proj.weight",
+        "o_proj.weight", "o_proj.weight__grouped"]  # fmt: skip
+    by = {s.key.removeprefix(b): s for s in specs}
+    q = extract(by["q_proj.weight__q"], w[b + "q_proj.weight"])
+    k = extract(by["k_proj.weight__k"], w[b + "k_proj.weight"])
+    assert q.shape == (heads, hd, d) and k.shape == (kv, hd, d)
+    for h in range(heads):
+        assert torch.equal(q[h], w[b + "q_proj.weight"][h * hd : (h + 1) * hd])
+    o = w[b + "o_proj.weight"]
+    grouped = extract(by["o_proj.weight__grouped"], o)
+    for j in range(kv):  # query heads 2j and 2j + 1 read V head j
+        cols = [o[:, h * hd : (h + 1) * hd] for h in range(heads) if h // (heads // kv) == j]
+        assert torch.allclose(grouped[:, j * hd : (j + 1) * hd], sum(cols))
+
+
+def test_bidirectional_lstm_next_layer_halves():
+    h = 3
+    lstm = torch.nn.LSTM(4, h, num_layers=2, bidirectional=True)
+    shapes = {f"rnn.{k}": tuple(v.shape) for k, v in lstm.state_dict().items()}
+    shapes["out.weight"] = (5, 2 * h)
+    specs = plan_views(shapes)
+    halves = [s for s in specs if s.rule == "col_half"]
+    assert [s.key for s in halves] == [
+        "rnn.weight_ih_l1__fwd", "rnn.weight_ih_l1__rev", "rnn.weight_ih_l1_reverse__fwd",
+        "rnn.weight_ih_l1_reverse__rev", "out.weight__fwd", "out.weight__rev"]  # fmt: skip
+    w = torch.randn(4 * h, 2 * h)
+    assert torch.equal(extract(halves[0], w), w[:, :h])
+    assert torch.equal(extract(halves[1], w), w[:, h:])
+    assert halves[-1].shape == (5, h) and halves[-1].info["of"] == "linear"
