@@ -19,6 +19,7 @@ import numpy as np
 
 from specan import metrics, store
 from specan.errors import StoreError
+from specan.order import views_in_model_order
 from specan.pairs import WHOLE_RULES, Pair, pairs_for, per_head_vo, resolve
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,11 @@ def _open(run: Path | str) -> store.Store:
     return store.open_store(store.store_path(run))
 
 
+def _views(st: store.Store) -> dict[str, Any]:
+    """The store's views in model order (older stores list them in file order)."""
+    return views_in_model_order(st.views)
+
+
 def _steps(st: store.Store) -> np.ndarray:
     _, entries = st.done_rows()
     return np.array([-1 if e["step"] is None else e["step"] for e in entries], dtype=np.int64)
@@ -143,7 +149,7 @@ def rank(run: Path | str) -> RankResult:
     """Normalised effective rank (Eqn 1-2) of every view at every checkpoint (cached)."""
     st = _open(run)
     steps = _steps(st)
-    views = st.views
+    views = _views(st)
 
     def compute() -> tuple[dict, dict]:
         rows = []
@@ -152,7 +158,8 @@ def rank(run: Path | str) -> RankResult:
             rows.append(erank.mean(axis=1) if erank.ndim == 2 else erank)  # heads: mean
         return {"values": np.array(rows) if rows else np.zeros((0, len(steps)))}, {}
 
-    arrays, _ = _cached(st, "rank", store.fingerprint("rank", *_inputs(st)), compute)
+    key = store.fingerprint("rank", list(views), *_inputs(st))  # rows follow `views`' order
+    arrays, _ = _cached(st, "rank", key, compute)
     keys = list(views)
     return RankResult(
         steps,
@@ -188,7 +195,7 @@ def align(run: Path | str, *, vo_per_head: bool = False) -> Alignment:
     (cached). ``vo_per_head`` takes W_V -> W_O per attention head instead of whole."""
     st = _open(run)
     _need_vectors(st, "alignment")
-    views = st.views
+    views = _views(st)
     pairs, rule = pairs_for(_config(run), views)
     if vo_per_head:
         pairs = per_head_vo(pairs)
@@ -379,7 +386,7 @@ def _sva_views(st: store.Store) -> dict[str, Mapping[str, Any]]:
     """Whole-matrix views with stored vectors (per-head and split views would repeat the whole
     matrix's story); a store without vectors is an error, not an empty result."""
     _need_vectors(st, "SVA")
-    return {k: v for k, v in st.views.items() if v["rule"] in WHOLE_RULES and v.get("k")}
+    return {k: v for k, v in _views(st).items() if v["rule"] in WHOLE_RULES and v.get("k")}
 
 
 def _need_vectors(st: store.Store, what: str) -> None:

@@ -180,18 +180,18 @@ def ingest(
     )
     report = run_ingest(run, opts, for_console(err))
     for path, reason in report.bad:
-        err.print(f"[yellow]skipped[/] {path}: {reason}")
+        err.print(f"[yellow]skipped[/] {_e(path)}: {_e(reason)}")
     if report.computed:
         out.print(
-            f"{run}: {len(report.computed)} checkpoint(s) ingested "
+            f"{_e(run)}: {len(report.computed)} checkpoint(s) ingested "
             f"({len(report.changed)} changed), {report.unchanged} unchanged, "
             f"{report.views} views, {report.bytes_read / 2**20:.1f} MB in {report.seconds:.1f} s "
-            f"-> {report.store}"
+            f"-> {_e(report.store)}"
         )
     else:
         out.print(
-            f"{run}: up to date ({report.unchanged} checkpoints, {report.views} views) "
-            f"-> {report.store}"
+            f"{_e(run)}: up to date ({report.unchanged} checkpoints, {report.views} views) "
+            f"-> {_e(report.store)}"
         )
 
 
@@ -208,7 +208,9 @@ def info(run: RunArg, format: FormatOpt = Format.table) -> None:
         out.print_json(json.dumps(s))
         return
     ck = s["checkpoints"]
-    out.print(f"[bold]{s['path']}[/]  schema {s['schema_version']}, specan {s['specan_version']}")
+    out.print(
+        f"[bold]{_e(s['path'])}[/]  schema {s['schema_version']}, specan {s['specan_version']}"
+    )
     k = s["kernel"]
     out.print(
         f"checkpoints: {ck['done']} done"
@@ -223,7 +225,9 @@ def info(run: RunArg, format: FormatOpt = Format.table) -> None:
     for col in ("view", "rule", "matrix", "heads", "k", "MB"):
         table.add_column(col, justify="right" if col in ("heads", "k", "MB") else "left")
     for v in s["views"]:
-        name = v["param"] if v["key"] == v["param"] else f"{v['param']} [dim]({v['key']})[/]"
+        name = _e(v["param"])
+        if v["key"] != v["param"]:
+            name += f" [dim]({_e(v['key'])})[/]"
         table.add_row(
             name,
             v["rule"],
@@ -234,7 +238,7 @@ def info(run: RunArg, format: FormatOpt = Format.table) -> None:
         )
     out.print(table)
     for b in s["bad_files"]:
-        out.print(f"[yellow]bad file[/] {b['path']}: {b['reason']}")
+        out.print(f"[yellow]bad file[/] {_e(b['path'])}: {_e(b['reason'])}")
 
 
 # -- analyses ---------------------------------------------------------------------------------
@@ -288,6 +292,13 @@ def _emit_long(rows: list[dict], format: OutFormat, fields: list[str]) -> None:
         sys.stdout.write(buf.getvalue())
 
 
+def _e(x: object) -> str:
+    """Text from a run (names, paths, reasons) as literal text: `qkv[v]` is no markup tag."""
+    from rich.markup import escape
+
+    return escape(str(x))
+
+
 def _f(x: float) -> str:
     return "" if x != x else f"{x:.3f}"  # NaN -> empty
 
@@ -336,7 +347,7 @@ def rank(
         table.add_column(col, justify="left" if col in ("view", "rule") else "right")
     for i in rows:
         v = r.values[i, cols]
-        label = r.keys[i] if whole[i] else f"[dim]{r.keys[i]}[/]"
+        label = _e(r.keys[i]) if whole[i] else f"[dim]{_e(r.keys[i])}[/]"
         table.add_row(label, r.rules[i], _f(v[0]), _f(v[-1]), _f(v.min()), f"{v[-1] - v[0]:+.3f}")
     out.print(table)
     counted = [i for i in rows if whole[i]]
@@ -403,9 +414,9 @@ def align(
     keep = set(select(params, layers)) if a.results else set()
     results = [r for r in a.results if {r.pair.prev, r.pair.next} & keep]
     _, cols = _filters([], a.steps, None, steps)
-    err.print(f"pairs: {a.rule}")
+    err.print(f"pairs: {_e(a.rule)}")
     for pair, reason in a.skipped:
-        err.print(f"[yellow]skipped pair[/] {pair.label}: {reason}")
+        err.print(f"[yellow]skipped pair[/] {_e(pair.label)}: {_e(reason)}")
     if format is not OutFormat.table:
         fields = ["pair", "kind", "step", "score", "diag"]
         _emit_long(
@@ -420,7 +431,7 @@ def align(
         table.add_column(col, justify="left" if col in ("pair", "kind") else "right")
     for r in results:
         s = r.score[cols]
-        table.add_row(r.pair.label, r.pair.kind, _f(s[0]), _f(s[-1]), _f(s.max()))
+        table.add_row(_e(r.pair.label), r.pair.kind, _f(s[0]), _f(s[-1]), _f(s.max()))
     out.print(table)
 
 
@@ -469,9 +480,9 @@ def sva(
         raise typer.BadParameter("'--by' needs '--against'.")
     g = compute(run, against, by=by.value)
     rows, cols = _filters([r.param for r in g.results], g.steps, layers, steps)
-    err.print(f"reference: {g.reference}")
+    err.print(f"reference: {_e(g.reference)}")
     for why in g.dropped:
-        err.print(f"[yellow]left out[/] {why}")
+        err.print(f"[yellow]left out[/] {_e(why)}")
     if format is not OutFormat.table:
         fields = ["view", "param", "step", "score", "diag"]
         _emit_long(
@@ -487,7 +498,7 @@ def sva(
         table.add_column(col, justify="left" if col == "view" else "right")
     for i in rows:
         s = g.results[i].score[cols]
-        table.add_row(g.results[i].key, _f(s[0]), _f(s[len(s) // 2]), _f(s[-1]))
+        table.add_row(_e(g.results[i].key), _f(s[0]), _f(s[len(s) // 2]), _f(s[-1]))
     out.print(table)
 
 
@@ -633,14 +644,14 @@ def main() -> None:
     except SpecanError as e:
         if os.environ.get("SPECAN_DEBUG"):
             raise
-        err.print(f"[red]error:[/] {e}", soft_wrap=True)
+        err.print(f"[red]error:[/] {_e(e)}", soft_wrap=True)
         err.print("[dim](set SPECAN_DEBUG=1 for the traceback)[/]")
         sys.exit(e.exit_code)
     except OSError as e:
         if os.environ.get("SPECAN_DEBUG"):
             raise
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-        err.print(f"[red]error:[/] {where}{e.strerror or e}", soft_wrap=True)
+        err.print(f"[red]error:[/] {_e(where)}{_e(e.strerror or e)}", soft_wrap=True)
         sys.exit(5)
 
 

@@ -20,9 +20,10 @@ Only the standard library is used: the CLI orders listings on its fast path.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
-__all__ = ["model_index", "model_order"]
+__all__ = ["model_index", "model_order", "views_in_model_order"]
 
 _DIGITS = re.compile(r"(\d+)")
 _LSTM = re.compile(r"^(weight|bias)_(ih|hh|hr)_l(\d+)(_reverse)?$")
@@ -136,3 +137,15 @@ def model_index(names: Iterable[str]) -> dict[str, int]:
     (``sorted(views, key=lambda k: idx[views[k]["param"]])`` keeps a parameter's views
     together, in their given order)."""
     return {name: i for i, name in enumerate(model_order(names))}
+
+
+def views_in_model_order(views: Mapping[str, Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    """A store's views (key -> {"param": ...}) ordered by their parameters' model order.
+
+    Stores written before views were planned in model order list them in file order; every
+    listing goes through this, so old and new stores read alike. A parameter's own views
+    (whole, per head, halves) keep their stored order.
+    """
+    index = model_index(v["param"] for v in views.values())
+    keys = sorted(enumerate(views), key=lambda iv: (index[views[iv[1]]["param"]], iv[0]))
+    return {k: views[k] for _, k in keys}

@@ -20,6 +20,7 @@ import numpy as np
 
 from specan import analysis, store
 from specan.errors import StoreError
+from specan.order import views_in_model_order
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -288,7 +289,7 @@ class Analyses:
 def analyse(run: Path | str) -> Analyses:
     """Run rank, alignment and SVA on a run's store; a part that cannot be done becomes a note."""
     run = Path(run)
-    views = store.open_store(store.store_path(run)).views
+    views = views_in_model_order(store.open_store(store.store_path(run)).views)
     out = Analyses(run, run.resolve().name, views, analysis.rank(run), None, None)
     if not any(np.isfinite(v).any() for v in out.rank.metrics.values()):
         out.notes.append("no metrics.jsonl values at the checkpoints' steps: loss figure skipped")

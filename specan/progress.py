@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -52,7 +53,7 @@ class BarProgress:
             self._bar.update(self._task, advance=1, rate=f"{rate:.1f} MB/s")
 
     def warn(self, message: str) -> None:
-        self.console.print(f"[yellow]warning:[/] {message}", highlight=False)
+        self.console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
 
     def finish(self) -> None:
         if self._bar is not None:
@@ -74,6 +75,7 @@ class LineProgress:
         self.console.print(
             f"{self.label}: {checkpoints} checkpoints × {views} views, {nbytes / 2**20:.1f} MB",
             highlight=False,
+            markup=False,
         )
 
     def advance(self, checkpoint: str, views: int, nbytes: int) -> None:
@@ -84,10 +86,11 @@ class LineProgress:
             f"{self.label}: {self._n}/{self._total} {checkpoint} "
             f"({self._bytes / 2**20 / dt:.1f} MB/s, {dt:.1f} s)",
             highlight=False,
+            markup=False,
         )
 
     def warn(self, message: str) -> None:
-        self.console.print(f"warning: {message}", highlight=False)
+        self.console.print(f"warning: {message}", highlight=False, markup=False)
 
     def finish(self) -> None:
         pass

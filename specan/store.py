@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from specan import __version__
 from specan.errors import RunNotFoundError, StoreError, StoreExistsError, StoreLockedError
+from specan.order import views_in_model_order
 
 if TYPE_CHECKING:
     import numpy as np
@@ -455,7 +456,7 @@ def summary(path: Path | str) -> dict[str, Any]:
     views = [
         {"key": key, **{k: v.get(k) for k in ("param", "rule", "shape", "heads", "k")}}
         | {"bytes": _du(path / "views" / key)}
-        for key, v in attrs.get("views", {}).items()
+        for key, v in views_in_model_order(attrs.get("views", {})).items()
     ]
     return {
         "path": str(path),

@@ -237,3 +237,26 @@ def test_steps_selection_is_strict() -> None:
         analysis.select_steps(steps, "10,77")
     with pytest.raises(ValueError, match="select no checkpoint"):
         analysis.select_steps(steps, "500:")
+
+
+def test_listings_follow_model_order_in_an_older_file_ordered_store(tmp_path: Path) -> None:
+    root = tmp_path / "mlp12"
+    rng = np.random.default_rng(0)
+    w = {f"layers.{i}.weight": designed(rng, 6, 6, 0.5).astype(np.float32) for i in range(12)}
+    save_file(w, str(root.mkdir() or root / "step-1.safetensors"), {"step": "1"})
+    ingest(root)
+    # stores written before model order listed views in file (alphabetical) order
+    from specan import store
+
+    st = store.open_store(store.store_path(root), mode="r+")
+    st.group.update_attributes({"views": dict(sorted(st.views.items()))})
+    assert list(store.open_store(store.store_path(root)).views)[:3] == [
+        "layers.0.weight", "layers.1.weight", "layers.10.weight"
+    ]  # fmt: skip
+    natural = [f"layers.{i}.weight" for i in range(12)]
+    assert analysis.rank(root).keys == natural
+    assert [r.key for r in analysis.sva(root).results] == natural
+    assert [r.pair.label for r in analysis.align(root).results] == [
+        f"{a} -> {b}" for a, b in zip(natural, natural[1:], strict=False)
+    ]
+    assert [v["key"] for v in store.summary(store.store_path(root))["views"]] == natural

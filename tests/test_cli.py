@@ -185,10 +185,13 @@ def test_scripts_get_the_diagonals(ingested: Path) -> None:
 
 
 def test_align_layers_filters_pairs(ingested: Path) -> None:
-    res = runner.invoke(app, ["align", str(ingested), "--layers", "mlp.*", "--format", "json"])
+    every = runner.invoke(app, ["align", str(ingested), "--format", "json"])
+    pat = "lstm.weight_ih_l1"
+    res = runner.invoke(app, ["align", str(ingested), "--layers", pat, "--format", "json"])
     assert res.exit_code == 0, res.output
     pairs = {r["pair"] for r in json.loads(res.stdout)}
-    assert pairs and all("mlp." in p for p in pairs)
+    assert pairs == {r["pair"] for r in json.loads(every.stdout) if pat + " " in r["pair"] + " "}
+    assert len(pairs) == 4  # ih_l0 -> ih_l1, hh_l0 -> ih_l1, ih_l1 -> hh_l1, ih_l1 -> head
 
 
 @pytest.mark.parametrize("command", ["rank", "align", "sva"])
@@ -237,3 +240,8 @@ def test_plot_says_what_it_left_out(ingested: Path, tmp_path: Path) -> None:
     res = specan("plot", str(ingested), "--out", str(tmp_path / "f"), "--max-figures", "1")
     assert res.returncode == 0, res.stderr
     assert "drew 1 of" in res.stderr and "--max-figures 0" in res.stderr
+
+
+def test_names_with_brackets_are_not_markup(tmp_path: Path) -> None:
+    res = specan("rank", str(tmp_path / "runs[v]" / "x"))
+    assert res.returncode == 2 and "runs[v]" in res.stderr, res.stderr
