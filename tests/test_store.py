@@ -123,5 +123,5 @@ def test_summary_lists_views_and_sizes(tmp_path: Path) -> None:
     fill(st, [("a", 3), ("b", 7)])
     s = store.summary(tmp_path / "s.zarr")
     assert s["checkpoints"]["first_step"] == 3 and s["checkpoints"]["last_step"] == 7
-    assert [v["key"] for v in s["views"]] == ["fc.weight", "attn__q"]
+    assert [v["key"] for v in s["views"]] == ["attn__q", "fc.weight"]  # model order: fc is output
     assert all(v["bytes"] > 0 for v in s["views"]) and s["bytes"] > 0
