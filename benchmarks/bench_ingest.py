@@ -22,26 +22,14 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
-    import torch
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
-    return 2 * n**3 / best / 1e9
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
+from specan.bench import matmul_peak
 
 
 def svd_flops(m: int, n: int) -> float:
-    """Nominal thin-SVD flops with vectors (Golub & Van Loan's R-SVD count), tall side first."""
-    m, n = max(m, n), min(m, n)
-    return 4 * m * n * n + 8 * n**3
+    """Nominal thin-SVD flops with vectors: the count `specan bench` uses too."""
+    from specan_kernels import flops
+
+    return flops(m, n, True)
 
 
 def notebook_loop(run: Path, out: Path, top_k: int) -> tuple[float, float]:
@@ -103,7 +91,7 @@ def main() -> None:
             .load_file(str(next((run / "checkpoints").glob("*.safetensors"))))
             .values()
         )
-        peak = matmul_peak_gflops()
+        peak = matmul_peak("cpu", 2048)  # the same measurement as specan bench
         header = {
             "machine": platform.processor() or platform.machine(),
             "cores": os.cpu_count(),

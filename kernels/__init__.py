@@ -2,13 +2,37 @@
 
 from __future__ import annotations
 
-from .api import BACKENDS, SVDResult, available_backends, flops, resolve_backend, svd
+from .api import (
+    BACKENDS,
+    ROUTES,
+    SIGMA_MODES,
+    SVDResult,
+    available_backends,
+    choose_route,
+    flops,
+    known_backends,
+    resolve_backend,
+    svd,
+    thread_budget,
+)
+from .bound import erank_upper_bound
+from .randomized import randomized_svd
+from .registry import Backend, register
 
 __all__ = [
     "BACKENDS",
+    "ROUTES",
+    "SIGMA_MODES",
+    "Backend",
     "SVDResult",
     "available_backends",
+    "choose_route",
+    "erank_upper_bound",
     "flops",
+    "known_backends",
+    "randomized_svd",
+    "register",
     "resolve_backend",
     "svd",
+    "thread_budget",
 ]

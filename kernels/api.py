@@ -7,15 +7,24 @@ from dataclasses import dataclass
 
 import torch
 
-from .torch_svd import METHODS, svd_tall
+from . import registry
+from .registry import FULL_ROUTES, TOPK_ROUTES
 
 logger = logging.getLogger(__name__)
 
-# Every name `svd` knows; `available_backends()` says which of them run on this machine.
-# "cupy" and "randomized" are planned (DESIGN.md, Kernels) and refused with ValueError for now.
-BACKENDS: tuple[str, ...] = ("auto", "torch-cpu", "torch-cuda", "cupy", "randomized")
+ROUTES: tuple[str, ...] = ("auto", *FULL_ROUTES, *TOPK_ROUTES)
+SIGMA_MODES = ("all", "top-k")
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def known_backends() -> tuple[str, ...]:
+    """Every backend name ``svd`` knows, ``"auto"`` first (available here or not)."""
+    return ("auto", *(b.name for b in registry.registered()))
+
+
+# Kept for callers of the first API: the names known at import time.
+BACKENDS: tuple[str, ...] = known_backends()
 
 
 @dataclass
@@ -25,22 +34,37 @@ class SVDResult:
     Attributes
     ----------
     sigma
-        ``[B, R]`` float32, descending, ``R = min(m, n)``.
+        ``[B, R]`` float32, descending, ``R = min(m, n)``; ``[B, k]`` when only the top k were
+        computed (``sigma="top-k"`` and the randomized route ran).
     U
         ``[B, m, k]`` float32 left singular vectors of the matrices as given, or None.
     V
         ``[B, n, k]`` float32 right singular vectors, or None.
+    tail
+        ``[B]`` float64 ``‖A‖²_F − Σ_{i≤k} σ_i²``: the energy beyond the top k (0 when k = R),
+        exact from the data's Frobenius norm whatever the route.
     backend
         Name of the backend that ran, e.g. ``"torch-cpu"``.
-    method
-        Route inside the backend: ``"gram"`` (float64 Gram + eigh) or ``"gesdd"``.
+    routes
+        The route that produced each matrix (``"gesdd"``, ``"gram32"``, ``"gram64"``,
+        ``"gram32-evr"``, ``"gram64-evr"``, ``"randomized"``); a route's fallback for a matrix
+        it cannot do accurately names the route that redid it.
+    k
+        Number of vectors (and the k of ``tail``).
     """
 
     sigma: torch.Tensor
     U: torch.Tensor | None
     V: torch.Tensor | None
+    tail: torch.Tensor
     backend: str
-    method: str = "gesdd"
+    routes: tuple[str, ...]
+    k: int
+
+    @property
+    def route(self) -> str:
+        """The distinct routes that ran, in order of first use, joined by ``+``."""
+        return "+".join(dict.fromkeys(self.routes))
 
 
 def available_backends() -> list[str]:
@@ -50,16 +74,15 @@ def available_backends() -> list[str]:
     -------
     list of str
     """
-    names = ["auto", "torch-cpu"]
-    if torch.cuda.is_available():
-        names.append("torch-cuda")
-    return names
+    return ["auto", *(b.name for b in registry.registered() if b.available())]
 
 
 def resolve_backend(backend: str = "auto", *, on_cuda: bool = False) -> str:
     """The backend that `svd` runs for ``backend`` on data that is (or is not) on a GPU.
 
     Callers record this name next to their results, so "auto" never hides which kernel ran.
+    ``auto`` follows the data: the first available backend (in registration order) for the
+    data's device type, so it never adds a host<->device copy the caller did not ask for.
 
     Raises
     ------
@@ -68,17 +91,60 @@ def resolve_backend(backend: str = "auto", *, on_cuda: bool = False) -> str:
     """
     available = available_backends()
     if backend not in available:
-        known = "" if backend in BACKENDS else " (unknown name)"
+        if backend in ROUTES:
+            hint = f" ({backend!r} is a route: pass route={backend!r})"
+        elif backend in known_backends():
+            hint = ""
+        else:
+            hint = " (unknown name)"
         raise ValueError(
-            f"SVD backend {backend!r} is not available{known}; "
+            f"SVD backend {backend!r} is not available{hint}; "
             f"available here: {', '.join(available)}"
         )
     if backend != "auto":
         return backend
-    # Follow the data: a CUDA tensor stays on its device and a CPU one stays on the CPU, so
-    # `auto` never adds a host<->device copy the caller did not ask for. Whether moving CPU
-    # batches to a GPU pays off per shape is still to be measured on a GPU machine.
-    return "torch-cuda" if on_cuda else "torch-cpu"
+    want = "cuda" if on_cuda else "cpu"
+    for b in registry.registered():
+        if b.device_type == want and b.available():
+            return b.name
+    raise ValueError(f"no SVD backend available for {want} data")  # pragma: no cover
+
+
+def choose_route(
+    backend: str, shape: tuple[int, int, int], *, k: int | None = None, vectors: bool = True,
+    sigma: str = "all",
+) -> str:  # fmt: skip
+    """The route ``svd(..., route="auto")`` runs for a stack of ``shape = (B, m, n)``.
+
+    The pipeline can record it per view before computing; the result's ``routes`` also say
+    which route each matrix actually took (fallbacks included).
+    """
+    b, m, n = shape
+    r = min(m, n)
+    kk = r if k is None else max(0, min(int(k), r))
+    be = registry.get(resolve_backend(backend))
+    return be.choose_route(b, max(m, n), r, k=kk, vectors=vectors, sigma=sigma)
+
+
+class thread_budget:
+    """Run torch (and the BLAS under it) with ``n`` intra-op threads inside the block.
+
+    torch's thread count is process-wide: the kernel never changes it unless asked, and a
+    caller that runs kernels from several threads at once must not give them different budgets
+    (the last one set wins for all). ``None`` leaves the current setting.
+    """
+
+    def __init__(self, n: int | None) -> None:
+        self.n = n
+
+    def __enter__(self) -> None:
+        self.old = torch.get_num_threads()
+        if self.n is not None and self.n != self.old:
+            torch.set_num_threads(max(1, int(self.n)))
+
+    def __exit__(self, *exc: object) -> None:
+        if torch.get_num_threads() != self.old:
+            torch.set_num_threads(self.old)
 
 
 def svd(
@@ -87,7 +153,9 @@ def svd(
     k: int | None = None,
     vectors: bool = True,
     backend: str = "auto",
-    method: str = "auto",
+    route: str = "auto",
+    sigma: str = "all",
+    threads: int | None = None,
 ) -> SVDResult:
     """Thin SVD of every matrix in a stack.
 
@@ -97,26 +165,32 @@ def svd(
         ``[B, m, n]`` or a single ``[m, n]`` (treated as B=1), any float dtype; computed in
         float32 (float16/bfloat16 are upcast, float64 is rounded to float32 first).
     k
-        Number of singular vectors to keep; None means all ``R = min(m, n)``, larger is clamped.
+        Number of singular vectors to keep, and the k of ``tail``; None means all
+        ``R = min(m, n)``, larger is clamped.
     vectors
         False returns only σ (``U`` and ``V`` are None), which is much cheaper.
     backend
-        One of :data:`BACKENDS`; ``"auto"`` runs where the batch lives.
-    method
-        ``"auto"`` / ``"gesdd"``: plain ``torch.linalg.svd`` / ``svdvals``. ``"gram"``: float64
-        Gram + ``eigh``, 1.2-1.8x faster on tall shapes on a quiet CPU and more accurate in σ,
-        falling back per matrix to gesdd when small σ would spoil its vectors; opt-in because
-        it stalled badly under CPU contention (see ``specan_kernels.torch_svd``).
+        A name from :func:`available_backends`; ``"auto"`` runs where the batch lives.
+    route
+        ``"auto"`` lets the backend pick per shape, k and vectors (see
+        ``specan_kernels.registry``); or one of :data:`ROUTES` to force it.
+    sigma
+        ``"all"``: every σ (the randomized route is refused). ``"top-k"``: only the top k are
+        needed, so ``auto`` may pick the randomized route for very large matrices (then
+        ``sigma`` has k columns; ``tail`` is exact either way).
+    threads
+        torch intra-op threads for this call (process-wide, restored after; see
+        :class:`thread_budget`). None leaves torch's setting as the caller made it.
 
     Returns
     -------
     SVDResult
-        float32 results on the device of ``batch``.
+        float32 results on the device of ``batch`` (``tail`` float64).
 
     Raises
     ------
     ValueError
-        Unavailable backend or method, non-float or non-finite input, wrong number of dims.
+        Unavailable backend or route, non-float or non-finite input, wrong number of dims.
     """
     if batch.ndim == 2:
         batch = batch.unsqueeze(0)
@@ -124,32 +198,49 @@ def svd(
         raise ValueError(f"expected a [B, m, n] or [m, n] tensor, got shape {tuple(batch.shape)}")
     if batch.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"expected a floating-point tensor, got {batch.dtype}")
-    if method not in METHODS:
-        raise ValueError(f"unknown SVD method {method!r}; choose one of {', '.join(METHODS)}")
+    if sigma not in SIGMA_MODES:
+        raise ValueError(f"sigma must be one of {', '.join(SIGMA_MODES)}, not {sigma!r}")
     chosen = resolve_backend(backend, on_cuda=batch.is_cuda)
-    device = torch.device("cuda") if chosen == "torch-cuda" else torch.device("cpu")
+    be = registry.get(chosen)
+    if route != "auto" and route not in be.routes:
+        raise ValueError(
+            f"unknown SVD route {route!r} for {chosen}; choose one of auto, {', '.join(be.routes)}"
+        )
+    if route in TOPK_ROUTES and sigma != "top-k":
+        raise ValueError(f"route {route!r} computes only the top k σ: pass sigma='top-k'")
     out_device = batch.device
 
-    a = batch.to(device=device, dtype=torch.float32)
-    if not bool(torch.isfinite(a).all()):
-        # LAPACK either fails to converge or returns garbage on NaN/Inf; say so plainly instead.
-        raise ValueError("SVD input contains NaN or Inf")
-
-    _, m, n = a.shape
-    r = min(m, n)
-    kk = r if k is None else max(0, min(int(k), r))
-    # Always decompose the tall orientation: torch's CPU SVD was ~2x slower (svdvals ~3x) on
-    # (512, 2048) than on its transpose here, and the Gram route needs the small side last.
-    wide = m < n
-    tall = a.mT if wide else a
-    sigma, u, v, ran = svd_tall(tall, kk, vectors, method)
-    if wide:
-        u, v = v, u
+    with thread_budget(threads):
+        a = batch.to(device=be.device, dtype=torch.float32)
+        if not bool(torch.isfinite(a).all()):
+            # LAPACK either fails to converge or returns garbage on NaN/Inf; say so plainly.
+            raise ValueError("SVD input contains NaN or Inf")
+        b, m, n = a.shape
+        r = min(m, n)
+        kk = r if k is None else max(0, min(int(k), r))
+        # Always decompose the tall orientation: torch's CPU SVD was ~2x slower (svdvals ~3x) on
+        # (512, 2048) than on its transpose here, and the Gram routes need the small side last.
+        wide = m < n
+        tall = a.mT if wide else a
+        if route == "auto":
+            route = be.choose_route(b, max(m, n), r, k=kk, vectors=vectors, sigma=sigma)
+        if route in TOPK_ROUTES and kk == 0:
+            route = "gesdd"  # nothing to sketch; σ of all is what k = 0 asks for anyway
+        dec = be.decompose(tall, k=kk, vectors=vectors, route=route)
+    u, v = (dec.V, dec.U) if wide else (dec.U, dec.V)
 
     def _out(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.to(out_device)
 
-    return SVDResult(sigma=_out(sigma), U=_out(u), V=_out(v), backend=chosen, method=ran)
+    return SVDResult(
+        sigma=_out(dec.sigma),
+        U=_out(u),
+        V=_out(v),
+        tail=_out(dec.tail),
+        backend=chosen,
+        routes=tuple(dec.routes),
+        k=kk,
+    )
 
 
 def flops(m: int, n: int, vectors: bool) -> float:

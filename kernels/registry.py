@@ -1,0 +1,128 @@
+"""The backend registry: each backend says whether it can run here and decomposes a tall stack.
+
+A backend is a device + library (``torch-cpu``, ``torch-cuda``; CuPy later); a *route* is an
+algorithm inside it (``gesdd``, ``gram32``, ``randomized``, ...). ``specan_kernels.svd`` looks the
+backend up here, asks it for a route when the caller said ``"auto"`` and hands it the stack, so a
+new backend is one :func:`register` call and nothing in the pipeline changes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from .randomized import randomized_svd
+from .routes import DENSE_ROUTES, Decomposition, run_dense
+
+# Routes that return every σ; "randomized" returns only the top k.
+FULL_ROUTES = DENSE_ROUTES
+TOPK_ROUTES = ("randomized",)
+
+
+class Backend(ABC):
+    """One way to run the SVD routes.
+
+    Attributes
+    ----------
+    name
+        Registry key, recorded in the store next to the results.
+    device_type
+        Where its inputs and outputs live (``"cpu"``, ``"cuda"``); ``auto`` picks the first
+        available backend of the data's device type.
+    routes
+        Route names :meth:`decompose` accepts.
+    """
+
+    name: str
+    device_type: str
+    routes: tuple[str, ...]
+
+    @abstractmethod
+    def available(self) -> bool:
+        """Whether this backend can run on this machine now."""
+
+    @abstractmethod
+    def choose_route(self, b: int, m: int, n: int, *, k: int, vectors: bool, sigma: str) -> str:
+        """The route ``auto`` runs for ``b`` tall ``m × n`` matrices (``m >= n``)."""
+
+    @abstractmethod
+    def decompose(self, tall: torch.Tensor, *, k: int, vectors: bool, route: str) -> Decomposition:
+        """Decompose a tall float32 stack already on :attr:`device`."""
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.device_type)
+
+
+# Per-shape choice for torch on a CPU, from `specan bench` on a 2-core x86-64 (AVX-512, MKL)
+# under load (see the README's Speed section and specan/bench.py):
+#   * tall (m >= 2n): float32 Gram + eigh (gram32), 2-4x gesdd, with its own conditioning check
+#     sending ill-conditioned (trained) matrices to gram64;
+#   * near-square: gram64 (float32 Gram is inaccurate there: random-init σ_min/σ₁ ~ 1/n), whose
+#     float64 eigvalsh is 2x+ faster than svdvals; with vectors gesdd and gram64 are even, and
+#     the top-k eigensolver (syevr) wins once n >= 1024 with k <= n/8;
+#   * σ top-k only of a very large matrix (n >= RANDOMIZED_MIN_N, k <= n/8): randomized.
+RANDOMIZED_MIN_N = 4096
+EVR_MIN_N = 1024
+TALL_RATIO = 2
+
+
+class TorchBackend(Backend):
+    """``torch.linalg`` on one device type; every route of :mod:`specan_kernels.routes`."""
+
+    def __init__(self, device_type: str) -> None:
+        self.device_type = device_type
+        self.name = f"torch-{device_type}"
+        evr = ("gram32-evr", "gram64-evr") if device_type == "cpu" else ()
+        self.routes = tuple(r for r in DENSE_ROUTES if not r.endswith("-evr")) + evr + TOPK_ROUTES
+
+    def available(self) -> bool:
+        return self.device_type == "cpu" or torch.cuda.is_available()
+
+    def choose_route(self, b: int, m: int, n: int, *, k: int, vectors: bool, sigma: str) -> str:
+        if sigma == "top-k" and n >= RANDOMIZED_MIN_N and k <= n // 8:
+            return "randomized"
+        if self.device_type == "cuda":
+            # Unmeasured on a GPU yet: cuSOLVER's batched gesvdj only for tiny matrices, a loop
+            # above (DESIGN.md); a batched Gram + eigh is the likely winner once measured.
+            return "gesdd"
+        tall = m >= TALL_RATIO * n
+        base = "gram32" if tall else "gram64"
+        if not vectors:
+            return base
+        if n >= EVR_MIN_N and k <= n // 8:
+            return base + "-evr"
+        return base if tall else "gesdd"
+
+    def decompose(self, tall: torch.Tensor, *, k: int, vectors: bool, route: str) -> Decomposition:
+        if route == "randomized":
+            dec, _ = randomized_svd(tall, k, vectors)
+            return dec
+        if route.endswith("-evr") and self.device_type != "cpu":
+            raise ValueError(f"route {route!r} runs on the CPU only")
+        return run_dense(tall, route, k, vectors)
+
+
+_REGISTRY: dict[str, Backend] = {}
+
+
+def register(backend: Backend, *, replace: bool = False) -> None:
+    """Add a backend; ``auto`` prefers backends registered earlier for the same device type."""
+    if backend.name in _REGISTRY and not replace:
+        raise ValueError(f"backend {backend.name!r} is already registered")
+    _REGISTRY[backend.name] = backend
+
+
+def get(name: str) -> Backend:
+    """The registered backend called ``name`` (KeyError if none)."""
+    return _REGISTRY[name]
+
+
+def registered() -> list[Backend]:
+    """Every registered backend, in registration order."""
+    return list(_REGISTRY.values())
+
+
+register(TorchBackend("cpu"))
+register(TorchBackend("cuda"))
