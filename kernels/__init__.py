@@ -15,7 +15,6 @@ from .api import (
     svd,
     thread_budget,
 )
-from .bound import erank_upper_bound
 from .randomized import randomized_svd
 from .registry import Backend, register
 
@@ -27,7 +26,6 @@ __all__ = [
     "SVDResult",
     "available_backends",
     "choose_route",
-    "erank_upper_bound",
     "flops",
     "known_backends",
     "randomized_svd",

@@ -257,58 +257,6 @@ def test_randomized_needs_topk_sigma() -> None:
         sk.svd(torch.randn(30, 20), k=3, route="randomized")
 
 
-# -- the effective-rank bound -------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["random", "decaying", "clustered", "spiked"])
-@pytest.mark.parametrize("k", [1, 8, 32, 128])
-def test_erank_bound_holds(kind, k) -> None:
-    for seed in range(3):
-        w = _matrix(kind, 512, 256, seed)
-        _, s, _ = _reference(w)
-        exact = _erank(s)
-        bound = float(sk.erank_upper_bound(torch.from_numpy(s[:k]), float(np.sum(s[k:] ** 2)), 256))
-        assert exact <= bound + 1e-12
-        assert bound <= 1.0 + 1e-12
-
-
-def test_erank_bound_tightness() -> None:
-    """The slack the table in specan_kernels.bound states (bound / exact − 1)."""
-    expected = {  # (kind, R, k): slack measured there
-        ("random", 256, 32): 0.024, ("random", 256, 128): 0.0065, ("spiked", 256, 32): 0.042,
-        ("decaying", 256, 32): 1.11, ("decaying", 256, 128): 0.032,
-        ("decaying", 768, 128): 0.79,
-    }  # fmt: skip
-    for (kind, r, k), slack in expected.items():
-        _, s, _ = _reference(_matrix(kind, 4 * r, r, 0))
-        bound = float(sk.erank_upper_bound(torch.from_numpy(s[:k]), float(np.sum(s[k:] ** 2)), r))
-        assert bound / _erank(s) - 1 == pytest.approx(slack, abs=0.01), (kind, r, k)
-
-
-def test_erank_bound_is_sharp() -> None:
-    """The flat tail the bound assumes is a feasible spectrum: there the bound is exact."""
-    _, s, _ = _reference(_matrix("decaying", 400, 100, 1))
-    k = 10
-    flat = np.r_[s[:k], np.full(100 - k, np.sqrt(np.sum(s[k:] ** 2) / (100 - k)))]
-    assert flat[k] <= s[k - 1]
-    bound = float(sk.erank_upper_bound(torch.from_numpy(s[:k]), float(np.sum(s[k:] ** 2)), 100))
-    assert bound == pytest.approx(_erank(flat), abs=1e-12)
-
-
-def test_erank_bound_exact_cases() -> None:
-    s = np.array([4.0, 2.0, 1.0, 0.5])
-    full = float(sk.erank_upper_bound(torch.from_numpy(s), 0.0, 4))
-    assert full == pytest.approx(_erank(s), abs=1e-12)
-    flat_tail = np.array([4.0, 2.0, 1.0, 1.0, 1.0, 1.0])
-    got = float(sk.erank_upper_bound(torch.from_numpy(flat_tail[:2]), 4.0, 6))
-    assert got == pytest.approx(_erank(flat_tail), abs=1e-12)
-    assert float(sk.erank_upper_bound(torch.zeros(3), 0.0, 5)) == 0.0
-    batch = sk.erank_upper_bound(
-        torch.tensor([[3.0, 1.0], [1.0, 1.0]]), torch.tensor([1.0, 0.0]), 3
-    )
-    assert batch.shape == (2,)
-    with pytest.raises(ValueError):
-        sk.erank_upper_bound(torch.ones(4), 0.0, 3)
-
-
 # -- registry, options, errors ------------------------------------------------------------------
 def test_registered_backend_is_used(monkeypatch) -> None:
     class Fake(registry.TorchBackend):

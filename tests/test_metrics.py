@@ -241,3 +241,60 @@ def test_vo_per_head_slices_the_output_projection_by_head() -> None:
         Pair("a", "b", "vo_heads"),
         Pair("b", "c"),
     ]
+
+
+# -- the effective-rank bound of a top-k store (SPEC §2) ------------------------------------------
+def bound_spectrum(kind: str, r: int, seed: int) -> np.ndarray:
+    """σ of a random-init (Gaussian, m = 4r) matrix, or a hand-built trained-like spectrum."""
+    rng = np.random.default_rng(seed)
+    if kind == "random":
+        return np.linalg.svd(rng.standard_normal((4 * r, r)), compute_uv=False)
+    if kind == "spiked":
+        s = np.linspace(1.0, 0.3, r)
+        s[:3] = [6.0, 4.0, 3.0]
+        return np.sort(s)[::-1]
+    if kind == "decaying":
+        return np.sort(np.logspace(0, -4, r) * (1 + 0.01 * rng.random(r)))[::-1] * 3.0
+    levels = np.logspace(0, -4, (r + 3) // 4)  # clustered: groups of 4 near-equal values
+    return np.sort(np.repeat(levels, 4)[:r] * (1 + 1e-7 * np.tile(np.arange(4), r)[:r]))[::-1]
+
+
+def exact_erank(s: np.ndarray) -> float:
+    p = s / s.sum()
+    p = p[p > 0]
+    return float(np.exp(-(p * np.log(p)).sum()) / len(s))
+
+
+def bound_of(s: np.ndarray, k: int) -> float:
+    return float(metrics.normalized_effective_rank_bound(s[:k], np.sum(s[k:] ** 2), len(s)))
+
+
+@pytest.mark.parametrize("kind", ["random", "decaying", "clustered", "spiked"])
+@pytest.mark.parametrize("k", [1, 8, 32, 128])
+def test_erank_bound_holds(kind: str, k: int) -> None:
+    for seed in range(3):
+        s = bound_spectrum(kind, 256, seed)
+        assert exact_erank(s) <= bound_of(s, k) + 1e-12 and bound_of(s, k) <= 1.0 + 1e-12
+
+
+def test_erank_bound_tightness_as_documented() -> None:
+    slack = {("random", 256, 32): 0.024, ("random", 256, 128): 0.0065,
+             ("spiked", 256, 32): 0.042, ("decaying", 256, 32): 1.11,
+             ("decaying", 256, 128): 0.032, ("decaying", 768, 128): 0.79}  # fmt: skip
+    for (kind, r, k), expected in slack.items():
+        s = bound_spectrum(kind, r, 0)
+        assert bound_of(s, k) / exact_erank(s) - 1 == pytest.approx(expected, abs=0.01)
+
+
+def test_erank_bound_is_sharp_and_exact_where_it_must_be() -> None:
+    s = bound_spectrum("decaying", 100, 1)
+    flat = np.r_[s[:10], np.full(90, np.sqrt(np.sum(s[10:] ** 2) / 90))]  # a feasible spectrum
+    assert bound_of(s, 10) == pytest.approx(exact_erank(flat), abs=1e-12)
+    full = np.array([4.0, 2.0, 1.0, 0.5])
+    assert bound_of(full, 4) == pytest.approx(exact_erank(full), abs=1e-12)  # k = R
+    assert float(metrics.normalized_effective_rank_bound(np.zeros(3), 0.0, 5)) == 0.0
+    batch = metrics.normalized_effective_rank_bound(np.array([[3.0, 1.0], [1.0, 1.0]]),
+                                                   np.array([1.0, 0.0]), 3)  # fmt: skip
+    assert batch.shape == (2,)
+    with pytest.raises(ValueError):
+        metrics.normalized_effective_rank_bound(np.ones(4), 0.0, 3)
