@@ -37,6 +37,7 @@ class RankResult:
     rules: list[str]
     values: np.ndarray  # [V, T]; per-head views: mean over heads
     metrics: dict[str, np.ndarray] = field(default_factory=dict)  # name -> [T], NaN if missing
+    bound: list[bool] = field(default_factory=list)  # [V] an upper bound (top-k σ), not exact
 
     @property
     def whole(self) -> np.ndarray:
@@ -153,8 +154,13 @@ def rank(run: Path | str) -> RankResult:
 
     def compute() -> tuple[dict, dict]:
         rows = []
-        for key in views:
-            erank = metrics.normalized_effective_rank(st.read_sigma(key))
+        for key, v in views.items():
+            if v.get("sigma_top"):  # only the top k σ: the bound their tail energy allows
+                erank = metrics.normalized_effective_rank_bound(
+                    st.read_sigma(key), st.read_tail(key), min(v["shape"])
+                )
+            else:
+                erank = metrics.normalized_effective_rank(st.read_sigma(key))
             rows.append(erank.mean(axis=1) if erank.ndim == 2 else erank)  # heads: mean
         return {"values": np.array(rows) if rows else np.zeros((0, len(steps)))}, {}
 
@@ -168,6 +174,7 @@ def rank(run: Path | str) -> RankResult:
         [views[k]["rule"] for k in keys],
         arrays["values"],
         run_metrics(run, steps),
+        [bool(views[k].get("sigma_top")) for k in keys],
     )
 
 

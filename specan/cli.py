@@ -49,6 +49,11 @@ class Family(str, Enum):
     gpt2 = "gpt2"
 
 
+class SigmaMode(str, Enum):
+    all = "all"
+    top_k = "top-k"
+
+
 class Format(str, Enum):
     table = "table"
     json = "json"
@@ -102,6 +107,15 @@ def ingest(
     no_vectors: Annotated[
         bool, typer.Option("--no-vectors", help="Keep singular values only (no U, V).")
     ] = False,
+    sigma: Annotated[
+        SigmaMode | None,
+        typer.Option(
+            "--sigma",
+            help="`all` singular values (default), or `top-k`: for matrices large enough that a "
+            "randomized top-k decomposition is cheaper, keep only the top k σ (and vectors); "
+            "their effective rank is then reported as an upper bound, and said to be one.",
+        ),
+    ] = None,
     family: Annotated[
         Family | None,
         typer.Option(
@@ -157,6 +171,10 @@ def ingest(
 
     if no_vectors and top_k:
         raise typer.BadParameter("'--no-vectors' cannot be used with '--top-k'.")
+    if no_vectors and sigma is SigmaMode.top_k:
+        raise typer.BadParameter(
+            "'--sigma top-k' keeps the top-k vectors: not with '--no-vectors'."
+        )
     if vector_dtype not in (None, "float32", "float16"):
         raise typer.BadParameter(f"'--vector-dtype' must be float32 or float16, not {vector_dtype}")
     rules = {}
@@ -168,6 +186,7 @@ def ingest(
     opts = IngestOptions(
         top_k=0 if no_vectors else top_k,
         vectors=False if no_vectors else None,
+        sigma=sigma.value if sigma else None,
         family=family.value if family else None,
         layers=layers,
         heads=heads,
@@ -332,10 +351,10 @@ def rank(
     rows, cols = _filters(r.params, r.steps, layers, steps)
     whole = r.whole
     if format is not OutFormat.table:
-        fields = ["view", "param", "rule", "in_mean", "step", "erank_norm"]
+        fields = ["view", "param", "rule", "in_mean", "step", "erank_norm", "is_bound"]
         _emit_long(
             [dict(zip(fields, (r.keys[i], r.params[i], r.rules[i], bool(whole[i]),
-                               int(r.steps[t]), float(r.values[i, t])), strict=True))
+                               int(r.steps[t]), float(r.values[i, t]), r.bound[i]), strict=True))
              for i in rows for t in cols],
             format, fields,
         )  # fmt: skip
@@ -347,7 +366,8 @@ def rank(
         table.add_column(col, justify="left" if col in ("view", "rule") else "right")
     for i in rows:
         v = r.values[i, cols]
-        label = _e(r.keys[i]) if whole[i] else f"[dim]{_e(r.keys[i])}[/]"
+        label = _e(r.keys[i]) + (" ≤" if r.bound[i] else "")
+        label = label if whole[i] else f"[dim]{label}[/]"
         table.add_row(label, r.rules[i], _f(v[0]), _f(v[-1]), _f(v.min()), f"{v[-1] - v[0]:+.3f}")
     out.print(table)
     counted = [i for i in rows if whole[i]]
@@ -362,6 +382,11 @@ def rank(
     for t in shown:
         per.add_row(str(r.steps[t]), _f(mean[t]), *(_f(r.metrics[n][t]) for n in names))
     out.print(per)
+    if any(r.bound[i] for i in rows):
+        out.print(
+            "≤: only the top-k σ are stored for this view (--sigma top-k): its value is an upper "
+            "bound from their tail energy (SPEC §2), and so is any mean it enters"
+        )
     if len(rows) > len(counted):
         out.print(
             f"[dim]dimmed: {len(rows) - len(counted)} extra views (per head, W_V, halves), "

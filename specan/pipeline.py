@@ -36,6 +36,12 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TOP_K = 128
 BATCH_BYTES = 256 * 2**20  # bound on one task's stacked float32 input
+# A matrix this large, or with a side this long, is decomposed with every core, one at a time:
+# with one thread per task a lone 50304 x 768 embedding left the other core idle, and two
+# multi-threaded tasks at once ran 2-4x slower than one (oversubscription).
+BIG_ELEMENTS = 2**24
+BIG_SIDE = 2048
+SIGMA_MODES = ("all", "top-k")
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,8 @@ class IngestOptions:
 
     top_k: int | None = None  # vectors kept per view; 0 = all
     vectors: bool | None = None
+    sigma: str | None = None  # "all" singular values, or "top-k": only the top k where that is
+    # cheaper (randomized), with effective rank then reported as a bound
     family: str | None = None
     layers: str | None = None
     heads: int | None = None
@@ -95,6 +103,7 @@ def _settings(opts: IngestOptions, attrs: Mapping[str, Any] | None, path: Path) 
     defaults = {
         "top_k": DEFAULT_TOP_K,
         "vectors": True,
+        "sigma": "all",
         "vector_dtype": "float32",
         "family": "auto",
         "layers": None,
@@ -104,6 +113,7 @@ def _settings(opts: IngestOptions, attrs: Mapping[str, Any] | None, path: Path) 
     given = {
         "top_k": opts.top_k,
         "vectors": opts.vectors,
+        "sigma": opts.sigma,
         "vector_dtype": opts.vector_dtype,
         "family": opts.family,
         "layers": opts.layers,
@@ -125,7 +135,7 @@ def _settings(opts: IngestOptions, attrs: Mapping[str, Any] | None, path: Path) 
 
 
 def _kernel_settings(kernel: Mapping[str, Any]) -> dict[str, Any]:
-    keys = ("top_k", "vectors", "vector_dtype")
+    keys = ("top_k", "vectors", "vector_dtype", "sigma")
     return {k: kernel[k] for k in keys if k in kernel}
 
 
@@ -204,10 +214,22 @@ class _Failed:
     error: BadCheckpointError
 
 
+def _is_big(view: Mapping[str, Any]) -> bool:
+    m, n = view["shape"]
+    return m * n >= BIG_ELEMENTS or min(m, n) >= BIG_SIDE
+
+
 def _svd_group(
-    ckpt: Checkpoint, keys: Sequence[str], views: Mapping[str, Mapping[str, Any]], backend: str
+    ckpt: Checkpoint,
+    keys: Sequence[str],
+    views: Mapping[str, Mapping[str, Any]],
+    backend: str,
+    threads: int,
+    *_after: object,
 ) -> dict[str, store.ViewResult] | _Failed:
-    """Read the views in ``keys`` from one checkpoint and decompose them as one batch."""
+    """Read the views in ``keys`` from one checkpoint and decompose them as one batch with
+    ``threads`` torch threads. ``_after`` only orders the task after others (Dask passes the
+    results of the tasks it depends on)."""
     import torch
 
     from specan.views import ViewSpec, extract
@@ -231,11 +253,17 @@ def _svd_group(
         return _Failed(e)
     batch = torch.cat(mats) if len(mats) > 1 else mats[0]
     k = max(views[key]["k"] for key in keys)
+    top = max(views[key].get("sigma_top") or 0 for key in keys)  # a group shares one shape
     try:
-        res = svd(batch, k=k if k else None, vectors=k > 0, backend=backend)
+        res = svd(
+            batch, k=(top or k) or None, vectors=k > 0, backend=backend,
+            sigma="top-k" if top else "all", threads=threads,
+        )  # fmt: skip
     except RuntimeError as e:  # LAPACK's "failed to converge": name the file, not a traceback
         params = ", ".join(views[key]["param"] for key in keys)
         return _Failed(BadCheckpointError(ckpt.files[0], f"SVD failed on {params}: {e}"))
+    # The kernel's tail is beyond its k; a view keeping fewer vectors (or no vectors, k = R)
+    # adds the σ² between the two, which the kernel returned.
     sq = res.sigma.double().square()
     out: dict[str, store.ViewResult] = {}
     start = 0
@@ -244,14 +272,16 @@ def _svd_group(
         start += n
         v = views[key]
         kk = v["k"]
-        tail = sq[sl, kk:].sum(dim=-1).float().numpy()
+        top = v.get("sigma_top")
+        tail = (res.tail[sl] + sq[sl, (top or kk) : res.k].sum(dim=-1)).float().numpy()
         heads = v.get("heads")
         one = (lambda a: a[0]) if not heads else (lambda a: a)
         out[key] = store.ViewResult(
-            sigma=one(res.sigma[sl].numpy()),
+            sigma=one(res.sigma[sl, : top or None].numpy()),
             U=one(res.U[sl, :, :kk].numpy()) if kk and res.U is not None else None,
             V=one(res.V[sl, :, :kk].numpy()) if kk and res.V is not None else None,
             tail=one(tail),
+            route="+".join(dict.fromkeys(res.routes[sl])),
         )
     return out
 
@@ -412,6 +442,7 @@ def _create_store(
             "rule": s.rule,
             "shape": list(s.shape),
             "heads": s.heads,
+            "sigma_top": _sigma_top(s, settings, backend),
             # the stored parameter's shape, to check later checkpoints against
             "info": {**s.info, "param_shape": list(header[s.param].shape)},
         }
@@ -422,6 +453,7 @@ def _create_store(
         "top_k": settings["top_k"],
         "vectors": settings["vectors"],
         "vector_dtype": settings["vector_dtype"],
+        "sigma": settings["sigma"],
     }
     return store.create(
         store.store_path(run.root),
@@ -430,6 +462,20 @@ def _create_store(
         settings={k: settings[k] for k in ("family", "layers", "heads", "rules")},
         overwrite=opts.overwrite,
     )
+
+
+def _sigma_top(spec: ViewSpec, settings: Mapping[str, Any], backend: str) -> int | None:
+    """How many σ a view keeps under ``sigma="top-k"``: k where the kernel would decompose it
+    with the randomized top-k route (only the top k exist then), else None (all of them)."""
+    from specan_kernels import choose_route
+
+    k = settings["top_k"]
+    if settings["sigma"] != "top-k" or not k:
+        return None
+    m, n = spec.shape
+    shape = (spec.heads or 1, m, n)
+    route = choose_route(backend, shape, k=k, vectors=settings["vectors"], sigma="top-k")
+    return min(k, m, n) if route == "randomized" else None
 
 
 def _compute(
@@ -443,9 +489,11 @@ def _compute(
 ) -> None:
     """Run the Dask graph, a window of checkpoints at a time.
 
-    Each checkpoint's write is a task that depends on its SVDs and on the previous checkpoint's
-    write: the chain keeps one writer at a time, in order, while the SVDs of the next checkpoints
-    run beside it, so no core idles while a row is written.
+    Groups of small matrices run side by side, one thread each; then the large matrices (see
+    `BIG_ELEMENTS`) one at a time with every core, so neither a lone large matrix leaves cores
+    idle nor do two multi-threaded decompositions fight over them. Each checkpoint's write is a
+    task that depends on its SVDs and on the previous checkpoint's write: the chain keeps one
+    writer at a time, in order, while the next SVDs run beside it.
     """
     import dask
 
@@ -473,39 +521,31 @@ def _compute(
         report.bytes_read += ckpt.size
         prog.advance(ckpt.name, len(views), ckpt.size)
 
-    workers = opts.workers or os.cpu_count() or 1
+    cores = os.cpu_count() or 1
+    workers = opts.workers or cores
+    small = [g for g in groups if not _is_big(views[g[0]])]
+    big = [g for g in groups if _is_big(views[g[0]])]
     window = max(1, opts.window)
     prog.start(len(ready), len(views), sum(c.size for c in ready))
+
+    def task(c: Checkpoint, g: Sequence[str], threads: int) -> Callable[..., Any]:
+        # partial() keeps Dask from walking (and rebuilding) the dataclass arguments
+        return dask.delayed(partial(_svd_group, c, g, views, opts.backend, threads))
+
     try:
-        with _torch_threads(max(1, (os.cpu_count() or 1) // workers)):
-            for i in range(0, len(ready), window):
-                last = None
-                for c in ready[i : i + window]:
-                    # partial() keeps Dask from walking (and rebuilding) the dataclass arguments
-                    parts = [
-                        dask.delayed(partial(_svd_group, c, g, views, opts.backend))()
-                        for g in groups
-                    ]
-                    merged = dask.delayed(_merge)(*parts)
-                    last = dask.delayed(partial(write, c))(merged, last)
-                dask.compute(last, scheduler="threads", num_workers=workers)
+        for i in range(0, len(ready), window):
+            batch = ready[i : i + window]
+            # small matrices: one task per group, one thread each, all cores busy at once
+            parts = {c.name: [task(c, g, max(1, cores // workers))() for g in small] for c in batch}
+            # large ones: after the small ones, one at a time, each with every core
+            after = [t for ts in parts.values() for t in ts]
+            for c in batch:
+                for g in big:
+                    parts[c.name].append(task(c, g, cores)(*after))
+                    after = [parts[c.name][-1]]
+            last = None
+            for c in batch:  # the writes: one chain, in order, overlapping the next SVDs
+                last = dask.delayed(partial(write, c))(dask.delayed(_merge)(*parts[c.name]), last)
+            dask.compute(last, scheduler="threads", num_workers=workers)
     finally:
         prog.finish()
-
-
-class _torch_threads:
-    """Run torch single-threaded inside Dask's threads, so two tasks do not fight over cores."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __enter__(self) -> None:
-        import torch
-
-        self.old = torch.get_num_threads()
-        torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc: object) -> None:
-        import torch
-
-        torch.set_num_threads(self.old)

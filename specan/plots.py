@@ -142,10 +142,12 @@ def singular_values(steps: np.ndarray, sigma: np.ndarray, *, title: str) -> Figu
 
 
 def _view_labels(result: analysis.RankResult) -> list[str]:
-    # a whole-matrix view is named by its parameter; extra views (per head, W_V) add their rule
+    # a whole-matrix view is named by its parameter; extra views (per head, W_V) add their rule;
+    # a value from top-k σ only is an upper bound, marked "≤"
+    bound = result.bound or [False] * len(result.keys)
     return [
-        p if k == p else f"{p} [{r}]"
-        for k, p, r in zip(result.keys, result.params, result.rules, strict=True)
+        ("≤ " if b else "") + (p if k == p else f"{p} [{r}]")
+        for k, p, r, b in zip(result.keys, result.params, result.rules, bound, strict=True)
     ]
 
 

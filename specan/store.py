@@ -7,7 +7,9 @@ Layout (``schema_version`` 1)::
         schema_version, specan_version
         kernel       {backend, top_k, vectors, vector_dtype}   how the spectra were computed
         settings     {family, layers, heads, rules}            how the views were chosen
-        views        {key: {param, rule, shape, heads, info}}  one entry per matrix view
+        views        {key: {param, rule, shape, heads, k, sigma_top, routes, info}}  one
+                     per matrix view; sigma_top: only the top k σ kept (effective rank is
+                     then a bound); routes: the kernel routes that computed it
         checkpoints  [{name, size, mtime_ns, step, epoch, row, done, [bad]}]  bad: why its
                      spectra could not be computed (skipped until the file changes)
         bad_files    [{path, reason}]                           skipped at the last ingest
@@ -78,6 +80,7 @@ class ViewResult:
     U: np.ndarray | None  # [(H,) m, k]
     V: np.ndarray | None  # [(H,) n, k]
     tail: np.ndarray | float  # [(H,)]
+    route: str = ""  # the kernel route(s) that produced it, e.g. "gram32" or "gram32+gram64"
 
 
 def store_path(run_root: Path | str) -> Path:
@@ -259,6 +262,7 @@ class Store:
         from zarr.core.sync import sync
 
         vectors = bool(self.attrs.get("kernel", {}).get("vectors", True))
+        self._record_routes(results)
         writes = []
         for key, r in results.items():
             parts = [("sigma", r.sigma), ("tail", r.tail)]
@@ -272,6 +276,20 @@ class Store:
             await asyncio.gather(*writes)
 
         sync(_all())
+
+    def _record_routes(self, results: Mapping[str, ViewResult]) -> None:
+        """Keep each view's kernel routes in its attributes (``views[key]["routes"]``); the
+        attributes are rewritten only when a route not seen before appears."""
+        views = self.views
+        new = False
+        for key, r in results.items():
+            known = views[key].setdefault("routes", [])
+            for route in filter(None, r.route.split("+")):
+                if route not in known:
+                    known.append(route)
+                    new = True
+        if new:
+            self._set_attrs(views=views)
 
     def mark_done(self, name: str) -> None:
         """Mark a checkpoint complete; called only after :meth:`write_row` returned."""
@@ -366,8 +384,8 @@ def create(
     view_attrs: dict[str, Any] = {}
     for v in views:
         m, n = v["shape"]
-        r = min(m, n)
-        k = min(int(top_k), r) if top_k else r  # top_k 0/None: every vector
+        k = min(int(top_k), min(m, n)) if top_k else min(m, n)  # top_k 0/None: every vector
+        r = v.get("sigma_top") or min(m, n)  # σ kept: all, or only the top k
         heads = v.get("heads")
         hd = (heads,) if heads else ()
         hn = ["head"] if heads else []
@@ -394,6 +412,7 @@ def create(
             "shape": [m, n],
             "heads": heads,
             "k": k if vectors else 0,
+            "sigma_top": v.get("sigma_top"),
             "info": dict(v.get("info", {})),
         }
     group.update_attributes(

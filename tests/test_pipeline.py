@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.numpy import load_file as load_np
 from safetensors.torch import save_file
 
@@ -361,3 +362,44 @@ def test_diverged_checkpoint_with_nan_is_skipped_and_named(
     assert again.bad == report.bad and again.computed == [] and opened == []
     with pytest.raises(BadCheckpointError, match="NaN"):
         ingest(small_run, IngestOptions(strict=True))
+
+
+def test_sigma_top_k_keeps_the_top_k_and_the_exact_tail(tmp_path: Path) -> None:
+    """A matrix large enough for the randomized route keeps only its top k σ; rank reports the
+    bound, checked here against the exact spectrum the test built (rank 64, 4096 x 4096)."""
+    from specan import analysis
+
+    rng = np.random.default_rng(0)
+    n, r, k = 4096, 64, 32
+    s = 2.0 * 0.93 ** np.arange(r)
+    q1 = np.linalg.qr(rng.standard_normal((n, r)))[0]
+    q2 = np.linalg.qr(rng.standard_normal((n, r)))[0]
+    big = ((q1 * s) @ q2.T).astype(np.float32)
+    small = rng.standard_normal((48, 32)).astype(np.float32)
+    run = tmp_path / "topk"
+    run.mkdir()
+    save_file({"big.weight": torch.from_numpy(big), "small.weight": torch.from_numpy(small)},
+              str(run / "step-1.safetensors"), {"step": "1"})  # fmt: skip
+    ingest(run, IngestOptions(top_k=k, sigma="top-k"))
+    st = store.open_store(store.store_path(run))
+    assert (
+        st.views["big.weight"]["sigma_top"] == k
+        and "randomized" in st.views["big.weight"]["routes"]
+    )
+    assert st.views["small.weight"]["sigma_top"] is None
+    sigma, tail = st.read_sigma("big.weight")[0], float(st.read_tail("big.weight")[0])
+    np.testing.assert_allclose(sigma, s[:k], rtol=1e-3)
+    energy = float(np.sum(big.astype(np.float64) ** 2))
+    assert tail == pytest.approx(energy - np.sum(s[:k] ** 2), rel=1e-3)
+    assert st.read_sigma("small.weight").shape == (1, 32)
+    rk = analysis.rank(run)
+    assert rk.bound == [True, False]
+
+    def erank(x: np.ndarray) -> float:
+        p = x[x > 0] / x.sum()
+        return float(np.exp(-(p * np.log(p)).sum()) / n)
+
+    # SPEC 2's bound: the top k, then the tail energy spread evenly over the other n - k values
+    flat = np.r_[s[:k], np.full(n - k, np.sqrt(np.sum(s[k:] ** 2) / (n - k)))]
+    assert rk.values[0, 0] == pytest.approx(erank(flat), rel=1e-3)
+    assert rk.values[0, 0] >= erank(s)  # an upper bound (loose here: the true tail is 32 values)
