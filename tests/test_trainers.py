@@ -78,7 +78,7 @@ def test_grokking_run_contract_and_ingest(tmp_path: Path) -> None:
     assert views["blocks.0.self_attn.in_proj_weight__q"]["heads"] == 2  # from run.json
     model = trainers.build_model(out)
     data = trainers.eval_data(out)
-    assert model(data["x_val"]).shape == (len(data["y_val"]), 11)
+    assert model(data["x_val"]).shape == (len(data["y_val"]), 12)  # p + 1 tokens
 
 
 def test_grokking_resumes_after_a_kill_with_identical_weights(
@@ -116,3 +116,39 @@ def test_help_names_the_paper_defaults(capsys: pytest.CaptureFixture[str]) -> No
     text = " ".join(capsys.readouterr().out.split())
     for default in ("default: 113", "default: 0.3", "default: 40000", "weight decay"):
         assert default in text
+
+
+def test_grokking_init_and_forward_are_the_papers() -> None:
+    """Embedding and decoder U(-0.1, 0.1), decoder bias 0, tokens x sqrt(d): checked by hand."""
+    torch.manual_seed(0)
+    p, d, heads, d_mlp = 113, 128, 4, 512
+    model = grokking.Grokker(p, d, heads, d_mlp)
+    emb, dec = model.embed.weight.detach(), model.decoder.weight.detach()
+    assert emb.shape == (p + 1, d) and dec.shape == (p + 1, d)
+    for w in (emb, dec):  # U(-0.1, 0.1): bounded by 0.1, standard deviation 0.1 / sqrt(3)
+        assert w.abs().max() <= 0.1 and abs(w.std().item() - 0.1 / 3**0.5) < 0.003
+    assert torch.count_nonzero(model.decoder.bias) == 0
+
+    tokens = torch.tensor([[3, 50, p], [112, 0, p]])
+    pos = torch.zeros(3, d)
+    for t in range(3):
+        for i in range(0, d, 2):
+            angle = t / 10000 ** (i / d)
+            pos[t, i], pos[t, i + 1] = torch.tensor(angle).sin(), torch.tensor(angle).cos()
+    x = emb[tokens] * d**0.5 + pos  # [B, 3, d]
+    attn = model.blocks[0].self_attn
+    wq, wk, wv = attn.in_proj_weight.detach().split(d)
+    bq, bk, bv = attn.in_proj_bias.detach().split(d)
+    hd = d // heads
+    q = (x[:, -1] @ wq.T + bq).view(-1, heads, hd)  # the last position's query
+    k = (x @ wk.T + bk).view(-1, 3, heads, hd)
+    v = (x @ wv.T + bv).view(-1, 3, heads, hd)
+    weights = torch.softmax(torch.einsum("bhe,bthe->bht", q, k) / hd**0.5, dim=-1)
+    o = torch.einsum("bht,bthe->bhe", weights, v).reshape(-1, d)
+    h = x[:, -1] + o @ attn.out_proj.weight.detach().T + attn.out_proj.bias.detach()
+    blk = model.blocks[0]
+    mlp = torch.relu(h @ blk.linear1.weight.detach().T + blk.linear1.bias.detach())
+    h = h + mlp @ blk.linear2.weight.detach().T + blk.linear2.bias.detach()
+    expected = h @ dec.T + model.decoder.bias.detach()
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), expected, atol=1e-4, rtol=1e-4)
