@@ -140,6 +140,36 @@ def test_lm_run_pairs_and_heads(tmp_path: Path) -> None:
     assert data["x_train"].shape == (64, 17) and data["x_val"].shape == (6, 17)
 
 
+def test_lm_is_the_papers_model_and_decays_every_parameter() -> None:
+    """x sqrt(d), no final LayerNorm, grokking's init, and AdamW decay on biases and norms too."""
+    torch.manual_seed(0)
+    d = 64
+    model = lm.LM(d, 2, 2, 32, 16)
+    norms = [n for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)]
+    assert norms and all(n.startswith("layers.") for n in norms)  # only the blocks' own
+    emb, dec = model.embed.weight.detach(), model.decoder.weight.detach()
+    for w in (emb, dec):  # U(-0.1, 0.1), not N(0, 1)
+        assert w.abs().max() <= 0.1 and abs(w.std().item() - 0.1 / 3**0.5) < 0.005
+    assert torch.count_nonzero(model.decoder.bias) == 0
+    tokens = torch.randint(0, 256, (2, 10))
+    pos = torch.zeros(10, d)
+    for t in range(10):
+        for i in range(0, d, 2):
+            angle = torch.tensor(t / 10000 ** (i / d))
+            pos[t, i], pos[t, i + 1] = angle.sin(), angle.cos()
+    x = emb[tokens] * d**0.5 + pos
+    mask = torch.triu(torch.full((10, 10), float("-inf")), diagonal=1)
+    with torch.no_grad():
+        for layer in model.layers:
+            x = layer(x, src_mask=mask, is_causal=True)
+        torch.testing.assert_close(model(tokens), model.decoder(x))  # straight to the decoder
+    cfg = lm.Config(wd=0.1)
+    opt = lm.make_optimizer(list(model.parameters()), cfg)
+    decayed = {id(q) for g in opt.param_groups if g["weight_decay"] == 0.1 for q in g["params"]}
+    assert decayed == {id(q) for q in model.parameters()}
+    assert all(g["weight_decay"] == 0.1 for g in opt.param_groups)
+
+
 def test_lm_reads_a_text_corpus(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog. " * 40)
