@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,7 +74,7 @@ def test_unet_run_marks_every_transposed_conv(tmp_path: Path) -> None:
     }
     assert transposed == {"tconvs.0.weight", "tconvs.1.weight"}
     assert meta["view_rules"] == dict.fromkeys(transposed, "conv_transpose")
-    assert {p["kind"] for p in meta["pairs"]} == {"conv", "skip", "time", "linear"}
+    assert {p["kind"] for p in meta["pairs"]} == {"conv", "skip", "time"}
     assert {"prev": "convs.0.weight", "next": "tconvs.0.weight", "kind": "skip"} in meta["pairs"]
     assert {"prev": "denses.0.weight", "next": "convs.1.weight", "kind": "time"} in meta["pairs"]
     views = _views(tmp_path / "unet")
@@ -82,6 +83,47 @@ def test_unet_run_marks_every_transposed_conv(tmp_path: Path) -> None:
     data = unet.eval_data(meta["config"])
     assert data["x_train"].shape == data["noise_train"].shape == (320, 1, 28, 28)
     assert set(unet.evaluate(model, data, meta["config"])) == {"train_loss", "val_loss"}
+
+
+def test_unet_schedule_time_embedding_and_pairs_are_the_papers() -> None:
+    """image_generation/model.py: sigmoid betas, Gaussian Fourier time features, its pair list."""
+    config = dataclasses.asdict(unet.Config())
+    x = np.linspace(-6, 6, 1000)
+    expected = (0.5e-2 - 1e-5) / (1 + np.exp(-x)) + 1e-5
+    np.testing.assert_allclose(unet.betas(config).numpy(), expected, rtol=1e-12)
+    np.testing.assert_allclose(unet.alpha_bars(config).numpy(), np.cumprod(1 - expected))
+
+    torch.manual_seed(0)
+    model = unet.build_model(config)
+    freqs = model.time_freqs
+    assert freqs.shape == (256,) and 25 < freqs.std().item() < 35  # N(0, 30^2), 512 features
+    assert "time_freqs" in model.state_dict()  # saved with every checkpoint ...
+    assert all(q is not freqs for q in model.parameters())  # ... and never trained
+    assert model.time_linear.in_features == 512
+    t = torch.tensor([0, 1, 2])
+    angles = t.double()[:, None] * freqs.double()[None] * 2 * np.pi
+    features = torch.cat([angles.sin(), angles.cos()], dim=1)
+    torch.testing.assert_close(
+        unet.fourier_features(t, freqs).double(), features, atol=1e-3, rtol=0
+    )
+
+    paper = [("conv1", "conv2"), ("conv2", "conv3"), ("conv3", "conv4"),
+             ("dense1", "conv2"), ("dense2", "conv3"), ("dense3", "conv4"), ("dense4", "tconv4"),
+             ("conv4", "tconv4"), ("tconv4", "tconv3"), ("tconv3", "tconv2"), ("tconv2", "tconv1"),
+             ("conv1", "tconv1"), ("dense1", "tconv1"), ("conv2", "tconv2"), ("dense2", "tconv2"),
+             ("conv3", "tconv3"), ("dense3", "tconv3")]  # fmt: skip
+    ours = {"conv": "convs", "tconv": "tconvs", "dense": "denses"}
+
+    def name(paper_name: str) -> str:
+        return f"{ours[paper_name[:-1]]}.{int(paper_name[-1]) - 1}.weight"
+
+    pairs = unet.pairs(config)
+    assert [(p["prev"], p["next"]) for p in pairs] == [(name(a), name(b)) for a, b in paper]
+    state = model.state_dict()
+    for p in pairs:  # the previous layer's outputs are the next layer's inputs
+        prev, nxt = state[p["prev"]], state[p["next"]]
+        out = prev.shape[1] if p["prev"].startswith("tconvs") else prev.shape[0]
+        assert out == (nxt.shape[0] if p["next"].startswith("tconvs") else nxt.shape[1]), p
 
 
 def test_lstm_run_pairs_both_directions(tmp_path: Path) -> None:
