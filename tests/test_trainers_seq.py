@@ -126,6 +126,19 @@ def test_unet_schedule_time_embedding_and_pairs_are_the_papers() -> None:
         assert out == (nxt.shape[0] if p["next"].startswith("tconvs") else nxt.shape[1]), p
 
 
+def test_unet_data_is_standardised_and_holds_out_a_tenth_of_training() -> None:
+    config = {**dataclasses.asdict(unet.Config()), "diffusion_steps": 10}
+    data = unet.eval_data(config)
+    n_train, n_val = len(data["x_train"]), len(data["x_val"])
+    assert n_val == round(0.1 * 1797) and n_train + n_val == 1797  # the built-in digits
+    x = torch.cat([data["x_train"], data["x_val"]])
+    background = (0 - 0.1307) / 0.3081  # (pixel / 255 - MNIST mean) / MNIST deviation
+    assert x.min().item() == pytest.approx(background)
+    assert x.max().item() <= (1 - 0.1307) / 0.3081 + 1e-6
+    rows = {tuple(r.tolist()) for r in data["x_train"].flatten(1)[:, ::7]}
+    assert not any(tuple(r.tolist()) in rows for r in data["x_val"].flatten(1)[:, ::7])
+
+
 def test_lstm_run_pairs_both_directions(tmp_path: Path) -> None:
     meta = _run(lstm, LSTM, tmp_path / "lstm")
     pairs = meta["pairs"]

@@ -37,6 +37,7 @@ from trainers.checkpoint import RunWriter, parse_config, run_main, save_steps
 @dataclass
 class Config:
     data: str = ""  # MNIST IDX folder; empty: the bundled 8x8 digits upsampled to 28x28
+    val_frac: float = 0.1  # fraction of the training set held out for validation (seed 42)
     limit_train: int = 0  # train on only the first N training images (0: all)
     channels: str = "64,128,256,512"  # channels of each resolution level, comma-separated
     embed_dim: int = 512  # width of the time embedding (Gaussian Fourier features, then a Linear)
@@ -147,16 +148,25 @@ def pairs(config: dict[str, Any]) -> list[dict[str, str]]:
 
 
 # -- data -------------------------------------------------------------------------------------
+# MNIST's usual pixel mean and deviation: the paper's code standardises with them (not to [-1, 1])
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+
 def load_images(config: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 [N, 1, 28, 28] training and validation images (MNIST test split, or 10 % digits)."""
+    """uint8 [N, 1, 28, 28] training and validation images.
+
+    As the paper's code: validation is 10 % of MNIST's training set held out (seed 42), and its
+    test set is not used. The built-in digits are split the same way.
+    """
     if config["data"]:
-        train, _ = datasets.read_mnist(config["data"], "train")
-        val, _ = datasets.read_mnist(config["data"], "test")
-        train, val = train[:, None], val[:, None]
+        images, _ = datasets.read_mnist(config["data"], "train")
+        images = images[:, None]
     else:
-        images, _ = datasets.digits_images(size=28)  # already in a fixed shuffled order
-        train, val = images[len(images) // 10 :], images[: len(images) // 10]
-    return (train[: config["limit_train"]] if config["limit_train"] > 0 else train), val
+        images, _ = datasets.digits_images(size=28)
+    train, val = datasets.split_validation(len(images), config["val_frac"], seed=42)
+    if config["limit_train"] > 0:
+        train = train[: config["limit_train"]]
+    return images[train], images[val]
 
 
 def eval_data(config: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -168,7 +178,7 @@ def eval_data(config: dict[str, Any]) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     out = {}
     for split, images in zip(("train", "val"), load_images(config), strict=True):
-        x = torch.from_numpy(images).float() / 127.5 - 1.0
+        x = (torch.from_numpy(images).float() / 255.0 - MNIST_MEAN) / MNIST_STD
         out[f"x_{split}"] = x
         out[f"t_{split}"] = torch.randint(0, config["diffusion_steps"], (len(x),), generator=gen)
         out[f"noise_{split}"] = torch.randn(x.shape, generator=gen)
