@@ -149,7 +149,6 @@ def test_lstm_run_pairs_both_directions(tmp_path: Path) -> None:
         ("lstm.weight_ih_l0_reverse", "lstm.weight_hh_l0_reverse"),
         ("lstm.weight_ih_l0_reverse", "lstm.weight_ih_l1_reverse"),
         ("lstm.weight_hh_l0_reverse", "lstm.weight_ih_l1_reverse"),
-        ("lstm.weight_ih_l1_reverse", "lstm.weight_hh_l1_reverse"),
         ("lstm.weight_ih_l1_reverse", "out.weight"),
         ("lstm.weight_hh_l1_reverse", "out.weight"),
     }
@@ -160,6 +159,26 @@ def test_lstm_run_pairs_both_directions(tmp_path: Path) -> None:
     assert len(data["x_train_lengths"]) == 48 and len(data["y_val_lengths"]) == 4
     model = lstm.build_model(meta["config"])
     assert set(lstm.evaluate(model, data)) == {"train_loss", "val_loss"}
+
+
+def test_lstm_pairs_are_the_papers_with_the_previous_layers_direction() -> None:
+    """speech_recognition/model.py's inter_layer_pairs for 4 bidirectional layers, in order."""
+    paper = []
+    for layer in range(3):
+        for ext in ("", "_reverse"):
+            paper += [(f"weight_ih_l{layer}{ext}", f"weight_hh_l{layer}{ext}"),
+                      (f"weight_ih_l{layer}{ext}", f"weight_ih_l{layer + 1}{ext}"),
+                      (f"weight_hh_l{layer}{ext}", f"weight_ih_l{layer + 1}{ext}")]  # fmt: skip
+    for ext in ("", "_reverse"):
+        paper += [(f"weight_ih_l3{ext}", "linear"), (f"weight_hh_l3{ext}", "linear")]
+    ours = {"linear": "out.weight"}
+    pairs = lstm.pairs({"layers": 4})
+    assert [(p["prev"], p["next"]) for p in pairs] == [
+        (f"lstm.{a}", ours.get(b, f"lstm.{b}")) for a, b in paper
+    ]
+    for p in pairs:  # the output Linear after the reverse layer reads the reverse half
+        assert p["direction"] == ("reverse" if p["prev"].endswith("_reverse") else "forward")
+        assert p["kind"] == "lstm"
 
 
 def test_lstm_reads_feature_folders(tmp_path: Path) -> None:

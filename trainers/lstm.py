@@ -76,18 +76,32 @@ def build_model(config: dict[str, Any]) -> nn.Module:
 
 
 def pairs(config: dict[str, Any]) -> list[dict[str, str]]:
-    """Consecutive layers for alignment (SPEC §3, LSTM), within each direction."""
-    out = []
+    """Consecutive layers for alignment (SPEC §3, LSTM), within each direction.
+
+    The list and order of the paper's `inter_layer_pairs` (speech_recognition/model.py): layer by
+    layer, forward then reverse, ih_k -> hh_k, ih_k -> ih_{k+1}, hh_k -> ih_{k+1}; the last layer
+    pairs only with the output Linear (its ih -> hh is not in the paper's list). ``direction`` is
+    the previous layer's: the analysis takes that half of a 2h-wide next input, the output
+    Linear's included.
+    """
     last = config["layers"] - 1
-    for direction, sfx in (("forward", ""), ("reverse", "_reverse")):
-        for k in range(config["layers"]):
+    directions = (("forward", ""), ("reverse", "_reverse"))
+    out = []
+    for k in range(last):
+        for direction, sfx in directions:
             ih, hh = f"lstm.weight_ih_l{k}{sfx}", f"lstm.weight_hh_l{k}{sfx}"
-            nxt = "out.weight" if k == last else f"lstm.weight_ih_l{k + 1}{sfx}"
+            nxt = f"lstm.weight_ih_l{k + 1}{sfx}"
             out += [
                 {"prev": ih, "next": hh, "kind": "lstm", "direction": direction},
                 {"prev": ih, "next": nxt, "kind": "lstm", "direction": direction},
                 {"prev": hh, "next": nxt, "kind": "lstm", "direction": direction},
             ]
+    for direction, sfx in directions:
+        out += [
+            {"prev": f"lstm.weight_{g}_l{last}{sfx}", "next": "out.weight", "kind": "lstm",
+             "direction": direction}
+            for g in ("ih", "hh")
+        ]  # fmt: skip
     return out
 
 
