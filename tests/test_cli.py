@@ -161,3 +161,32 @@ def test_train_with_a_missing_dataset_names_the_expected_format(tmp_path: Path) 
     res = specan("train", "vgg", "--data", str(tmp_path / "cifar"), "--out", str(tmp_path / "v"))
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert str(tmp_path / "cifar") in res.stderr and "data_batch_1.bin" in res.stderr
+
+
+def test_train_on_a_missing_cuda_device_is_one_line(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "g"
+    res = specan("train", "grokking", "--device", "cuda", "--out", str(out))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.startswith("error: --device cuda: CUDA is not available here")
+    assert res.stderr.count("\n") == 2  # the error, then the SPECAN_DEBUG hint
+    res = subprocess.run(
+        [sys.executable, "-m", "trainers.grokking", "--device", "cuda", "--out", str(out)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert res.returncode == 2 and res.stderr.count("\n") == 1
+    assert res.stderr.startswith("error: --device cuda: CUDA is not available here")
+    assert not out.exists()
+
+
+def test_train_refuses_a_folder_holding_another_run_naming_the_option(tmp_path: Path) -> None:
+    out = tmp_path / "g"
+    tiny = ["--p", "11", "--d-model", "16", "--n-heads", "2", "--d-mlp", "32", "--steps", "2",
+            "--save-every", "2", "--eval-every", "2", "--out", str(out)]  # fmt: skip
+    assert specan("train", "grokking", *tiny).returncode == 0
+    res = specan("train", "grokking", *tiny, "--wd", "0")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert f"{out} holds a run with --wd 1.0, not 0.0 (use another --out)" in res.stderr

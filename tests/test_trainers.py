@@ -14,7 +14,7 @@ from specan import store
 from specan.pipeline import ingest
 from specan.runs import discover
 from trainers import grokking
-from trainers.checkpoint import RunWriter, save_steps
+from trainers.checkpoint import RunWriter, run_main, save_steps
 
 TINY = ["--p", "11", "--d-model", "16", "--n-heads", "2", "--d-mlp", "32", "--train-frac", "0.5"]
 
@@ -54,8 +54,10 @@ def test_writer_round_trips_model_optimizer_and_rng(tmp_path: Path) -> None:
     assert steps == [0]
     with safe_open(str(tmp_path / "run/checkpoints/step-00000005.safetensors"), "pt") as f:
         assert f.metadata()["step"] == "5" and f.metadata()["epoch"] == "0.5"
-    with pytest.raises(FileExistsError, match="different run"):
+    with pytest.raises(FileExistsError, match="holds a run with --a 1, not 2 "):
         RunWriter(tmp_path / "run", trainer="grokking", config={"a": 2})
+    with pytest.raises(FileExistsError, match="holds a grokking run, not vgg "):
+        RunWriter(tmp_path / "run", trainer="vgg", config={"a": 1})
 
 
 def test_grokking_run_contract_and_ingest(tmp_path: Path) -> None:
@@ -152,3 +154,35 @@ def test_grokking_init_and_forward_are_the_papers() -> None:
     expected = h @ dec.T + model.decoder.bias.detach()
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_refused_retrain_names_the_options_that_differ(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "grok"
+    args = [*TINY, "--steps", "2", "--save-every", "2", "--eval-every", "2"]
+    grokking.main([*args, "--out", str(out)])
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    with pytest.raises(SystemExit) as e:  # `python -m trainers.grokking`
+        run_main(grokking.main, [*args, "--wd", "0", "--lr", "0.01", "--out", str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: {out} holds a run with --lr 0.001, not 0.01; --wd 1.0, not 0.0"
+        " (use another --out)\n"
+    )
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+    grokking.main([*args, "--out", f"{out}/"])  # the same run, its folder spelt another way
+
+
+def test_device_without_cuda_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device, why in (("cuda", "CUDA is not available here"), ("gpu0", "not a device")):
+        with pytest.raises(SystemExit) as e:
+            run_main(grokking.main, [*TINY, "--device", device, "--out", str(tmp_path / "g")])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --device {device}: {why}") and err.count("\n") == 1
+    assert not (tmp_path / "g").exists()  # refused before anything is written

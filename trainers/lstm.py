@@ -29,7 +29,13 @@ from torch.nn import functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, pad_sequence
 
 from trainers import data as datasets
-from trainers.checkpoint import RunWriter, parse_config, run_main, save_steps
+from trainers.checkpoint import (
+    RunWriter,
+    parse_config,
+    resolve_device,
+    run_main,
+    save_steps,
+)
 
 
 @dataclass
@@ -189,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # -- setup
     torch.manual_seed(cfg.seed)
     torch.set_flush_denormal(True)
-    device = torch.device(cfg.device)
+    device = resolve_device(cfg.device)
     train_utts, val_utts = load_utterances(config)
     train = to_tensors(train_utts, "train")
     data = eval_subset(train_utts, val_utts)

@@ -31,7 +31,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from trainers import data as datasets
-from trainers.checkpoint import RunWriter, parse_config, run_main, save_steps
+from trainers.checkpoint import (
+    RunWriter,
+    parse_config,
+    resolve_device,
+    run_main,
+    save_steps,
+)
 
 
 @dataclass
@@ -232,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # -- setup
     torch.manual_seed(cfg.seed)
     torch.set_flush_denormal(True)
-    device = torch.device(cfg.device)
+    device = resolve_device(cfg.device)
     data = eval_data(config)
     x_train = data["x_train"].to(device)
     ab = alpha_bars(config).to(device)

@@ -29,7 +29,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from trainers import data as datasets
-from trainers.checkpoint import RunWriter, parse_config, run_main, save_steps
+from trainers.checkpoint import (
+    RunWriter,
+    parse_config,
+    resolve_device,
+    run_main,
+    save_steps,
+)
 
 # Four max pools, not torchvision's five: 32x32 -> 2x2 before the average pool (open_lth's plan).
 VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
@@ -142,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # -- setup
     torch.manual_seed(cfg.seed)
     torch.set_flush_denormal(True)  # denormal floats make CPU steps several times slower
-    device = torch.device(cfg.device)
+    device = resolve_device(cfg.device)
     data = {k: v.to(device) for k, v in make_data(config).items()}
     n = len(data["y_train"])
     per_epoch = math.ceil(n / cfg.batch_size)
