@@ -181,6 +181,17 @@ def test_lstm_pairs_are_the_papers_with_the_previous_layers_direction() -> None:
         assert p["kind"] == "lstm"
 
 
+def test_lstm_lr_is_the_papers_per_epoch_cosine() -> None:
+    """torch's CosineAnnealingLR(T_max=epochs), stepped once an epoch, gives these rates."""
+    cfg = lstm.Config(lr=3e-4, epochs=50)
+    opt = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    for epoch in range(cfg.epochs):
+        assert lstm.epoch_lr(cfg, epoch) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9)
+        opt.step()
+        sched.step()
+
+
 def test_lstm_reads_feature_folders(tmp_path: Path) -> None:
     for split, n in (("train", 5), ("dev", 2)):
         (tmp_path / split).mkdir()

@@ -3,7 +3,8 @@
 The paper's setting (SPEC §4, appendix D.3): 4 bidirectional LSTM layers of 256 units on 40 log-mel
 features, a Linear to 29 outputs (CTC blank, space, apostrophe, a-z), trained on LibriSpeech
 train-clean-100 with AdamW (batch 32, lr 3e-4, weight decay 0.1) for 50 epochs, the learning rate
-annealed from 1 to 0 by a cosine over all of training. Features are read from a folder of ``.npy``
+annealed from 1 to 0 by a cosine over the epochs, set once an epoch (the paper's code steps
+CosineAnnealingLR(T_max = epochs) at each epoch's end). Features are read from a folder of ``.npy``
 arrays with same-stem ``.txt`` transcripts (`trainers.data.read_speech_features`); without --data
 it trains on seeded synthetic utterances. Run as
 
@@ -47,7 +48,7 @@ class Config:
     layers: int = 4  # stacked bidirectional LSTM layers
     epochs: int = 50  # passes over the training set
     batch_size: int = 32  # utterances per step
-    lr: float = 3e-4  # AdamW peak learning rate, cosine-annealed to 0 over all epochs
+    lr: float = 3e-4  # AdamW peak learning rate, cosine-annealed to 0 over the epochs
     wd: float = 0.1  # AdamW weight decay
     max_steps: int = 0  # stop after N steps (0: train all epochs; the schedule still spans them)
     eval_every: int = 500  # evaluate (CTC loss on 1000 training and the validation utterances)
@@ -187,6 +188,12 @@ def evaluate(
     return out
 
 
+def epoch_lr(cfg: Config, epoch: int) -> float:
+    """The learning rate of 0-based ``epoch``: a cosine from lr (epoch 0) towards 0 (epoch
+    ``epochs``), constant within an epoch; it spans all epochs, even with --max-steps."""
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = parse_config(
         Config, argv, prog="python -m trainers.lstm", description=__doc__.split("\n\n")[0]
@@ -204,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     writer = RunWriter(cfg.out, trainer="lstm", config=config, pairs=pairs(config))
     n = len(train_utts)
     per_epoch = math.ceil(n / cfg.batch_size)
-    planned = cfg.epochs * per_epoch  # the cosine spans all epochs, even with --max-steps
+    planned = cfg.epochs * per_epoch
     total = planned if cfg.max_steps <= 0 else min(cfg.max_steps, planned)
     saves = save_steps(total, every=cfg.save_every, log=cfg.save_log, at=cfg.save_at)
     start = writer.resume(model, opt)
@@ -226,8 +233,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 break
             step += 1
             model.train()
-            for group in opt.param_groups:  # cosine annealing from lr to 0 (step 1 uses lr)
-                group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / planned))
+            for group in opt.param_groups:
+                group["lr"] = epoch_lr(cfg, epoch)
             idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
             x, x_len, y, y_len = (v.to(device) for v in batch(train, "train", idx))
             loss = ctc_loss(model, x, x_len, y, y_len)
