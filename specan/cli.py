@@ -652,11 +652,13 @@ def train(
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="NAME") from None
     from specan.errors import OptionError
+    from trainers.checkpoint import OptionValueError
     from trainers.data import DataError
 
     try:
         module.main([*ctx.args])
-    except (DataError, FileExistsError) as e:  # a bad --data path, or --out holds another run
+    except (DataError, FileExistsError, OptionValueError) as e:
+        # a bad --data path, an unavailable --device, or --out holding another run
         raise OptionError(str(e)) from None
 
 

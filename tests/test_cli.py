@@ -245,3 +245,32 @@ def test_plot_says_what_it_left_out(ingested: Path, tmp_path: Path) -> None:
 def test_names_with_brackets_are_not_markup(tmp_path: Path) -> None:
     res = specan("rank", str(tmp_path / "runs[v]" / "x"))
     assert res.returncode == 2 and "runs[v]" in res.stderr, res.stderr
+
+
+def test_train_on_a_missing_cuda_device_is_one_line(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "g"
+    res = specan("train", "grokking", "--device", "cuda", "--out", str(out))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.startswith("error: --device cuda: CUDA is not available here")
+    assert res.stderr.count("\n") == 2  # the error, then the SPECAN_DEBUG hint
+    res = subprocess.run(
+        [sys.executable, "-m", "trainers.grokking", "--device", "cuda", "--out", str(out)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert res.returncode == 2 and res.stderr.count("\n") == 1
+    assert res.stderr.startswith("error: --device cuda: CUDA is not available here")
+    assert not out.exists()
+
+
+def test_train_refuses_a_folder_holding_another_run_naming_the_option(tmp_path: Path) -> None:
+    out = tmp_path / "g"
+    tiny = ["--p", "11", "--d-model", "16", "--n-heads", "2", "--d-mlp", "32", "--steps", "2",
+            "--save-every", "2", "--eval-every", "2", "--out", str(out)]  # fmt: skip
+    assert specan("train", "grokking", *tiny).returncode == 0
+    res = specan("train", "grokking", *tiny, "--wd", "0")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert f"{out} holds a run with --wd 1.0, not 0.0 (use another --out)" in res.stderr

@@ -14,7 +14,7 @@ from specan import store
 from specan.pipeline import ingest
 from specan.runs import discover
 from trainers import grokking
-from trainers.checkpoint import RunWriter, save_steps
+from trainers.checkpoint import RunWriter, run_main, save_steps
 
 TINY = ["--p", "11", "--d-model", "16", "--n-heads", "2", "--d-mlp", "32", "--train-frac", "0.5"]
 
@@ -54,8 +54,10 @@ def test_writer_round_trips_model_optimizer_and_rng(tmp_path: Path) -> None:
     assert steps == [0]
     with safe_open(str(tmp_path / "run/checkpoints/step-00000005.safetensors"), "pt") as f:
         assert f.metadata()["step"] == "5" and f.metadata()["epoch"] == "0.5"
-    with pytest.raises(FileExistsError, match="different run"):
+    with pytest.raises(FileExistsError, match="holds a run with --a 1, not 2 "):
         RunWriter(tmp_path / "run", trainer="grokking", config={"a": 2})
+    with pytest.raises(FileExistsError, match="holds a grokking run, not vgg "):
+        RunWriter(tmp_path / "run", trainer="vgg", config={"a": 1})
 
 
 def test_grokking_run_contract_and_ingest(tmp_path: Path) -> None:
@@ -78,7 +80,7 @@ def test_grokking_run_contract_and_ingest(tmp_path: Path) -> None:
     assert views["blocks.0.self_attn.in_proj_weight__q"]["heads"] == 2  # from run.json
     model = trainers.build_model(out)
     data = trainers.eval_data(out)
-    assert model(data["x_val"]).shape == (len(data["y_val"]), 11)
+    assert model(data["x_val"]).shape == (len(data["y_val"]), 12)  # p + 1 tokens
 
 
 def test_grokking_resumes_after_a_kill_with_identical_weights(
@@ -116,3 +118,71 @@ def test_help_names_the_paper_defaults(capsys: pytest.CaptureFixture[str]) -> No
     text = " ".join(capsys.readouterr().out.split())
     for default in ("default: 113", "default: 0.3", "default: 40000", "weight decay"):
         assert default in text
+
+
+def test_grokking_init_and_forward_are_the_papers() -> None:
+    """Embedding and decoder U(-0.1, 0.1), decoder bias 0, tokens x sqrt(d): checked by hand."""
+    torch.manual_seed(0)
+    p, d, heads, d_mlp = 113, 128, 4, 512
+    model = grokking.Grokker(p, d, heads, d_mlp)
+    emb, dec = model.embed.weight.detach(), model.decoder.weight.detach()
+    assert emb.shape == (p + 1, d) and dec.shape == (p + 1, d)
+    for w in (emb, dec):  # U(-0.1, 0.1): bounded by 0.1, standard deviation 0.1 / sqrt(3)
+        assert w.abs().max() <= 0.1 and abs(w.std().item() - 0.1 / 3**0.5) < 0.003
+    assert torch.count_nonzero(model.decoder.bias) == 0
+
+    tokens = torch.tensor([[3, 50, p], [112, 0, p]])
+    pos = torch.zeros(3, d)
+    for t in range(3):
+        for i in range(0, d, 2):
+            angle = t / 10000 ** (i / d)
+            pos[t, i], pos[t, i + 1] = torch.tensor(angle).sin(), torch.tensor(angle).cos()
+    x = emb[tokens] * d**0.5 + pos  # [B, 3, d]
+    attn = model.blocks[0].self_attn
+    wq, wk, wv = attn.in_proj_weight.detach().split(d)
+    bq, bk, bv = attn.in_proj_bias.detach().split(d)
+    hd = d // heads
+    q = (x[:, -1] @ wq.T + bq).view(-1, heads, hd)  # the last position's query
+    k = (x @ wk.T + bk).view(-1, 3, heads, hd)
+    v = (x @ wv.T + bv).view(-1, 3, heads, hd)
+    weights = torch.softmax(torch.einsum("bhe,bthe->bht", q, k) / hd**0.5, dim=-1)
+    o = torch.einsum("bht,bthe->bhe", weights, v).reshape(-1, d)
+    h = x[:, -1] + o @ attn.out_proj.weight.detach().T + attn.out_proj.bias.detach()
+    blk = model.blocks[0]
+    mlp = torch.relu(h @ blk.linear1.weight.detach().T + blk.linear1.bias.detach())
+    h = h + mlp @ blk.linear2.weight.detach().T + blk.linear2.bias.detach()
+    expected = h @ dec.T + model.decoder.bias.detach()
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_refused_retrain_names_the_options_that_differ(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "grok"
+    args = [*TINY, "--steps", "2", "--save-every", "2", "--eval-every", "2"]
+    grokking.main([*args, "--out", str(out)])
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    with pytest.raises(SystemExit) as e:  # `python -m trainers.grokking`
+        run_main(grokking.main, [*args, "--wd", "0", "--lr", "0.01", "--out", str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: {out} holds a run with --lr 0.001, not 0.01; --wd 1.0, not 0.0"
+        " (use another --out)\n"
+    )
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+    grokking.main([*args, "--out", f"{out}/"])  # the same run, its folder spelt another way
+
+
+def test_device_without_cuda_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device, why in (("cuda", "CUDA is not available here"), ("gpu0", "not a device")):
+        with pytest.raises(SystemExit) as e:
+            run_main(grokking.main, [*TINY, "--device", device, "--out", str(tmp_path / "g")])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --device {device}: {why}") and err.count("\n") == 1
+    assert not (tmp_path / "g").exists()  # refused before anything is written

@@ -145,6 +145,29 @@ def test_vgg_full_size_has_the_papers_shape() -> None:
     assert model(torch.empty(2, 3, 32, 32, device="meta")).shape == (2, 10)
 
 
+def test_vgg_pools_and_init_are_the_papers() -> None:
+    """Four max pools (32 -> 2), the average pool takes 2x2 to 1x1; torch's default init."""
+    plan = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
+    torch.manual_seed(0)
+    model = vgg.build_model({"width_mult": 0.0625})
+    layers = [
+        "M" if isinstance(m, torch.nn.MaxPool2d) else max(1, round(m.out_channels / 0.0625))
+        for m in model.features
+        if isinstance(m, torch.nn.MaxPool2d | torch.nn.Conv2d)
+    ]
+    assert layers == plan
+    seen = {}
+    model.pool.register_forward_hook(lambda m, i, o: seen.update(shape=i[0].shape[-2:]))
+    model.eval()(torch.zeros(1, 3, 32, 32))
+    assert tuple(seen["shape"]) == (2, 2)
+    first = model.features[0]  # torch's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), bias too
+    bound = 1 / (3 * 3 * 3) ** 0.5
+    assert first.weight.abs().max() <= bound and first.bias.abs().max() <= bound
+    assert abs(first.weight.std().item() - bound / 3**0.5) < 0.02
+    assert torch.count_nonzero(first.bias) == first.out_channels
+    assert torch.count_nonzero(model.classifier.bias) == 10
+
+
 @pytest.mark.parametrize(
     "module", [deep_mlp, random_labels, pytest.param(vgg, marks=pytest.mark.slow)]
 )

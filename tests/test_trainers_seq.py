@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,7 +74,7 @@ def test_unet_run_marks_every_transposed_conv(tmp_path: Path) -> None:
     }
     assert transposed == {"tconvs.0.weight", "tconvs.1.weight"}
     assert meta["view_rules"] == dict.fromkeys(transposed, "conv_transpose")
-    assert {p["kind"] for p in meta["pairs"]} == {"conv", "skip", "time", "linear"}
+    assert {p["kind"] for p in meta["pairs"]} == {"conv", "skip", "time"}
     assert {"prev": "convs.0.weight", "next": "tconvs.0.weight", "kind": "skip"} in meta["pairs"]
     assert {"prev": "denses.0.weight", "next": "convs.1.weight", "kind": "time"} in meta["pairs"]
     views = _views(tmp_path / "unet")
@@ -82,6 +83,60 @@ def test_unet_run_marks_every_transposed_conv(tmp_path: Path) -> None:
     data = unet.eval_data(meta["config"])
     assert data["x_train"].shape == data["noise_train"].shape == (320, 1, 28, 28)
     assert set(unet.evaluate(model, data, meta["config"])) == {"train_loss", "val_loss"}
+
+
+def test_unet_schedule_time_embedding_and_pairs_are_the_papers() -> None:
+    """image_generation/model.py: sigmoid betas, Gaussian Fourier time features, its pair list."""
+    config = dataclasses.asdict(unet.Config())
+    x = np.linspace(-6, 6, 1000)
+    expected = (0.5e-2 - 1e-5) / (1 + np.exp(-x)) + 1e-5
+    np.testing.assert_allclose(unet.betas(config).numpy(), expected, rtol=1e-12)
+    np.testing.assert_allclose(unet.alpha_bars(config).numpy(), np.cumprod(1 - expected))
+
+    torch.manual_seed(0)
+    model = unet.build_model(config)
+    freqs = model.time_freqs
+    assert freqs.shape == (256,) and 25 < freqs.std().item() < 35  # N(0, 30^2), 512 features
+    assert "time_freqs" in model.state_dict()  # saved with every checkpoint ...
+    assert all(q is not freqs for q in model.parameters())  # ... and never trained
+    assert model.time_linear.in_features == 512
+    t = torch.tensor([0, 1, 2])
+    angles = t.double()[:, None] * freqs.double()[None] * 2 * np.pi
+    features = torch.cat([angles.sin(), angles.cos()], dim=1)
+    torch.testing.assert_close(
+        unet.fourier_features(t, freqs).double(), features, atol=1e-3, rtol=0
+    )
+
+    paper = [("conv1", "conv2"), ("conv2", "conv3"), ("conv3", "conv4"),
+             ("dense1", "conv2"), ("dense2", "conv3"), ("dense3", "conv4"), ("dense4", "tconv4"),
+             ("conv4", "tconv4"), ("tconv4", "tconv3"), ("tconv3", "tconv2"), ("tconv2", "tconv1"),
+             ("conv1", "tconv1"), ("dense1", "tconv1"), ("conv2", "tconv2"), ("dense2", "tconv2"),
+             ("conv3", "tconv3"), ("dense3", "tconv3")]  # fmt: skip
+    ours = {"conv": "convs", "tconv": "tconvs", "dense": "denses"}
+
+    def name(paper_name: str) -> str:
+        return f"{ours[paper_name[:-1]]}.{int(paper_name[-1]) - 1}.weight"
+
+    pairs = unet.pairs(config)
+    assert [(p["prev"], p["next"]) for p in pairs] == [(name(a), name(b)) for a, b in paper]
+    state = model.state_dict()
+    for p in pairs:  # the previous layer's outputs are the next layer's inputs
+        prev, nxt = state[p["prev"]], state[p["next"]]
+        out = prev.shape[1] if p["prev"].startswith("tconvs") else prev.shape[0]
+        assert out == (nxt.shape[0] if p["next"].startswith("tconvs") else nxt.shape[1]), p
+
+
+def test_unet_data_is_standardised_and_holds_out_a_tenth_of_training() -> None:
+    config = {**dataclasses.asdict(unet.Config()), "diffusion_steps": 10}
+    data = unet.eval_data(config)
+    n_train, n_val = len(data["x_train"]), len(data["x_val"])
+    assert n_val == round(0.1 * 1797) and n_train + n_val == 1797  # the built-in digits
+    x = torch.cat([data["x_train"], data["x_val"]])
+    background = (0 - 0.1307) / 0.3081  # (pixel / 255 - MNIST mean) / MNIST deviation
+    assert x.min().item() == pytest.approx(background)
+    assert x.max().item() <= (1 - 0.1307) / 0.3081 + 1e-6
+    rows = {tuple(r.tolist()) for r in data["x_train"].flatten(1)[:, ::7]}
+    assert not any(tuple(r.tolist()) in rows for r in data["x_val"].flatten(1)[:, ::7])
 
 
 def test_lstm_run_pairs_both_directions(tmp_path: Path) -> None:
@@ -94,7 +149,6 @@ def test_lstm_run_pairs_both_directions(tmp_path: Path) -> None:
         ("lstm.weight_ih_l0_reverse", "lstm.weight_hh_l0_reverse"),
         ("lstm.weight_ih_l0_reverse", "lstm.weight_ih_l1_reverse"),
         ("lstm.weight_hh_l0_reverse", "lstm.weight_ih_l1_reverse"),
-        ("lstm.weight_ih_l1_reverse", "lstm.weight_hh_l1_reverse"),
         ("lstm.weight_ih_l1_reverse", "out.weight"),
         ("lstm.weight_hh_l1_reverse", "out.weight"),
     }
@@ -105,6 +159,37 @@ def test_lstm_run_pairs_both_directions(tmp_path: Path) -> None:
     assert len(data["x_train_lengths"]) == 48 and len(data["y_val_lengths"]) == 4
     model = lstm.build_model(meta["config"])
     assert set(lstm.evaluate(model, data)) == {"train_loss", "val_loss"}
+
+
+def test_lstm_pairs_are_the_papers_with_the_previous_layers_direction() -> None:
+    """speech_recognition/model.py's inter_layer_pairs for 4 bidirectional layers, in order."""
+    paper = []
+    for layer in range(3):
+        for ext in ("", "_reverse"):
+            paper += [(f"weight_ih_l{layer}{ext}", f"weight_hh_l{layer}{ext}"),
+                      (f"weight_ih_l{layer}{ext}", f"weight_ih_l{layer + 1}{ext}"),
+                      (f"weight_hh_l{layer}{ext}", f"weight_ih_l{layer + 1}{ext}")]  # fmt: skip
+    for ext in ("", "_reverse"):
+        paper += [(f"weight_ih_l3{ext}", "linear"), (f"weight_hh_l3{ext}", "linear")]
+    ours = {"linear": "out.weight"}
+    pairs = lstm.pairs({"layers": 4})
+    assert [(p["prev"], p["next"]) for p in pairs] == [
+        (f"lstm.{a}", ours.get(b, f"lstm.{b}")) for a, b in paper
+    ]
+    for p in pairs:  # the output Linear after the reverse layer reads the reverse half
+        assert p["direction"] == ("reverse" if p["prev"].endswith("_reverse") else "forward")
+        assert p["kind"] == "lstm"
+
+
+def test_lstm_lr_is_the_papers_per_epoch_cosine() -> None:
+    """torch's CosineAnnealingLR(T_max=epochs), stepped once an epoch, gives these rates."""
+    cfg = lstm.Config(lr=3e-4, epochs=50)
+    opt = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    for epoch in range(cfg.epochs):
+        assert lstm.epoch_lr(cfg, epoch) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9)
+        opt.step()
+        sched.step()
 
 
 def test_lstm_reads_feature_folders(tmp_path: Path) -> None:
@@ -138,6 +223,36 @@ def test_lm_run_pairs_and_heads(tmp_path: Path) -> None:
     assert _views(tmp_path / "lm")["embed.weight"] == "embedding"
     data = lm.eval_data(meta["config"])
     assert data["x_train"].shape == (64, 17) and data["x_val"].shape == (6, 17)
+
+
+def test_lm_is_the_papers_model_and_decays_every_parameter() -> None:
+    """x sqrt(d), no final LayerNorm, grokking's init, and AdamW decay on biases and norms too."""
+    torch.manual_seed(0)
+    d = 64
+    model = lm.LM(d, 2, 2, 32, 16)
+    norms = [n for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)]
+    assert norms and all(n.startswith("layers.") for n in norms)  # only the blocks' own
+    emb, dec = model.embed.weight.detach(), model.decoder.weight.detach()
+    for w in (emb, dec):  # U(-0.1, 0.1), not N(0, 1)
+        assert w.abs().max() <= 0.1 and abs(w.std().item() - 0.1 / 3**0.5) < 0.005
+    assert torch.count_nonzero(model.decoder.bias) == 0
+    tokens = torch.randint(0, 256, (2, 10))
+    pos = torch.zeros(10, d)
+    for t in range(10):
+        for i in range(0, d, 2):
+            angle = torch.tensor(t / 10000 ** (i / d))
+            pos[t, i], pos[t, i + 1] = angle.sin(), angle.cos()
+    x = emb[tokens] * d**0.5 + pos
+    mask = torch.triu(torch.full((10, 10), float("-inf")), diagonal=1)
+    with torch.no_grad():
+        for layer in model.layers:
+            x = layer(x, src_mask=mask, is_causal=True)
+        torch.testing.assert_close(model(tokens), model.decoder(x))  # straight to the decoder
+    cfg = lm.Config(wd=0.1)
+    opt = lm.make_optimizer(list(model.parameters()), cfg)
+    decayed = {id(q) for g in opt.param_groups if g["weight_decay"] == 0.1 for q in g["params"]}
+    assert decayed == {id(q) for q in model.parameters()}
+    assert all(g["weight_decay"] == 0.1 for g in opt.param_groups)
 
 
 def test_lm_reads_a_text_corpus(tmp_path: Path) -> None:

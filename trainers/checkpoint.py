@@ -100,6 +100,33 @@ def save_steps(total: int, *, every: int = 0, log: int = 0, at: str = "") -> set
     return {s for s in steps if 0 <= s <= total}
 
 
+class OptionValueError(ValueError):
+    """A trainer option this machine cannot honour (e.g. --device cuda without CUDA)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``--device``'s torch device, or OptionValueError saying why this machine has none such."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise OptionValueError(f"--device {name}: not a device (cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "a CPU-only build" if torch.version.cuda is None else "no CUDA device visible"
+            raise OptionValueError(
+                f"--device {name}: CUDA is not available here (torch {torch.__version__}, "
+                f"{why}); use --device cpu"
+            )
+        n = torch.cuda.device_count()
+        if device.index is not None and device.index >= n:
+            raise OptionValueError(f"--device {name}: this machine has {n} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise OptionValueError(f"--device {name}: MPS is not available here; use --device cpu")
+    return device
+
+
 # -- writing ----------------------------------------------------------------------------------
 def _atomic(path: Path, write: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
@@ -146,14 +173,9 @@ class RunWriter:
         }
         run_json = self.out / "run.json"
         if run_json.exists():
-            old = json.loads(run_json.read_text())
-            if {k: old.get(k) for k in ("trainer", "config")} != {
-                k: self.meta[k] for k in ("trainer", "config")
-            }:
-                raise FileExistsError(
-                    f"{self.out}: holds a different run ({old.get('trainer')}); "
-                    "choose another --out or delete it"
-                )
+            clash = _clash(json.loads(run_json.read_text()), self.meta)
+            if clash:
+                raise FileExistsError(f"{self.out} holds {clash} (use another --out)")
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         _atomic(run_json, lambda p: p.write_text(json.dumps(self.meta, indent=2) + "\n"))
 
@@ -227,6 +249,30 @@ class RunWriter:
         return step
 
 
+def _clash(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """What makes the run in a folder another run than ``new``, naming the options; "" if none.
+
+    ``--out`` itself is not compared: the same folder may be spelt another way.
+    """
+    if old.get("trainer") != new["trainer"]:
+        return f"a {old.get('trainer')} run, not {new['trainer']}"
+    was, now = old.get("config", {}), json.loads(json.dumps(new["config"]))
+    keys = [k for k in {**was, **now} if k != "out" and was.get(k, _UNSET) != now.get(k, _UNSET)]
+    return ("a run with " if keys else "") + "; ".join(
+        f"--{k.replace('_', '-')} {_shown(was.get(k, _UNSET))}, not {_shown(now.get(k, _UNSET))}"
+        for k in keys
+    )
+
+
+_UNSET = object()
+
+
+def _shown(value: Any) -> str:
+    if value is _UNSET:
+        return "(unset)"
+    return repr(value) if value == "" else str(value)
+
+
 def _rng_state() -> dict[str, torch.Tensor]:
     import torch
 
@@ -265,11 +311,12 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list) -> dict
 
 
 def run_main(main: Any, argv: Sequence[str]) -> None:
-    """`python -m trainers.X`: a bad --data path or a clashing --out is one line, exit code 2."""
+    """`python -m trainers.X`: a bad --data path or --device, or a clashing --out, is one line
+    and exit code 2."""
     from trainers.data import DataError
 
     try:
         main(argv)
-    except (DataError, FileExistsError) as e:
+    except (DataError, FileExistsError, OptionValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -22,7 +22,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from trainers.checkpoint import RunWriter, parse_config, run_main, save_steps
+from trainers.checkpoint import (
+    RunWriter,
+    parse_config,
+    resolve_device,
+    run_main,
+    save_steps,
+)
 
 
 @dataclass
@@ -65,12 +71,22 @@ class Block(nn.Module):
 
 
 class Grokker(nn.Module):
+    """Token embedding x sqrt(d) + sinusoids, one block, an untied decoder over all p + 1 tokens.
+
+    Initialised as the paper's code (modular_addition/model.py, after torch's word-language-model
+    tutorial): embedding and decoder weights U(-0.1, 0.1), decoder bias 0, the block torch's
+    defaults. The decoder scores "=" too, as there, though it is never a label.
+    """
+
     def __init__(self, p: int, d: int, heads: int, d_mlp: int) -> None:
         super().__init__()
         self.d = d
         self.embed = nn.Embedding(p + 1, d)
         self.blocks = nn.ModuleList([Block(d, heads, d_mlp)])
-        self.decoder = nn.Linear(d, p)  # untied, with bias
+        self.decoder = nn.Linear(d, p + 1)  # untied, with bias
+        nn.init.uniform_(self.embed.weight, -0.1, 0.1)  # not nn.Embedding's N(0, 1)
+        nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
+        nn.init.zeros_(self.decoder.bias)
         pos = torch.arange(3)[:, None] * torch.exp(torch.arange(0, d, 2) * (-math.log(1e4) / d))
         table = torch.zeros(3, d)
         table[:, 0::2], table[:, 1::2] = torch.sin(pos), torch.cos(pos)
@@ -138,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # -- setup
     torch.manual_seed(cfg.seed)
     torch.set_flush_denormal(True)  # once memorised, denormals made CPU steps 2-3x slower
-    device = torch.device(cfg.device)
+    device = resolve_device(cfg.device)
     data = {k: v.to(device) for k, v in make_data(config).items()}
     model = build_model(config).to(device)
     opt = torch.optim.AdamW(

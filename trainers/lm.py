@@ -1,10 +1,11 @@
 """Language model: a pre-LN Transformer learns next-byte prediction on a plain-text corpus.
 
 The paper's setting (SPEC §4, appendix D.4), after Pythia-160m: 12 layers, d 768, 12 heads, MLP
-width 768, ReLU, pre-LN, untied embeddings, sinusoidal positions; Wikitext-103 with context 2048,
-AdamW (lr 6e-4, betas 0.9/0.95, weight decay 0.1), batch 256, gradient clipping at 1.0, 200 linear
-warmup steps then a cosine to 10 % of the learning rate, 10 epochs. Tokens are UTF-8 bytes
-(`trainers.data.ByteTokenizer`: nothing to download); without --data it trains on seeded
+width 768, ReLU, pre-LN without a final LayerNorm, untied embeddings, embedding x sqrt(d) plus
+sinusoidal positions, initialised as the grokking model; Wikitext-103 with context 2048, AdamW (lr
+6e-4, betas 0.9/0.95, weight decay 0.1 on every parameter), batch 256, gradient clipping at 1.0,
+200 linear warmup steps then a cosine to 10 % of the learning rate, 10 epochs. Tokens are UTF-8
+bytes (`trainers.data.ByteTokenizer`: nothing to download); without --data it trains on seeded
 order-2 Markov sequences. Run as
 
     python -m trainers.lm --data ~/data/wikitext-103/wiki.train.tokens \\
@@ -30,7 +31,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from trainers import data as datasets
-from trainers.checkpoint import RunWriter, parse_config, run_main, save_steps
+from trainers.checkpoint import (
+    RunWriter,
+    parse_config,
+    resolve_device,
+    run_main,
+    save_steps,
+)
 
 VOCAB = datasets.ByteTokenizer.vocab_size  # 256, for text and synthetic data alike
 
@@ -53,7 +60,7 @@ class Config:
     warmup: int = 200  # linear warmup steps
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
-    wd: float = 0.1  # AdamW weight decay (matrices only; biases, norms not)
+    wd: float = 0.1  # AdamW weight decay, on every parameter (biases and norms too)
     clip: float = 1.0  # gradient norm clipping (0: off)
     max_steps: int = 0  # stop after N steps (0: train all epochs; the schedule still spans them)
     eval_every: int = 100  # evaluate (loss on 1000 training and the validation sequences)
@@ -74,7 +81,12 @@ def sinusoids(length: int, d: int) -> torch.Tensor:
 
 
 class LM(nn.Module):
-    """Embedding + sinusoids, pre-LN blocks (torch's own layer), final LayerNorm, decoder."""
+    """Embedding x sqrt(d) + sinusoids, pre-LN blocks (torch's own layer), decoder.
+
+    As the paper's code (language_modeling/model.py): torch's TransformerEncoder without a final
+    norm, so the last block's output goes straight to the decoder; embedding and decoder weights
+    U(-0.1, 0.1), decoder bias 0, the blocks torch's defaults.
+    """
 
     def __init__(self, d: int, n_layers: int, heads: int, d_mlp: int, context: int) -> None:
         super().__init__()
@@ -85,17 +97,20 @@ class LM(nn.Module):
             )
             for _ in range(n_layers)
         )
-        self.norm = nn.LayerNorm(d)
         self.decoder = nn.Linear(d, VOCAB)  # untied
+        self.d = d
+        nn.init.uniform_(self.embed.weight, -0.1, 0.1)  # not nn.Embedding's N(0, 1)
+        nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
+        nn.init.zeros_(self.decoder.bias)
         self.register_buffer("pos", sinusoids(context, d), persistent=False)  # not a weight
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         n = tokens.shape[1]
-        x = self.embed(tokens) + self.pos[:n]
+        x = self.embed(tokens) * math.sqrt(self.d) + self.pos[:n]
         mask = nn.Transformer.generate_square_subsequent_mask(n, device=x.device, dtype=x.dtype)
         for layer in self.layers:
             x = layer(x, src_mask=mask, is_causal=True)
-        return self.decoder(self.norm(x))
+        return self.decoder(x)
 
 
 def build_model(config: dict[str, Any]) -> nn.Module:
@@ -122,6 +137,11 @@ def pairs(config: dict[str, Any]) -> list[dict[str, str]]:
             {"prev": f"{blk}.linear2.weight", "next": nxt, "kind": "linear"},
         ]  # fmt: skip
     return out
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: Config) -> torch.optim.Optimizer:
+    """AdamW with weight decay on every parameter, biases and norms included (the paper's code)."""
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.wd, betas=(cfg.beta1, cfg.beta2))
 
 
 # -- data -------------------------------------------------------------------------------------
@@ -194,19 +214,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     # -- setup
     torch.manual_seed(cfg.seed)
     torch.set_flush_denormal(True)
-    device = torch.device(cfg.device)
+    device = resolve_device(cfg.device)
     train, val = load_sequences(config)
     data = eval_subset(train, val)
     model = build_model(config).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(
-        [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.wd},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-        betas=(cfg.beta1, cfg.beta2),
-    )
+    opt = make_optimizer(params, cfg)
     writer = RunWriter(
         cfg.out, trainer="lm", config=config, pairs=pairs(config),
         model={"n_heads": cfg.n_heads, "d_model": cfg.d_model},

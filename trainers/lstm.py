@@ -3,7 +3,8 @@
 The paper's setting (SPEC §4, appendix D.3): 4 bidirectional LSTM layers of 256 units on 40 log-mel
 features, a Linear to 29 outputs (CTC blank, space, apostrophe, a-z), trained on LibriSpeech
 train-clean-100 with AdamW (batch 32, lr 3e-4, weight decay 0.1) for 50 epochs, the learning rate
-annealed from 1 to 0 by a cosine over all of training. Features are read from a folder of ``.npy``
+annealed from 1 to 0 by a cosine over the epochs, set once an epoch (the paper's code steps
+CosineAnnealingLR(T_max = epochs) at each epoch's end). Features are read from a folder of ``.npy``
 arrays with same-stem ``.txt`` transcripts (`trainers.data.read_speech_features`); without --data
 it trains on seeded synthetic utterances. Run as
 
@@ -29,7 +30,13 @@ from torch.nn import functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, pad_sequence
 
 from trainers import data as datasets
-from trainers.checkpoint import RunWriter, parse_config, run_main, save_steps
+from trainers.checkpoint import (
+    RunWriter,
+    parse_config,
+    resolve_device,
+    run_main,
+    save_steps,
+)
 
 
 @dataclass
@@ -41,7 +48,7 @@ class Config:
     layers: int = 4  # stacked bidirectional LSTM layers
     epochs: int = 50  # passes over the training set
     batch_size: int = 32  # utterances per step
-    lr: float = 3e-4  # AdamW peak learning rate, cosine-annealed to 0 over all epochs
+    lr: float = 3e-4  # AdamW peak learning rate, cosine-annealed to 0 over the epochs
     wd: float = 0.1  # AdamW weight decay
     max_steps: int = 0  # stop after N steps (0: train all epochs; the schedule still spans them)
     eval_every: int = 500  # evaluate (CTC loss on 1000 training and the validation utterances)
@@ -76,18 +83,32 @@ def build_model(config: dict[str, Any]) -> nn.Module:
 
 
 def pairs(config: dict[str, Any]) -> list[dict[str, str]]:
-    """Consecutive layers for alignment (SPEC §3, LSTM), within each direction."""
-    out = []
+    """Consecutive layers for alignment (SPEC §3, LSTM), within each direction.
+
+    The list and order of the paper's `inter_layer_pairs` (speech_recognition/model.py): layer by
+    layer, forward then reverse, ih_k -> hh_k, ih_k -> ih_{k+1}, hh_k -> ih_{k+1}; the last layer
+    pairs only with the output Linear (its ih -> hh is not in the paper's list). ``direction`` is
+    the previous layer's: the analysis takes that half of a 2h-wide next input, the output
+    Linear's included.
+    """
     last = config["layers"] - 1
-    for direction, sfx in (("forward", ""), ("reverse", "_reverse")):
-        for k in range(config["layers"]):
+    directions = (("forward", ""), ("reverse", "_reverse"))
+    out = []
+    for k in range(last):
+        for direction, sfx in directions:
             ih, hh = f"lstm.weight_ih_l{k}{sfx}", f"lstm.weight_hh_l{k}{sfx}"
-            nxt = "out.weight" if k == last else f"lstm.weight_ih_l{k + 1}{sfx}"
+            nxt = f"lstm.weight_ih_l{k + 1}{sfx}"
             out += [
                 {"prev": ih, "next": hh, "kind": "lstm", "direction": direction},
                 {"prev": ih, "next": nxt, "kind": "lstm", "direction": direction},
                 {"prev": hh, "next": nxt, "kind": "lstm", "direction": direction},
             ]
+    for direction, sfx in directions:
+        out += [
+            {"prev": f"lstm.weight_{g}_l{last}{sfx}", "next": "out.weight", "kind": "lstm",
+             "direction": direction}
+            for g in ("ih", "hh")
+        ]  # fmt: skip
     return out
 
 
@@ -167,6 +188,12 @@ def evaluate(
     return out
 
 
+def epoch_lr(cfg: Config, epoch: int) -> float:
+    """The learning rate of 0-based ``epoch``: a cosine from lr (epoch 0) towards 0 (epoch
+    ``epochs``), constant within an epoch; it spans all epochs, even with --max-steps."""
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = parse_config(
         Config, argv, prog="python -m trainers.lstm", description=__doc__.split("\n\n")[0]
@@ -175,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # -- setup
     torch.manual_seed(cfg.seed)
     torch.set_flush_denormal(True)
-    device = torch.device(cfg.device)
+    device = resolve_device(cfg.device)
     train_utts, val_utts = load_utterances(config)
     train = to_tensors(train_utts, "train")
     data = eval_subset(train_utts, val_utts)
@@ -184,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     writer = RunWriter(cfg.out, trainer="lstm", config=config, pairs=pairs(config))
     n = len(train_utts)
     per_epoch = math.ceil(n / cfg.batch_size)
-    planned = cfg.epochs * per_epoch  # the cosine spans all epochs, even with --max-steps
+    planned = cfg.epochs * per_epoch
     total = planned if cfg.max_steps <= 0 else min(cfg.max_steps, planned)
     saves = save_steps(total, every=cfg.save_every, log=cfg.save_log, at=cfg.save_at)
     start = writer.resume(model, opt)
@@ -206,8 +233,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 break
             step += 1
             model.train()
-            for group in opt.param_groups:  # cosine annealing from lr to 0 (step 1 uses lr)
-                group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / planned))
+            for group in opt.param_groups:
+                group["lr"] = epoch_lr(cfg, epoch)
             idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
             x, x_len, y, y_len = (v.to(device) for v in batch(train, "train", idx))
             loss = ctc_loss(model, x, x_len, y, y_len)

@@ -29,7 +29,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from trainers import data as datasets
-from trainers.checkpoint import RunWriter, parse_config, run_main, save_steps
+from trainers.checkpoint import (
+    RunWriter,
+    parse_config,
+    resolve_device,
+    run_main,
+    save_steps,
+)
 
 
 @dataclass
@@ -118,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # -- setup
     torch.manual_seed(cfg.seed)
     torch.set_flush_denormal(True)  # denormal floats make CPU steps several times slower
-    device = torch.device(cfg.device)
+    device = resolve_device(cfg.device)
     data = {k: v.to(device) for k, v in make_data(config).items()}
     n = len(data["y_train"])
     per_epoch = math.ceil(n / cfg.batch_size)

@@ -3,9 +3,12 @@
 The paper's setting (SPEC §4, appendix D.2): the 4-level residual UNet of Wang & Vastola (2022) —
 convolutions down (stride 2), transposed convolutions up, additive skips, group norm, swish, a
 time embedding fed to every level through its own Linear — with channels 64/128/256/512, trained
-for ε-prediction (MSE) over 1000 diffusion steps with a linear beta schedule; AdamW, batch 128,
-lr 3e-4, weight decay 0, 100 epochs. Without --data it trains on scikit-learn's bundled digits
-upsampled to 28×28 (no download). Run as
+for ε-prediction (MSE) over 1000 diffusion steps; AdamW, batch 128, lr 3e-4, weight decay 0, 100
+epochs. As the paper's code (image_generation/model.py): the time embedding is a Gaussian Fourier
+projection of the integer step (sin and cos of 256 fixed random frequencies ~ N(0, 30²): 512
+features) and a Linear; the betas follow a sigmoid, sigmoid(linspace(-6, 6, T)) · (5e-3 − 1e-5)
++ 1e-5. Without --data it trains on scikit-learn's bundled digits upsampled to 28×28 (no
+download). Run as
 
     python -m trainers.unet --data ~/data/mnist --out runs/unet
     python -m trainers.unet --channels 16,32 --epochs 2 --out runs/unet-tiny
@@ -28,18 +31,25 @@ from torch import nn
 from torch.nn import functional as F
 
 from trainers import data as datasets
-from trainers.checkpoint import RunWriter, parse_config, run_main, save_steps
+from trainers.checkpoint import (
+    RunWriter,
+    parse_config,
+    resolve_device,
+    run_main,
+    save_steps,
+)
 
 
 @dataclass
 class Config:
     data: str = ""  # MNIST IDX folder; empty: the bundled 8x8 digits upsampled to 28x28
+    val_frac: float = 0.1  # fraction of the training set held out for validation (seed 42)
     limit_train: int = 0  # train on only the first N training images (0: all)
     channels: str = "64,128,256,512"  # channels of each resolution level, comma-separated
-    embed_dim: int = 256  # width of the time embedding (sinusoidal, then a Linear)
+    embed_dim: int = 512  # width of the time embedding (Gaussian Fourier features, then a Linear)
     diffusion_steps: int = 1000  # diffusion steps T
-    beta_start: float = 1e-4  # linear beta schedule: beta at t = 1
-    beta_end: float = 0.02  # linear beta schedule: beta at t = T
+    beta_min: float = 1e-5  # sigmoid beta schedule: betas run from about beta_min ...
+    beta_max: float = 5e-3  # ... to about beta_max, sigmoid(linspace(-6, 6, T)) in between
     epochs: int = 100  # passes over the training set
     batch_size: int = 128  # images per step
     lr: float = 3e-4  # AdamW learning rate, constant
@@ -59,10 +69,9 @@ def swish(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(x)
 
 
-def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding of integer diffusion steps, [B] -> [B, dim]."""
-    freqs = torch.exp(torch.arange(dim // 2, device=t.device) * (-math.log(1e4) / (dim // 2)))
-    angles = t.float()[:, None] * freqs[None]
+def fourier_features(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Gaussian Fourier features of integer diffusion steps, [B] -> [B, 2 * len(freqs)]."""
+    angles = t.float()[:, None] * freqs[None] * (2 * math.pi)
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
 
@@ -76,7 +85,8 @@ class UNet(nn.Module):
 
     def __init__(self, channels: list[int], embed_dim: int) -> None:
         super().__init__()
-        self.embed_dim = embed_dim
+        # fixed random frequencies, not trained; a buffer, so every checkpoint carries them
+        self.register_buffer("time_freqs", torch.randn(embed_dim // 2) * 30.0)
         self.time_linear = nn.Linear(embed_dim, embed_dim)
         c_in = [1, *channels[:-1]]
         self.convs = nn.ModuleList(
@@ -97,7 +107,7 @@ class UNet(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        emb = swish(self.time_linear(timestep_embedding(t, self.embed_dim)))
+        emb = swish(self.time_linear(fourier_features(t, self.time_freqs)))
         skips, sizes, h = [], [], x
         for conv, dense, norm in zip(self.convs, self.denses, self.norms, strict=True):
             sizes.append(h.shape[-2:])
@@ -123,34 +133,46 @@ def view_rules(config: dict[str, Any]) -> dict[str, str]:
 
 
 def pairs(config: dict[str, Any]) -> list[dict[str, str]]:
-    """Consecutive layers for alignment (SPEC §3, UNet): chain, additive skips, time projections."""
+    """Alignment pairs (SPEC §3, UNet), the list and order of the paper's `inter_layer_pairs`.
+
+    Level k's output h_k = conv_k(x) + dense_k(time) feeds conv_{k+1} (the deepest feeds
+    tconv_top) and, through the additive skip, tconv_k: so both conv_k and dense_k pair with
+    each. The up path's time projections (tdenses) and the time Linear are in no pair, as there.
+    """
     n = len(config["channels"].split(","))
-    chain = [f"convs.{k}.weight" for k in range(n)]
-    chain += [f"tconvs.{k}.weight" for k in range(n - 1, -1, -1)]
-    out = [{"prev": a, "next": b, "kind": "conv"} for a, b in itertools.pairwise(chain)]
-    out += [
-        {"prev": f"convs.{k}.weight", "next": f"tconvs.{k}.weight", "kind": "skip"}
-        for k in range(n - 1)
-    ]
-    # the time branch feeds every dense; dense_k's output joins conv_k's and feeds the next conv
-    dense = [f"denses.{k}.weight" for k in range(n)]
-    dense += [f"tdenses.{k - 1}.weight" for k in range(n - 1, 0, -1)]
-    out += [{"prev": "time_linear.weight", "next": d, "kind": "linear"} for d in dense]
-    out += [{"prev": d, "next": c, "kind": "time"} for d, c in zip(dense, chain[1:], strict=True)]
+    conv, tconv, dense = "convs.{}.weight", "tconvs.{}.weight", "denses.{}.weight"
+    down = [conv.format(k) for k in range(n)] + [tconv.format(n - 1)]
+    out = [{"prev": a, "next": b, "kind": "conv"} for a, b in itertools.pairwise(down[:-1])]
+    out += [{"prev": dense.format(k), "next": down[k + 1], "kind": "time"} for k in range(n)]
+    out.append({"prev": down[-2], "next": down[-1], "kind": "conv"})  # the bottom of the U
+    out += [{"prev": tconv.format(k), "next": tconv.format(k - 1), "kind": "conv"}
+            for k in range(n - 1, 0, -1)]  # fmt: skip
+    for k in range(n - 1):  # the additive skips: h_k joins tconv_k's input
+        out += [{"prev": conv.format(k), "next": tconv.format(k), "kind": "skip"},
+                {"prev": dense.format(k), "next": tconv.format(k), "kind": "skip"}]  # fmt: skip
     return out
 
 
 # -- data -------------------------------------------------------------------------------------
+# MNIST's usual pixel mean and deviation: the paper's code standardises with them (not to [-1, 1])
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+
 def load_images(config: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 [N, 1, 28, 28] training and validation images (MNIST test split, or 10 % digits)."""
+    """uint8 [N, 1, 28, 28] training and validation images.
+
+    As the paper's code: validation is 10 % of MNIST's training set held out (seed 42), and its
+    test set is not used. The built-in digits are split the same way.
+    """
     if config["data"]:
-        train, _ = datasets.read_mnist(config["data"], "train")
-        val, _ = datasets.read_mnist(config["data"], "test")
-        train, val = train[:, None], val[:, None]
+        images, _ = datasets.read_mnist(config["data"], "train")
+        images = images[:, None]
     else:
-        images, _ = datasets.digits_images(size=28)  # already in a fixed shuffled order
-        train, val = images[len(images) // 10 :], images[: len(images) // 10]
-    return (train[: config["limit_train"]] if config["limit_train"] > 0 else train), val
+        images, _ = datasets.digits_images(size=28)
+    train, val = datasets.split_validation(len(images), config["val_frac"], seed=42)
+    if config["limit_train"] > 0:
+        train = train[: config["limit_train"]]
+    return images[train], images[val]
 
 
 def eval_data(config: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -162,19 +184,22 @@ def eval_data(config: dict[str, Any]) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     out = {}
     for split, images in zip(("train", "val"), load_images(config), strict=True):
-        x = torch.from_numpy(images).float() / 127.5 - 1.0
+        x = (torch.from_numpy(images).float() / 255.0 - MNIST_MEAN) / MNIST_STD
         out[f"x_{split}"] = x
         out[f"t_{split}"] = torch.randint(0, config["diffusion_steps"], (len(x),), generator=gen)
         out[f"noise_{split}"] = torch.randn(x.shape, generator=gen)
     return out
 
 
+def betas(config: dict[str, Any]) -> torch.Tensor:
+    """The paper's sigmoid schedule beta_t, t = 0..T-1, in float64."""
+    x = torch.linspace(-6, 6, config["diffusion_steps"], dtype=torch.float64)
+    return torch.sigmoid(x) * (config["beta_max"] - config["beta_min"]) + config["beta_min"]
+
+
 def alpha_bars(config: dict[str, Any]) -> torch.Tensor:
     """Cumulative products of (1 - beta_t), t = 0..T-1, float64 for accuracy."""
-    betas = torch.linspace(
-        config["beta_start"], config["beta_end"], config["diffusion_steps"], dtype=torch.float64
-    )
-    return torch.cumprod(1 - betas, dim=0)
+    return torch.cumprod(1 - betas(config), dim=0)
 
 
 def diffusion_loss(
@@ -213,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # -- setup
     torch.manual_seed(cfg.seed)
     torch.set_flush_denormal(True)
-    device = torch.device(cfg.device)
+    device = resolve_device(cfg.device)
     data = eval_data(config)
     x_train = data["x_train"].to(device)
     ab = alpha_bars(config).to(device)
