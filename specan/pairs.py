@@ -199,16 +199,27 @@ def _lstm_pairs(
     output = lstm_output(params, last, width, linear)
     if output is None:  # no layer takes the LSTM's width: the first linear after it (skipped)
         output = next((p for p in params[params.index(last) + 1 :] if p in linear), None)
+    # The paper's list and order (and specan's LSTM trainer's): layer by layer, forward then
+    # reverse; ih_k -> hh_k only below the last layer, whose ih and hh pair with the output.
     pairs = []
-    for d in ("forward", "reverse"):  # as specan's LSTM trainer lists them
-        for k in range(top + 1):
+    for k in range(top + 1):
+        for d in ("forward", "reverse"):
             ih, hh = layers.get((d, "ih", k)), layers.get((d, "hh", k))
-            if ih is None or hh is None:
+            if ih is None or hh is None or (k == top and output is None):
                 continue
-            nxt = layers.get((d, "ih", k + 1)) if k < top else output
-            pairs.append(Pair(ih, hh, "lstm", direction=d))
-            if nxt is not None:
-                pairs += [Pair(ih, nxt, "lstm", direction=d), Pair(hh, nxt, "lstm", direction=d)]
+            if k < top:
+                nxt = layers.get((d, "ih", k + 1))
+                pairs.append(Pair(ih, hh, "lstm", direction=d))
+                if nxt is not None:
+                    pairs += [
+                        Pair(ih, nxt, "lstm", direction=d),
+                        Pair(hh, nxt, "lstm", direction=d),
+                    ]
+            else:
+                pairs += [
+                    Pair(ih, output, "lstm", direction=d),
+                    Pair(hh, output, "lstm", direction=d),
+                ]
     return pairs
 
 

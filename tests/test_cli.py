@@ -191,7 +191,7 @@ def test_align_layers_filters_pairs(ingested: Path) -> None:
     assert res.exit_code == 0, res.output
     pairs = {r["pair"] for r in json.loads(res.stdout)}
     assert pairs == {r["pair"] for r in json.loads(every.stdout) if pat + " " in r["pair"] + " "}
-    assert len(pairs) == 4  # ih_l0 -> ih_l1, hh_l0 -> ih_l1, ih_l1 -> hh_l1, ih_l1 -> head
+    assert len(pairs) == 3  # ih_l0 -> ih_l1, hh_l0 -> ih_l1, ih_l1 -> head (last: no -> hh)
 
 
 @pytest.mark.parametrize("command", ["rank", "align", "sva"])

@@ -186,10 +186,10 @@ def test_inferred_lstm_pairs_per_direction() -> None:
     fwd = {(p.prev, p.next) for p in pairs if p.direction == "forward"}
     assert fwd == {
         ("rnn.weight_ih_l0", "rnn.weight_hh_l0"), ("rnn.weight_ih_l0", "rnn.weight_ih_l1"),
-        ("rnn.weight_hh_l0", "rnn.weight_ih_l1"), ("rnn.weight_ih_l1", "rnn.weight_hh_l1"),
+        ("rnn.weight_hh_l0", "rnn.weight_ih_l1"),  # the last layer: no ih -> hh (paper)
         ("rnn.weight_ih_l1", "out.weight"), ("rnn.weight_hh_l1", "out.weight"),
     }  # fmt: skip
-    assert len(pairs) == 12
+    assert len(pairs) == 10
 
 
 def test_analyses_are_cached_until_the_store_changes(tmp_path, monkeypatch) -> None:

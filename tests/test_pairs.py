@@ -118,13 +118,18 @@ class PaperASR(nn.Module):
         self.model.linear = nn.Linear(2 * hidden, 3)
 
 
-def lstm_labels(prefix: str, out: str, layers: int) -> list[str]:
+def lstm_labels(prefix: str, out: str, layers: int, directions: int = 2) -> list[str]:
+    """The paper's `inter_layer_pairs` for an LSTM, written out: layer by layer, forward then
+    reverse; ih_k -> hh_k only below the last layer, whose ih and hh pair with the output."""
     expected = []
-    for sfx in ("", "_reverse"):
-        for k in range(layers):
+    for k in range(layers):
+        for sfx in ("", "_reverse")[:directions]:
             ih, hh = f"{prefix}weight_ih_l{k}{sfx}", f"{prefix}weight_hh_l{k}{sfx}"
-            nxt = f"{prefix}weight_ih_l{k + 1}{sfx}" if k + 1 < layers else out
-            expected += [f"{ih} -> {hh}", f"{ih} -> {nxt}", f"{hh} -> {nxt}"]
+            if k + 1 < layers:
+                nxt = f"{prefix}weight_ih_l{k + 1}{sfx}"
+                expected += [f"{ih} -> {hh}", f"{ih} -> {nxt}", f"{hh} -> {nxt}"]
+            else:
+                expected += [f"{ih} -> {out}", f"{hh} -> {out}"]
     return expected
 
 
@@ -136,7 +141,9 @@ def test_paper_lstm_keeps_its_output_pairs(tmp_path: Path) -> None:
     pairs, rule = pairs_for({}, st.views)
     assert "LSTM" in rule
     assert [p.label for p in pairs] == lstm_labels("model.lstm.", "model.linear.weight", 4)
-    assert [p.direction for p in pairs] == ["forward"] * 12 + ["reverse"] * 12
+    assert [p.direction for p in pairs] == (["forward"] * 3 + ["reverse"] * 3) * 3 + (
+        ["forward"] * 2 + ["reverse"] * 2
+    )
     for pair in pairs:  # every pair resolves: the halves meet the g block
         prev, nxt = resolve(pair, st.views, loader(st))
         assert prev.shape[-2] == nxt.shape[-2] == 4
@@ -159,7 +166,7 @@ def test_unidirectional_lstm_has_no_halves() -> None:
     specs = plan_views(dict(sorted(shapes.items())))
     assert [s.rule for s in specs] == ["lstm"] * 4 + ["linear"]
     views = {s.key: s.__dict__ for s in specs}
-    assert labels(views) == lstm_labels("rnn.", "fc.weight", 2)[:6]
+    assert labels(views) == lstm_labels("rnn.", "fc.weight", 2, directions=1)
 
 
 def lstm_state(seed: int = 0) -> Tensors:
