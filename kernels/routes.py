@@ -105,6 +105,24 @@ def _top_eigvecs_scipy(gram: torch.Tensor, k: int) -> torch.Tensor:
     return out
 
 
+def _gram32_syrk(a: torch.Tensor) -> torch.Tensor:
+    """``AᵀA`` of each float32 CPU matrix with BLAS ``ssyrk``, as float64 ``[B, n, n]``.
+
+    syrk computes one triangle, half the flops of ``a.mT @ a`` (0.16 s against 0.31 s for a
+    50304 x 768 embedding on this project's 2-core CPU); a C-contiguous (m, n) matrix is the
+    Fortran-ordered (n, m) ``Aᵀ`` that syrk takes without a copy. Only the lower triangle is
+    filled: `eigh` and `eigvalsh` read only that one (UPLO="L", torch's default).
+    """
+    from scipy.linalg import blas
+    from threadpoolctl import threadpool_limits
+
+    out = torch.empty(a.shape[0], a.shape[-1], a.shape[-1], dtype=torch.float64)
+    with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
+        for i, m in enumerate(a.contiguous().numpy()):
+            out[i] = torch.from_numpy(blas.ssyrk(1.0, m.T, trans=0, lower=1))
+    return out
+
+
 def gram(a: torch.Tensor, k: int, vectors: bool, *, double: bool, evr: bool = False):
     """σ (and top-k vectors) from the eigendecomposition of ``AᵀA``, without fallbacks.
 
@@ -116,6 +134,8 @@ def gram(a: torch.Tensor, k: int, vectors: bool, *, double: bool, evr: bool = Fa
     if double:
         a64 = a.double()
         g = a64.mT @ a64
+    elif a.device.type == "cpu":
+        g = _gram32_syrk(a)
     else:
         g = (a.mT @ a).double()
     if not vectors or k == 0:

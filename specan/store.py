@@ -174,7 +174,8 @@ def _alive(holder: Mapping[str, Any]) -> bool:
 def _zstd() -> list[Any]:
     from zarr.codecs import ZstdCodec
 
-    return [ZstdCodec(level=3)]
+    # level 1: the same ratio as 3 on singular vectors (0.925, near-random floats) at 2x the speed
+    return [ZstdCodec(level=1)]
 
 
 class Store:
