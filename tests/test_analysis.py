@@ -260,3 +260,23 @@ def test_listings_follow_model_order_in_an_older_file_ordered_store(tmp_path: Pa
         f"{a} -> {b}" for a, b in zip(natural, natural[1:], strict=False)
     ]
     assert [v["key"] for v in store.summary(store.store_path(root))["views"]] == natural
+
+
+def test_sva_by_epoch_pairs_the_same_epoch(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    raw = {}
+    for name, steps in (("a", [0, 10, 20]), ("b", [0, 5, 10])):
+        root = tmp_path / name
+        root.mkdir()
+        for epoch, step in enumerate(steps):
+            w = designed(rng, 12, 8, 0.5).astype(np.float32)
+            raw[name, epoch] = w
+            meta = {"step": str(step), "epoch": str(epoch)}
+            save_file({"w.weight": w}, str(root / f"step-{step}.safetensors"), meta)
+        ingest(root, IngestOptions(top_k=0))
+    assert list(analysis.sva(tmp_path / "a", against=tmp_path / "b").steps) == [0, 10]
+    g = analysis.sva(tmp_path / "a", against=tmp_path / "b", by="epoch")
+    assert list(g.steps) == [0, 10, 20] and not g.dropped  # a's steps, matched by epoch
+    for epoch in range(3):
+        expect = sva_diag(raw["a", epoch], raw["b", epoch])
+        np.testing.assert_allclose(g.results[0].diag[epoch], expect, atol=TOL)
