@@ -20,7 +20,8 @@ import numpy as np
 from specan import metrics, store
 from specan.errors import StoreError
 from specan.order import views_in_model_order
-from specan.pairs import WHOLE_RULES, Pair, pairs_for, per_head_vo, resolve
+from specan.pairs import Pair, pairs_for, per_head_vo, resolve
+from specan.views import WHOLE_RULES
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,11 @@ def _views(st: store.Store) -> dict[str, Any]:
 
 
 def _steps(st: store.Store) -> np.ndarray:
-    _, entries = st.done_rows()
+    return _step_array(st.done_rows()[1])
+
+
+def _step_array(entries: list[dict[str, Any]]) -> np.ndarray:
+    """Steps of done checkpoint entries; -1 for a checkpoint without a step."""
     return np.array([-1 if e["step"] is None else e["step"] for e in entries], dtype=np.int64)
 
 
@@ -274,7 +279,7 @@ def sva(run: Path | str, against: Path | str | None = None, *, by: str = "step")
         views, why = _shared_views(views, other, st.path)
         dropped += why
         reference = f"{against} at the same {by}"
-    steps = _steps(st)[rows]
+    steps = _step_array(entries)[rows]
 
     def compute() -> tuple[dict, dict]:
         arrays = {}

@@ -23,7 +23,7 @@ import numpy as np
 from specan.order import model_order
 from specan.views import WHOLE_RULES, lstm_output
 
-__all__ = ["WHOLE_RULES", "Pair", "pairs_for", "per_head_vo", "resolve"]
+__all__ = ["Pair", "pairs_for", "per_head_vo", "resolve"]
 
 
 @dataclass(frozen=True)
