@@ -127,7 +127,7 @@ def _settings(opts: IngestOptions, attrs: Mapping[str, Any] | None, path: Path) 
     for k, v in given.items():
         if v is not None and v != stored.get(k, defaults[k]):
             raise StoreError(
-                f"{path}: made with {k}={stored.get(k)!r}, asked for {v!r};"
+                f"{path}: made with {k}={stored.get(k, defaults[k])!r}, asked for {v!r};"
                 " pass --overwrite to recompute everything with the new setting"
             )
         out[k] = stored.get(k, defaults[k])
