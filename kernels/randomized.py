@@ -1,21 +1,29 @@
-"""Randomized top-k SVD (Halko, Martinsson & Tropp 2011, Alg. 4.4 with Rayleigh–Ritz), batched.
+"""Randomized top-k SVD by randomized block Krylov iteration, batched.
 
-For a tall float32 stack ``A [B, m, n]``: a Gaussian sketch ``Y = A Ω`` with ``l = k + p`` columns
-(p = oversampling), then power iterations ``Q ← orth(A · orth(Aᵀ Q))`` that re-orthogonalise after
-every product (plain powers of ``AAᵀ`` lose the small directions to rounding in float32), then the
-SVD of the small ``W = AᵀQ`` (``[n, l]``): ``W = V Σ Ũᵀ`` gives ``U = Q Ũ``.
+Halko, Martinsson & Tropp (2011) sketch ``Y = A Ω`` and refine it with power iterations, keeping
+only the last block ``(AAᵀ)^q A Ω``. Musco & Musco (2015, "Randomized block Krylov methods for
+stronger and faster approximate SVD") keep every block: the Rayleigh–Ritz step runs over the
+whole Krylov space ``span[AΩ, (AAᵀ)AΩ, …]``, which converges with the square root of the
+spectral gap instead of the gap, so a thinner block reaches the same accuracy with fewer
+columns multiplied by A. Measured on a 4096×16384 matrix with σᵢ = 1/i, top-128 σ to 1e-3
+(2 threads): blocks of 64 reached 3.5e-5 after 12 products with A (768 columns in all), against
+8 products of 256 columns (2048) for power iterations with 2k sketch columns. An 800×400 matrix,
+top-32 σ in blocks of 16: 5 iterations on a trained-like spectrum (σ from 1 to 1e-4), 13 on a
+flat Gaussian one, each within 1e-4 of NumPy (tests/test_kernels.py).
 
-Every iteration already holds ``W = AᵀQ``, whose singular values are the Ritz values of the
-current subspace; they only grow towards the true σ. The loop stops when the top-k Ritz values
-moved by less than ``tol`` (relative) in one iteration, or after ``power_iters`` iterations, so
-decaying (trained) spectra stop after 1-3 iterations and flat (random-init) ones use up to the
-budget (32; Gaussian 600×300, k = 16: 1.2e-3 after 16 iterations, 1.9e-4 after 24, stopped
-at 27 with 9e-5). The top-k σ to 1e-3
-relative: tests/test_kernels.py checks it and the iterations it took.
-The stopping check costs no extra product with A: the last W is the final projection.
+For a tall float32 stack ``A [B, m, n]``:
 
-The tail energy is exact for the data: ``‖A‖²_F − Σ_{i≤k} σ_i²`` with ``‖A‖²_F`` accumulated in
-float64 (Ritz values are below the true σ, so the tail is over-, never under-estimated).
+1. ``Q₀ = orth(A Ω)`` with a Gaussian ``Ω [n, b]``;
+2. each iteration: ``Wᵢ = AᵀQᵢ``, then ``Qᵢ₊₁ = orth(A Wᵢ)`` orthogonalised against all earlier
+   blocks twice (block classical Gram–Schmidt with re-orthogonalisation: a float32 Krylov basis
+   loses orthogonality within a few blocks without it);
+3. the Ritz values are the singular values of ``W = [W₀ … Wᵢ] = AᵀQ``, which every iteration
+   already holds: they only grow towards the true σ. The loop stops when the top-k Ritz values
+   are estimated within ``tol`` (relative) of their limit, or after ``iterations``;
+4. vectors: ``W = V Σ Ũᵀ`` gives ``A ≈ Q Wᵀ = (Q Ũ) Σ Vᵀ``.
+
+The tail energy is exact for the data: ``‖A‖²_F − Σ_{i≤k} σ_i²`` (Ritz values are below the true
+σ, so the tail is over-, never under-estimated).
 """
 
 from __future__ import annotations
@@ -24,19 +32,23 @@ import torch
 
 from .routes import Decomposition, tail_energy
 
-OVERSAMPLE = None  # extra sketch columns beyond k (HMT's p); None: p = max(16, k), see below
-POWER_ITERS = 32  # at most this many power iterations (each: one Aᵀ· and one A· product)
-TOL = 1e-4  # stop when the top-k Ritz values are estimated within this (relative) of σ
+ITERATIONS = 32  # at most this many Krylov blocks after the first (each: one Aᵀ· and one A·)
+TOL = 3e-4  # stop when the top-k Ritz values are estimated within this (relative) of σ
 
 
 def _orth(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(x).Q
 
 
-def _ritz(w: torch.Tensor) -> torch.Tensor:
-    """Singular values of ``w [B, n, l]`` via its l×l Gram in float64, descending."""
+def _ritz(w: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k singular values of ``w [B, n, L]`` via its L×L Gram in float64, descending."""
     lam = torch.linalg.eigvalsh((w.mT @ w).double())
-    return lam.flip(-1).clamp_min(0).sqrt()
+    return lam.flip(-1).clamp_min(0).sqrt()[..., :k]
+
+
+def default_block(k: int) -> int:
+    """Block width for top-k: k/2 (measured fastest at k = 128 against k/4, k and k + 16)."""
+    return max(8, (k + 1) // 2)
 
 
 def randomized_svd(
@@ -44,8 +56,8 @@ def randomized_svd(
     k: int,
     vectors: bool = True,
     *,
-    oversample: int | None = OVERSAMPLE,
-    power_iters: int = POWER_ITERS,
+    block: int | None = None,
+    iterations: int = ITERATIONS,
     tol: float | None = TOL,
     generator: torch.Generator | None = None,
 ) -> tuple[Decomposition, int]:
@@ -57,16 +69,15 @@ def randomized_svd(
         ``[B, m, n]`` float32 with ``m >= n``.
     k
         Number of singular triplets, ``1 <= k <= n``.
-    oversample
-        Extra sketch columns; ``l = min(n, k + oversample)``. None: ``max(16, k)``. Each product
-        costs ∝ l, but the convergence factor per iteration is ``σ_{l+1}/σ_k``: with l = 2k a
-        decaying 4096×1024 spectrum (1e0…1e-4) reached 1e-3 in 1-2 iterations against 8 with
-        p = 16 or 32; a flat random-init spectrum needs 12+ either way.
-    power_iters
-        Most power iterations; 0 is the plain range finder.
+    block
+        Columns per Krylov block; None: :func:`default_block`. The basis never grows past n
+        columns (there the Rayleigh–Ritz step is exact).
+    iterations
+        Most blocks after the first; 0 is the plain range finder with a block of
+        ``max(block, k)`` columns.
     tol
-        Stop early once the top-k Ritz values change by less than this relative amount in one
-        iteration; None always runs ``power_iters``.
+        Stop once the top-k Ritz values are estimated within this relative amount of their
+        limit; None always runs ``iterations``.
     generator
         For the Gaussian test matrix (seeded from 0 when None, so results are repeatable).
 
@@ -74,41 +85,52 @@ def randomized_svd(
     -------
     Decomposition, int
         σ ``[B, k]``, U ``[B, m, k]``, V ``[B, n, k]`` (None without vectors), the tail energy,
-        and the number of power iterations that ran.
+        and the number of iterations that ran.
     """
     b, m, n = a.shape
     k = max(1, min(k, n))
-    p = max(16, k) if oversample is None else oversample
-    l = min(n, k + p)  # noqa: E741 (HMT's name for the sketch width)
+    width = default_block(k) if block is None else max(1, int(block))
+    if iterations == 0:
+        width = max(width, k)
+    width = min(width, n)
     if generator is None:
         generator = torch.Generator(device=a.device).manual_seed(0)
-    omega = torch.randn(b, n, l, generator=generator, device=a.device, dtype=a.dtype)
-    q = _orth(a @ omega)
-    w = a.mT @ q
-    ritz = _ritz(w)[..., :k]
-    done, last = 0, None
-    for _ in range(power_iters):
-        q = _orth(a @ _orth(w))
-        w = a.mT @ q
-        new = _ritz(w)[..., :k]
+    omega = torch.randn(b, n, width, generator=generator, device=a.device, dtype=a.dtype)
+    qs = [_orth(a @ omega)]
+    ws = [a.mT @ qs[0]]
+    ritz, last, done = None, None, 0
+    while True:
+        cols = sum(q.shape[-1] for q in qs)
+        if cols >= k:
+            new = _ritz(torch.cat(ws, -1), k)
+            if ritz is not None and tol is not None:
+                # Ritz values rise towards σ; from two successive steps δ the remaining error is
+                # about δ·ρ/(1 − ρ) with ρ = δ/δ_prev (Aitken). Krylov convergence speeds up as
+                # it goes, so this overestimates it: the stop comes at most a block late.
+                step = (new - ritz).abs() / new.clamp_min(1e-30)
+                rho = (step / last.clamp_min(1e-30)).clamp(0, 0.99) if last is not None else 0.5
+                if float((step * rho / (1 - rho)).max()) < tol:
+                    break
+                last = step
+            ritz = new
+        if done >= iterations or cols >= n:
+            break
+        y = a @ ws[-1]
+        basis = torch.cat(qs, -1)
+        for _ in range(2):  # block classical Gram-Schmidt, twice is enough
+            y = y - basis @ (basis.mT @ y)
+        y = y[..., : min(width, n - cols)]
+        qs.append(_orth(y))
+        ws.append(a.mT @ qs[-1])
         done += 1
-        # Ritz values rise towards σ geometrically; from two successive steps δ, the remaining
-        # error is about δ·ρ/(1 − ρ) with ρ = δ/δ_prev (Aitken), so slow (flat) convergence
-        # keeps iterating where a plain "δ < tol" test would stop far from σ.
-        step = (new - ritz).abs() / new.clamp_min(1e-30)
-        ritz = new
-        if tol is not None:
-            rho = (step / last.clamp_min(1e-30)).clamp(0, 0.99) if last is not None else 0.5
-            if float((step * rho / (1 - rho)).max()) < tol:
-                break
-        last = step
+    w = torch.cat(ws, -1)
     if vectors:
-        # W = AᵀQ = V Σ Ũᵀ, so A ≈ Q W ᵀ = (Q Ũ) Σ Vᵀ.
+        # W = AᵀQ = V Σ Ũᵀ, so A ≈ Q Wᵀ = (Q Ũ) Σ Vᵀ.
         v, s, uh = torch.linalg.svd(w, full_matrices=False)
         sigma = s[..., :k]
-        u = (q @ uh.mT[..., :k]).contiguous()
+        u = (torch.cat(qs, -1) @ uh.mT[..., :k]).contiguous()
         v = v[..., :k].contiguous()
     else:
-        sigma, u, v = ritz.float(), None, None
+        sigma, u, v = _ritz(w, k).float(), None, None
     dec = Decomposition(sigma, u, v, tail_energy(a, sigma, k), ["randomized"] * b)
     return dec, done

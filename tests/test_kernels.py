@@ -248,18 +248,19 @@ def test_randomized_topk(kind) -> None:
 
 
 def test_randomized_power_iterations() -> None:
-    """The iterations the 1e-3 contract takes (oversampling k): stated in randomized.py."""
+    """The Krylov blocks (k/2 wide) the 1e-3 contract takes: 5 on a trained-like spectrum, 13
+    on a flat Gaussian one, measured and stated in randomized.py."""
     m, n, k = 800, 400, 32
-    for kind, most in (("decaying", 3), ("random", 32)):
+    for kind, most in (("decaying", 6), ("random", 16)):
         w = _matrix(kind, m, n, 4)[None]
         _, s_ref, _ = _reference(w[0])
         dec, iters = sk.randomized_svd(w, k, vectors=False)
         rel = np.abs(dec.sigma[0].double().numpy() - s_ref[:k]) / s_ref[:k]
         assert rel.max() <= 1e-3 and iters <= most, (kind, iters, rel.max())
-    # Without power iterations a flat spectrum misses the contract: the iterations matter.
+    # Without iterations a flat spectrum misses the contract: the iterations matter.
     w = _matrix("random", m, n, 4)[None]
     _, s_ref, _ = _reference(w[0])
-    dec, _ = sk.randomized_svd(w, k, vectors=False, power_iters=0)
+    dec, _ = sk.randomized_svd(w, k, vectors=False, iterations=0)
     assert (np.abs(dec.sigma[0].double().numpy() - s_ref[:k]) / s_ref[:k]).max() > 1e-3
 
 
