@@ -8,7 +8,6 @@ checkpoints, the views, the pairs), so they are recomputed only after the store 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -17,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from specan import metrics, store
+from specan import metrics, runfile, store
 from specan.errors import StoreError
 from specan.order import views_in_model_order
 from specan.pairs import Pair, pairs_for, per_head_vo, resolve
@@ -110,29 +109,6 @@ def _step_array(entries: list[dict[str, Any]]) -> np.ndarray:
     return np.array([-1 if e["step"] is None else e["step"] for e in entries], dtype=np.int64)
 
 
-def run_metrics(run: Path | str, steps: np.ndarray) -> dict[str, np.ndarray]:
-    """Numbers from metrics.jsonl aligned to ``steps`` (NaN where a step was not evaluated)."""
-    path = Path(run) / "metrics.jsonl"
-    if not path.exists():
-        return {}
-    by_step: dict[int, dict[str, Any]] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                log.warning("%s: skipping a line that is not JSON", path)
-                continue
-            by_step[int(rec.get("step", -1))] = rec
-    names = sorted(
-        {k for r in by_step.values() for k, v in r.items() if isinstance(v, int | float)}
-        - {"step", "epoch"}
-    )
-    return {
-        n: np.array([float(by_step.get(int(s), {}).get(n, np.nan)) for s in steps]) for n in names
-    }
-
-
 def _inputs(st: store.Store) -> list[Any]:
     """What every analysis of a store depends on: its done checkpoints and its views."""
     done = [
@@ -178,7 +154,7 @@ def rank(run: Path | str) -> RankResult:
         [views[k]["param"] for k in keys],
         [views[k]["rule"] for k in keys],
         arrays["values"],
-        run_metrics(run, steps),
+        {n: np.array(v) for n, v in runfile.metrics_at(run, steps.tolist()).items()},
         [bool(views[k].get("sigma_top")) for k in keys],
     )
 
@@ -208,7 +184,7 @@ def align(run: Path | str, *, vo_per_head: bool = False) -> Alignment:
     st = _open(run)
     _need_vectors(st, "alignment")
     views = _views(st)
-    pairs, rule = pairs_for(_config(run), views)
+    pairs, rule = pairs_for(runfile.read_config(run), views)
     if vo_per_head:
         pairs = per_head_vo(pairs)
         rule += "; V -> O per head"
@@ -239,16 +215,6 @@ def align(run: Path | str, *, vo_per_head: bool = False) -> Alignment:
         results.append(AlignResult(Pair(**p), diag, diag[:, : metrics.SCORE_TOP].mean(axis=1)))
     skipped = [(Pair(**p), reason) for p, reason in info["skipped"]]
     return Alignment(_steps(st), results, skipped, rule)
-
-
-def _config(run: Path | str) -> dict[str, Any]:
-    path = Path(run) / "run.json"
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise StoreError(f"{path}: not valid JSON ({e})") from e
 
 
 def sva(run: Path | str, against: Path | str | None = None, *, by: str = "step") -> Agreement:

@@ -53,6 +53,8 @@ def write_synthetic_run(
     import torch
     from safetensors.torch import save_file
 
+    from specan.runfile import read_config
+
     out = Path(out)
     config = {
         "schema_version": SCHEMA,
@@ -63,7 +65,7 @@ def write_synthetic_run(
         "view_rules": {"deconv.weight": "conv_transpose"},
     }
     run_json = out / "run.json"
-    if run_json.exists() and json.loads(run_json.read_text()) == config:
+    if read_config(out) == config:
         if len(list((out / "checkpoints").glob("step-*.safetensors"))) == checkpoints:
             return out
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)

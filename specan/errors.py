@@ -47,6 +47,10 @@ class BadCheckpointError(SpecanError):
         super().__init__(f"{self.path}: {reason}")
 
 
+class RunFileError(BadCheckpointError):
+    """run.json or metrics.jsonl of a run is unreadable."""
+
+
 class ShapeMismatchError(BadCheckpointError):
     """A checkpoint's parameters differ in name or shape from the run's other checkpoints."""
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from specan import plots
+from specan import plots, runfile
+from specan.errors import RunFileError
 
 log = logging.getLogger(__name__)
 
@@ -135,14 +136,13 @@ def _img(plot: plots.Plot) -> str:
 
 
 def _config_html(run: Path) -> str:
-    path = run / "run.json"
-    if not path.exists():
+    text = runfile.read_config_text(run)
+    if text is None:
         return "<p>No run.json.</p>"
-    text = path.read_text(errors="replace")
     try:
-        text = json.dumps(json.loads(text), indent=2)
-    except json.JSONDecodeError:
-        log.warning("%s: not valid JSON; shown as it is", path)
+        text = json.dumps(runfile.read_config(run), indent=2)
+    except RunFileError as e:
+        log.warning("%s; shown as it is", e)
     return f"<details><summary>Run config (run.json)</summary><pre>{escape(text)}</pre></details>"
 
 

@@ -173,7 +173,9 @@ class RunWriter:
         }
         run_json = self.out / "run.json"
         if run_json.exists():
-            clash = _clash(json.loads(run_json.read_text()), self.meta)
+            from specan.runfile import read_config
+
+            clash = _clash(read_config(self.out), self.meta)
             if clash:
                 raise FileExistsError(f"{self.out} holds {clash} (use another --out)")
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
