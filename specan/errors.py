@@ -73,6 +73,10 @@ class StoreError(SpecanError):
     exit_code = 4
 
 
+class ViewNotFoundError(StoreError, LookupError):
+    """A view key the store does not hold."""
+
+
 class StoreExistsError(StoreError):
     """A store exists where a new one would be created, and --overwrite was not given."""
 
