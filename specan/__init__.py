@@ -22,11 +22,11 @@ __version__ = "0.1.0"
 __all__ = ["Comparison", "Run", "compare", "ingest", "open"]
 
 _HOME = {"Run": "specan.api", "open": "specan.api", "ingest": "specan.api",
-         "compare": "specan.compare", "Comparison": "specan.compare"}  # fmt: skip
+         "compare": "specan.comparison", "Comparison": "specan.comparison"}  # fmt: skip
 
 if TYPE_CHECKING:
     from specan.api import Run, ingest, open
-    from specan.compare import Comparison, compare
+    from specan.comparison import Comparison, compare
 
 
 def __getattr__(name: str) -> Any:

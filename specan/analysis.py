@@ -347,8 +347,8 @@ def _matched(
     shared = sorted(set(mine) & set(theirs))
     if not shared:
         raise StoreError(
-            f"{here.parent} and {there.parent} share no {by}: {_span(mine)} against "
-            f"{_span(theirs)}" + (" (use by='epoch' for runs saved at different steps)"
+            f"{here.parent} and {there.parent} share no {by}: {span(mine)} against "
+            f"{span(theirs)}" + (" (use by='epoch' for runs saved at different steps)"
                                   if by == "step" else "")
         )  # fmt: skip
     dropped = []
@@ -356,13 +356,13 @@ def _matched(
                                 (there, theirs, len(other) - len(theirs))):  # fmt: skip
         alone = sorted(set(have) - set(shared))
         if alone:
-            dropped.append(f"{where.parent}: {by}s {_span(alone)} have no match in the other run")
+            dropped.append(f"{where.parent}: {by}s {span(alone)} have no match in the other run")
         if n_none:
             dropped.append(f"{where.parent}: {n_none} checkpoint(s) without a {by} left out")
     return [mine[k] for k in shared], [theirs[k] for k in shared], dropped
 
 
-def _span(values: Any) -> str:
+def span(values: Any) -> str:
     vals = sorted(values)
     fmt = [f"{v:g}" for v in vals]
     return ", ".join(fmt) if len(fmt) <= 6 else f"{', '.join(fmt[:3])}, ..., {fmt[-1]}"
@@ -422,7 +422,7 @@ def select_steps(steps: np.ndarray, spec: str | None) -> np.ndarray:
     """
     if spec is None or spec.strip().lower() == "all":
         return np.arange(len(steps))
-    have = f"the run has {len(steps)} checkpoint(s), steps {_span(steps.tolist())}"
+    have = f"the run has {len(steps)} checkpoint(s), steps {span(steps.tolist())}"
     try:
         if ":" in spec:
             lo, hi = (s.strip() for s in spec.split(":", 1))

@@ -562,21 +562,134 @@ REPORT_EXAMPLES = "Examples:\n\n" + "\n\n".join(
     [
         "- `specan report runs/grok-wd1`",
         "- `specan report runs/vgg --out vgg.html`",
+        "- `specan report runs/grok-wd0 runs/grok-wd1 --out grok.html` : the runs compared",
     ]
 )
 
 
 @app.command(epilog=REPORT_EXAMPLES)
 def report(
-    run: RunArg,
+    runs: Annotated[
+        list[Path],
+        typer.Argument(
+            help="One run folder, or several to compare on shared axes.", show_default=False
+        ),
+    ],
     out_file: Annotated[
-        Path | None, typer.Option("--out", help="The HTML file (default RUN/report.html).")
+        Path | None,
+        typer.Option(
+            "--out", help="The HTML file (default RUN/report.html; for several runs report.html)."
+        ),
     ] = None,
 ) -> None:
-    """One self-contained HTML page: the figures, a summary table and the run's config."""
-    from specan.report import write_report
+    """One self-contained HTML page: the figures, a summary table and the run's config; for
+    several runs, the runs compared on shared steps (see `specan compare`)."""
+    from specan.report import write_comparison, write_report
 
-    out.print(str(write_report(run, out_file)))
+    if len(runs) == 1:
+        out.print(str(write_report(runs[0], out_file)))
+    else:
+        out.print(str(write_comparison(runs, out_file or Path("report.html"))))
+
+
+COMPARE_EXAMPLES = "Examples:\n\n" + "\n\n".join(
+    [
+        "- `specan compare runs/grok-wd0 runs/grok-wd1` : mean effective rank, table and figure",
+        "- `specan compare runs/grok-wd* --metric rank --format csv > rank.csv`",
+        "- `specan compare runs/a runs/b --metric val_acc --by epoch`",
+    ]
+)
+
+
+@app.command(epilog=COMPARE_EXAMPLES)
+def compare(
+    runs: Annotated[
+        list[Path], typer.Argument(help="Two or more run folders.", show_default=False)
+    ],
+    metric: Annotated[
+        str,
+        typer.Option(
+            "--metric",
+            help="`rank` (effective rank per view, and the model mean), `align` or `sva` (their "
+            "scores), or a metric of metrics.jsonl such as `val_acc`.",
+        ),
+    ] = "rank",
+    by: Annotated[
+        By, typer.Option("--by", help="Match checkpoints by step or by epoch.")
+    ] = By.step,
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Folder for the figure (table format only).")
+    ] = Path("figs"),
+    format: OutFormatOpt = OutFormat.table,
+) -> None:
+    """Runs side by side: the metric on the steps every run has, one line per run.
+
+    Says which steps (and views) were left out because not every run has them. The table has
+    one row per run (the settings in which run.json differs, first and last value of the model
+    mean or the mean score); the figure one panel per view, one line per run, shared axes.
+    csv/json: one row per run, view (`model_mean` for the mean) and step.
+    """
+    import numpy as np
+
+    import specan
+    from specan.comparison import MODEL_MEAN
+
+    if len(runs) < 2:
+        raise typer.BadParameter("give two or more runs.", param_hint="RUNS")
+    c = specan.compare(runs, by=by.value)
+    try:
+        result = c.result(metric)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--metric") from None
+    for why in c.dropped:
+        err.print(f"[yellow]left out[/] {_e(why)}")
+    item = next((d for d in result.dims if d not in ("run", by.value)), None)
+    if format is not OutFormat.table:
+        fields = ["run", *([item] if item else []), by.value, metric]
+        rows = []
+        for r in result.run.values:
+            for x in result[item].values if item else [None]:
+                cell = result.sel(run=r, **({item: x} if item else {}))
+                for t, v in zip(cell[by.value].values, cell.values, strict=True):
+                    key = int(t) if by is By.step else float(t)
+                    rows.append(
+                        dict(
+                            zip(
+                                fields,
+                                [
+                                    str(r),
+                                    *([str(x)] if item else []),
+                                    key,
+                                    None if v != v else float(v),
+                                ],
+                                strict=True,
+                            )
+                        )
+                    )
+        _emit_long(rows, format, fields)  # fmt: skip
+        return
+    summary = result.sel(view=MODEL_MEAN) if metric == "rank" else result
+    if item and metric != "rank":
+        summary = summary.mean(dim=item)
+    differ = c.settings()
+    what = {"rank": "mean erank", "align": "mean alignment score", "sva": "mean SVA score"}
+    label = what.get(metric, metric)
+    table = Table(title=f"{label}, {len(c.shared)} shared {by.value}s "
+                  f"({c.shared[0]:g} … {c.shared[-1]:g})", title_justify="left")  # fmt: skip
+    for col in ("run", *differ, "first", "last", "change"):
+        table.add_column(col, justify="left" if col == "run" else "right")
+    for i, name in enumerate(c.names):
+        v = np.asarray(summary.isel(run=i).values, dtype=float)
+        table.add_row(_e(name), *(_e(vals[i]) for vals in differ.values()), _f(v[0]), _f(v[-1]),
+                      f"{v[-1] - v[0]:+.3f}")  # fmt: skip
+    out.print(table)
+    from specan.plots import compare_lines
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"compare_{metric}.png"
+    fig = compare_lines(result, title=f"{metric}, one line per run", ylabel=metric)
+    fig.savefig(path)
+    out.print(str(path))
 
 
 # -- demo -------------------------------------------------------------------------------------

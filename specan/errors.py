@@ -61,6 +61,12 @@ class OptionError(SpecanError):
     exit_code = 2
 
 
+class RunsMismatchError(SpecanError):
+    """Runs compared share nothing to compare on (no step, no epoch in common)."""
+
+    exit_code = 2
+
+
 class ViewRuleError(SpecanError):
     """A parameter cannot be turned into a matrix view under the requested rule."""
 

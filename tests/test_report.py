@@ -103,3 +103,5 @@ def test_write_comparison(runs: list[Path], tmp_path: Path) -> None:
     assert "wd1" in text and "wd0" in text
     p = parse(out)
     assert len(p.imgs) == 2 and p.external == []
+    # the runs on shared axes, not one figure per run side by side
+    assert 'id="compare_loss_rank"' in text and 'id="compare_rank"' in text
