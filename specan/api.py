@@ -215,8 +215,9 @@ class Run:
         xarray.Dataset
             ``diag`` ``(pair, step, index)`` (A_ii for i < 100, NaN beyond a pair's size; per
             head pairs averaged over heads) and ``score`` ``(pair, step)``; coordinates ``prev``,
-            ``next``, ``kind`` on ``pair``; attrs ``rule`` (where the pairs came from) and
-            ``skipped`` (each pair left out, with the reason).
+            ``next``, ``kind``, ``length`` (the real diagonal entries) on ``pair``; attrs
+            ``rule`` (where the pairs came from) and ``skipped`` (each pair left out, with the
+            reason).
 
         Examples
         --------
@@ -313,6 +314,7 @@ class Run:
         return xr.Dataset(
             {"diag": ((dim, "step", "index"), diag), "score": ((dim, "step"), score)},
             coords={**coords, dim: labels, "index": np.arange(n),
+                    "length": (dim, [d.shape[1] for d in diags]),
                     **{k: (dim, v) for k, v in item_coords.items()}},
             attrs=attrs,
         )  # fmt: skip

@@ -165,8 +165,7 @@ def ingest(
     recomputed, and an interrupted ingest is completed by running it again. Bad files are skipped
     and listed (or stop the run with --strict); nothing already stored is touched.
     """
-    from specan.pipeline import IngestOptions
-    from specan.pipeline import ingest as run_ingest
+    import specan
     from specan.progress import for_console
 
     if no_vectors and top_k:
@@ -183,21 +182,13 @@ def ingest(
         if not sep or not param or not name:
             raise typer.BadParameter(f"'--rule' takes PARAM=RULE, got {r!r}")
         rules[param] = name
-    opts = IngestOptions(
-        top_k=0 if no_vectors else top_k,
-        vectors=False if no_vectors else None,
-        sigma=sigma.value if sigma else None,
-        family=family.value if family else None,
-        layers=layers,
-        heads=heads,
-        rules=rules or None,
-        strict=strict,
-        backend=backend,
-        vector_dtype=vector_dtype,
-        overwrite=overwrite,
-        workers=workers,
-    )
-    report = run_ingest(run, opts, for_console(err))
+    report = specan.ingest(
+        run, top_k=top_k, vectors=False if no_vectors else None,
+        sigma=sigma.value if sigma else None, family=family.value if family else None,
+        layers=layers, heads=heads, rules=rules or None, strict=strict, backend=backend,
+        vector_dtype=vector_dtype, overwrite=overwrite, workers=workers,
+        progress=for_console(err),
+    )  # fmt: skip
     for path, reason in report.bad:
         err.print(f"[yellow]skipped[/] {_e(path)}: {_e(reason)}")
     if report.computed:
@@ -345,44 +336,48 @@ def rank(
     """
     import numpy as np
 
-    from specan.analysis import rank as compute
+    import specan
 
-    r = compute(run)
-    rows, cols = _filters(r.params, r.steps, layers, steps)
-    whole = r.whole
+    opened = specan.open(run)
+    e = opened.rank()
+    keys, params, rules = (e[c].values.tolist() for c in ("view", "param", "rule"))
+    steps_, whole, bound = e.step.values, e.in_mean.values, e.bound.values.tolist()
+    rows, cols = _filters(params, steps_, layers, steps)
     if format is not OutFormat.table:
         fields = ["view", "param", "rule", "in_mean", "step", "erank_norm", "is_bound"]
         _emit_long(
-            [dict(zip(fields, (r.keys[i], r.params[i], r.rules[i], bool(whole[i]),
-                               int(r.steps[t]), float(r.values[i, t]), r.bound[i]), strict=True))
+            [dict(zip(fields, (keys[i], params[i], rules[i], bool(whole[i]), int(steps_[t]),
+                               float(e.values[i, t]), bound[i]), strict=True))
              for i in rows for t in cols],
             format, fields,
         )  # fmt: skip
         return
     t0, t1 = cols[0], cols[-1]
-    table = Table(title=f"normalized effective rank, {run}: step {r.steps[t0]} -> {r.steps[t1]}",
+    table = Table(title=f"normalized effective rank, {run}: step {steps_[t0]} -> {steps_[t1]}",
                   title_justify="left")  # fmt: skip
     for col in ("view", "rule", "first", "last", "min", "change"):
         table.add_column(col, justify="left" if col in ("view", "rule") else "right")
     for i in rows:
-        v = r.values[i, cols]
-        label = _e(r.keys[i]) + (" ≤" if r.bound[i] else "")
+        v = e.values[i, cols]
+        label = _e(keys[i]) + (" ≤" if bound[i] else "")
         label = label if whole[i] else f"[dim]{label}[/]"
-        table.add_row(label, r.rules[i], _f(v[0]), _f(v[-1]), _f(v.min()), f"{v[-1] - v[0]:+.3f}")
+        table.add_row(label, rules[i], _f(v[0]), _f(v[-1]), _f(v.min()), f"{v[-1] - v[0]:+.3f}")
     out.print(table)
     counted = [i for i in rows if whole[i]]
     mean_col = f"mean erank ({len(counted)} matrices)"
-    names = [n for n in r.metrics if "loss" in n or "acc" in n] or list(r.metrics)
+    m = opened.metrics.drop_vars("epoch", errors="ignore").reindex(step=steps_)
+    metrics = {n: m[n].values for n in m.data_vars}
+    names = [n for n in metrics if "loss" in n or "acc" in n] or list(metrics)
     per = Table(title="per checkpoint: the model's mean normalized effective rank"
                 + (" and the run's metrics" if names else ""), title_justify="left")  # fmt: skip
     for col in ("step", mean_col, *names):
         per.add_column(col, justify="right")
     shown = cols if len(cols) <= 25 else cols[np.linspace(0, len(cols) - 1, 25).astype(int)]
-    mean = r.values[counted].mean(axis=0) if counted else np.full(len(r.steps), np.nan)
+    mean = e.values[counted].mean(axis=0) if counted else np.full(len(steps_), np.nan)
     for t in shown:
-        per.add_row(str(r.steps[t]), _f(mean[t]), *(_f(r.metrics[n][t]) for n in names))
+        per.add_row(str(steps_[t]), _f(mean[t]), *(_f(metrics[n][t]) for n in names))
     out.print(per)
-    if any(r.bound[i] for i in rows):
+    if any(bound[i] for i in rows):
         out.print(
             "≤: only the top-k σ are stored for this view (--sigma top-k): its value is an upper "
             "bound from their tail energy (SPEC §2), and so is any mean it enters"
@@ -431,32 +426,35 @@ def align(
     Says which rule gave the pairs (run.json, or the family inferred from names) and every
     pair it skipped, with the reason. csv/json carry the diagonal (top 100) per row.
     """
-    from specan.analysis import align as compute
+    import specan
     from specan.views import select
 
-    a = compute(run, vo_per_head=vo_per_head)
-    params = sorted({p for r in a.results for p in (r.pair.prev, r.pair.next)})
-    keep = set(select(params, layers)) if a.results else set()
-    results = [r for r in a.results if {r.pair.prev, r.pair.next} & keep]
-    _, cols = _filters([], a.steps, None, steps)
-    err.print(f"pairs: {_e(a.rule)}")
-    for pair, reason in a.skipped:
-        err.print(f"[yellow]skipped pair[/] {_e(pair.label)}: {_e(reason)}")
+    a = specan.open(run).align(vo_per_head=vo_per_head)
+    params = sorted(set(a.prev.values.tolist()) | set(a.next.values.tolist()))
+    keep = set(select(params, layers)) if params else set()
+    results = [i for i, (p, n) in enumerate(zip(a.prev.values, a.next.values, strict=True))
+               if {p, n} & keep]  # fmt: skip
+    _, cols = _filters([], a.step.values, None, steps)
+    err.print(f"pairs: {_e(a.attrs['rule'])}")
+    for why in a.attrs["skipped"]:
+        err.print(f"[yellow]skipped pair[/] {_e(why)}")
+    label, kind, length = (a[c].values for c in ("pair", "kind", "length"))
+    score, diag = a.score.values, a.diag.values
     if format is not OutFormat.table:
         fields = ["pair", "kind", "step", "score", "diag"]
         _emit_long(
-            [dict(zip(fields, (r.pair.label, r.pair.kind, int(a.steps[t]), float(r.score[t]),
-                               [float(x) for x in r.diag[t]]), strict=True))
-             for r in results for t in cols],
+            [dict(zip(fields, (str(label[i]), str(kind[i]), int(a.step.values[t]),
+                               float(score[i, t]), diag[i, t, : length[i]].tolist()), strict=True))
+             for i in results for t in cols],
             format, fields,
         )  # fmt: skip
         return
     table = Table(title=f"alignment score (Eqn 4), {run}", title_justify="left")
     for col in ("pair", "kind", "first", "last", "max"):
         table.add_column(col, justify="left" if col in ("pair", "kind") else "right")
-    for r in results:
-        s = r.score[cols]
-        table.add_row(_e(r.pair.label), r.pair.kind, _f(s[0]), _f(s[-1]), _f(s.max()))
+    for i in results:
+        s = score[i, cols]
+        table.add_row(_e(label[i]), str(kind[i]), _f(s[0]), _f(s[-1]), _f(s.max()))
     out.print(table)
 
 
@@ -499,31 +497,32 @@ def sva(
     Says which checkpoint is the reference, and which steps or views were left out and why.
     csv/json carry the diagonal (top 100) per row.
     """
-    from specan.analysis import sva as compute
+    import specan
 
     if against is None and by is not By.step:
         raise typer.BadParameter("'--by' needs '--against'.")
-    g = compute(run, against, by=by.value)
-    rows, cols = _filters([r.param for r in g.results], g.steps, layers, steps)
-    err.print(f"reference: {_e(g.reference)}")
-    for why in g.dropped:
+    g = specan.open(run).sva(against, by=by.value)
+    keys, params, length = (g[c].values for c in ("view", "param", "length"))
+    rows, cols = _filters(params.tolist(), g.step.values, layers, steps)
+    err.print(f"reference: {_e(g.attrs['reference'])}")
+    for why in g.attrs["dropped"]:
         err.print(f"[yellow]left out[/] {_e(why)}")
+    score, diag = g.score.values, g.diag.values
     if format is not OutFormat.table:
         fields = ["view", "param", "step", "score", "diag"]
         _emit_long(
-            [dict(zip(fields, (g.results[i].key, g.results[i].param, int(g.steps[t]),
-                               float(g.results[i].score[t]),
-                               [float(x) for x in g.results[i].diag[t]]), strict=True))
+            [dict(zip(fields, (str(keys[i]), str(params[i]), int(g.step.values[t]),
+                               float(score[i, t]), diag[i, t, : length[i]].tolist()), strict=True))
              for i in rows for t in cols],
             format, fields,
         )  # fmt: skip
         return
-    table = Table(title=f"SVA score against {g.reference}, {run}", title_justify="left")
+    table = Table(title=f"SVA score against {g.attrs['reference']}, {run}", title_justify="left")
     for col in ("view", "first", "middle", "last"):
         table.add_column(col, justify="left" if col == "view" else "right")
     for i in rows:
-        s = g.results[i].score[cols]
-        table.add_row(_e(g.results[i].key), _f(s[0]), _f(s[len(s) // 2]), _f(s[-1]))
+        s = score[i, cols]
+        table.add_row(_e(keys[i]), _f(s[0]), _f(s[len(s) // 2]), _f(s[-1]))
     out.print(table)
 
 
