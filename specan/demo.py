@@ -115,7 +115,7 @@ def run_grokking_demo(out: Path | str, progress_for: Any = None) -> dict[str, An
     from specan import analysis
     from specan.pipeline import ingest
     from specan.report import write_comparison, write_report
-    from trainers import grokking
+    from specan_trainers import grokking
 
     out = Path(out)
     runs, numbers = [], {}

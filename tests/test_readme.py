@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from specan.pipeline import ingest
-from trainers import grokking
+from specan_trainers import grokking
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -31,7 +31,7 @@ def trainer_module(name: str) -> ModuleType:
     """The module of a trainer by its CLI name; ValueError lists the known names."""
     if name not in TRAINERS:
         raise ValueError(f"unknown trainer {name!r}; known: {', '.join(sorted(TRAINERS))}")
-    return importlib.import_module(f"trainers.{TRAINERS[name]}")
+    return importlib.import_module(f"specan_trainers.{TRAINERS[name]}")
 
 
 def _run_config(run: Path | str) -> tuple[ModuleType, dict[str, Any]]:

@@ -313,9 +313,9 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list) -> dict
 
 
 def run_main(main: Any, argv: Sequence[str]) -> None:
-    """`python -m trainers.X`: a bad --data path or --device, or a clashing --out, is one line
-    and exit code 2."""
-    from trainers.data import DataError
+    """`python -m specan_trainers.X`: a bad --data path or --device, or a clashing --out, is one
+    line and exit code 2."""
+    from specan_trainers.data import DataError
 
     try:
         main(argv)

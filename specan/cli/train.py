@@ -53,7 +53,7 @@ Examples:
 
 - `specan train grokking --help` : every option with the paper's default
 
-- `python -m trainers.grokking --help` : the same trainer without the CLI
+- `python -m specan_trainers.grokking --help` : the same trainer without the CLI
 """
 
 
@@ -81,15 +81,15 @@ def train(
     if not name or name in ("-h", "--help"):
         out.print(ctx.get_help())
         return
-    from trainers import trainer_module
+    from specan_trainers import trainer_module
 
     try:
         module = trainer_module(name)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="NAME") from None
     from specan.errors import OptionError
-    from trainers.checkpoint import OptionValueError
-    from trainers.data import DataError
+    from specan_trainers.checkpoint import OptionValueError
+    from specan_trainers.data import DataError
 
     try:
         module.main([*ctx.args])
