@@ -492,7 +492,7 @@ def compare_overview(metrics: Any, rank: Any, *, title: str) -> Figure:
     ``metrics`` maps run name -> its metrics Dataset on ``step`` (every evaluation); ``rank`` is
     `Comparison.rank()` (its ``model_mean``).
     """
-    fig = _figure(8.0, 6.5)
+    fig = _figure(10.0, 6.5)
     top, bottom = fig.subplots(2, 1, sharex=True)
     top.set_title(title)
     colour = _run_colours([str(r) for r in rank.run.values])
@@ -509,8 +509,11 @@ def compare_overview(metrics: Any, rank: Any, *, title: str) -> Figure:
             ax.plot(x[ok], y[ok], styles[n], color=colour[run], lw=1.3, label=f"{run} {n}")
     handles = [*top.get_lines(), *(twin.get_lines() if twin else [])]
     if handles:
-        top.legend(handles=handles, fontsize=7, loc="best")
+        fig.legend(handles=handles, fontsize=7, loc="outside right upper")
         top.set_ylabel("loss" if any("loss" in n for n in names) else "metric")
+        losses = np.concatenate([h.get_ydata() for h in top.get_lines()] or [np.zeros(0)])
+        if losses.size and losses.min() > 0 and losses.max() / losses.min() > 100:
+            top.set_yscale("log")
         if twin is not None:
             twin.set_ylabel("accuracy")
             twin.set_ylim(-0.02, 1.02)

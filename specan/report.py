@@ -190,7 +190,9 @@ def comparison_figures(c: Comparison) -> list[plots.Plot]:
             "compare_loss_rank",
             "Losses and accuracies (top; colour: run, line style: metric) above each run's mean "
             "normalised effective rank over its weight matrices (bottom), on shared axes.",
-            plots.compare_overview(metrics, rank, title="loss and effective rank, per run"),
+            plots.compare_overview(
+                metrics, rank, title=f"{' vs '.join(c.names)}: loss and effective rank"
+            ),
         ),
         plots.Plot(
             "compare_rank",
