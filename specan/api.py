@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from specan import runfile, store
-from specan.errors import ViewNotFoundError
+from specan.errors import StoreError, ViewNotFoundError
+from specan.registry import Analysis
 
 if TYPE_CHECKING:
     import numpy as np
@@ -140,12 +141,21 @@ class Run:
         >>> run = specan.open("runs/demo/grok-wd1")  # doctest: +SKIP
         >>> run.sigma("blocks.0.linear1.weight").isel(step=-1).values[:3]  # doctest: +SKIP
         """
+        return self._lazy(view, "sigma", "index")
+
+    def tail(self, view: str) -> xr.DataArray:
+        """Σσ² beyond the stored top k of one view, lazily: ``(step,)`` or ``(step, head)``;
+        0 where every σ is stored."""
+        return self._lazy(view, "tail", None)
+
+    def _lazy(self, view: str, array: str, last: str | None) -> xr.DataArray:
+        """A per-view store array as a dask-backed DataArray on the done checkpoints."""
         import dask.array as da
         import numpy as np
         import xarray as xr
 
         info = self._view(view)
-        arr = self._store._array(f"views/{view}/sigma")
+        arr = self._store._array(f"views/{view}/{array}")
         rows = self._done[0]
         data = da.from_array(arr, chunks=arr.chunks, inline_array=True, name=False)
         if not rows:
@@ -154,7 +164,7 @@ class Run:
             data = data[rows[0] : rows[0] + len(rows)]
         else:
             data = data[np.asarray(rows)]
-        dims = ("step", "head", "index") if info.get("heads") else ("step", "index")
+        dims = ("step", *(["head"] if info.get("heads") else []), *([last] if last else []))
         return xr.DataArray(
             data,
             dims=dims,
@@ -163,6 +173,40 @@ class Run:
             attrs={"param": info["param"], "rule": info["rule"], "shape": list(info["shape"]),
                    "top_k_only": bool(info.get("sigma_top"))},
         )  # fmt: skip
+
+    def analyse(self, name: str, *, cache: bool = True) -> xr.Dataset:
+        """Any registered analysis by name (`specan.registry`), as a Dataset whose ``value`` is
+        ``(view or pair, step)``.
+
+        Parameters
+        ----------
+        name : str
+            ``rank``, ``align``, ``sva``, or another registered name.
+        cache : bool
+            Read and write the store's ``derived/<name>``.
+
+        Examples
+        --------
+        >>> specan.open("runs/demo/grok-wd1").analyse("rank").value  # doctest: +SKIP
+        """
+        from specan import analysis, registry, store
+
+        a = registry.get(name)
+        if {"U", "V"} & set(a.reads) and not self._store.attrs.get("kernel", {}).get("vectors"):
+            raise StoreError(
+                f"{self.store_path}: holds singular values only; {name} needs singular vectors"
+            )
+        if not a.cached:
+            return a.compute(self, cache=cache)  # type: ignore[call-arg]
+        key = store.fingerprint(name, a.version, *analysis._inputs(self._store))
+        hit = store.read_derived(self.store_path, name, key) if cache else None
+        if hit is not None:
+            return _from_cache(*hit)
+        ds = a.compute(self)
+        if cache:
+            arrays, info, dims = _to_cache(ds)
+            store.write_derived(self.store_path, name, key, arrays, info, dims=dims)
+        return ds
 
     def rank(self, *, cache: bool = True) -> xr.DataArray:
         """Normalized effective rank (Eqn 1-2) of every view at every checkpoint.
@@ -420,3 +464,75 @@ def ingest(
         **options,
     )  # fmt: skip
     return run_ingest(path, opts, progress)
+
+
+def _to_cache(ds: xr.Dataset) -> tuple[dict[str, Any], dict[str, Any], dict[str, list[str]]]:
+    """A result Dataset as ``derived/`` arrays (variables and numeric coordinates, with their
+    dimension names) and attrs (text coordinates, which Zarr v3 has no stable type for)."""
+    arrays, dims, labels = {}, {}, {}
+    for name, var in ds.variables.items():
+        if var.dtype.kind in "biuf":
+            arrays[str(name)], dims[str(name)] = var.values, [str(d) for d in var.dims]
+        else:
+            labels[str(name)] = [[str(d) for d in var.dims], [str(x) for x in var.values]]
+    coords = [str(c) for c in ds.coords if str(c) in arrays]
+    info = {"dims": dims, "labels": labels, "coords": coords, "attrs": dict(ds.attrs)}
+    return arrays, info, dims
+
+
+def _from_cache(arrays: Mapping[str, Any], info: Mapping[str, Any]) -> xr.Dataset:
+    """The Dataset `_to_cache` stored."""
+    import xarray as xr
+
+    dims, coords = info["dims"], set(info["coords"])
+    variables = {n: (tuple(dims[n]), a) for n, a in arrays.items() if n not in coords}
+    coordinates = {n: (tuple(dims[n]), a) for n, a in arrays.items() if n in coords}
+    coordinates |= {n: (tuple(d), v) for n, (d, v) in info["labels"].items()}
+    return xr.Dataset(variables, coords=coordinates, attrs=dict(info["attrs"]))
+
+
+# -- the built-in analyses, as the registry lists them ------------------------------------------
+def _rank(run: Run, *, cache: bool = True) -> xr.Dataset:
+    e = run.rank(cache=cache)
+    return e.reset_coords("model_mean").rename(erank="value")
+
+
+def _align(run: Run, *, cache: bool = True) -> xr.Dataset:
+    return run.align(cache=cache).rename(score="value")
+
+
+def _sva(run: Run, *, cache: bool = True) -> xr.Dataset:
+    return run.sva(cache=cache).rename(score="value")
+
+
+RANK = Analysis(
+    "rank",
+    "normalized effective rank",
+    ("sigma", "tail"),
+    _rank,
+    summary="mean erank",
+    bounds=(0.0, 1.0),
+    cached=False,
+    figure=None,
+)
+ALIGN = Analysis(
+    "align",
+    "alignment score",
+    ("U", "V"),
+    _align,
+    item="pair",
+    summary="mean alignment score",
+    bounds=(0.0, 1.0),
+    cached=False,
+    figure=None,
+)
+SVA = Analysis(
+    "sva",
+    "SVA score",
+    ("U", "V"),
+    _sva,
+    summary="mean SVA score",
+    bounds=(0.0, 1.0),
+    cached=False,
+    figure=None,
+)

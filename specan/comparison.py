@@ -145,21 +145,25 @@ class Comparison:
     def result(self, metric: str, *, cache: bool = True) -> xr.DataArray:
         """One quantity of every run on the shared steps, ``(run, [view or pair,] step)``.
 
-        ``metric`` is ``rank`` (with the model mean as the view ``model_mean``), ``align`` or
-        ``sva`` (their scores), or a name from metrics.jsonl.
+        ``metric`` is a registered analysis (`specan.registry`: ``rank``, ``align``, ``sva``,
+        ...; its ``value``, with the model mean first as the view
+        ``model_mean`` where the analysis has one), or a name from metrics.jsonl.
         """
         import xarray as xr
 
-        if metric == "rank":
-            ds = self.rank(cache=cache)
-            mean = ds["model_mean"].reset_coords(drop=True).expand_dims(view=[MODEL_MEAN])
-            erank = ds["erank"].reset_coords(drop=True)
-            return xr.concat([mean, erank], dim="view").transpose("run", "view", ...).rename(metric)
-        if metric in ("align", "sva"):
-            return getattr(self, metric)(cache=cache)["score"].rename(metric)
+        from specan import registry
+
+        if metric in registry.ANALYSES:
+            item = registry.get(metric).item
+            ds = self._stack([r.analyse(metric, cache=cache) for r in self.runs], item)
+            value = ds["value"].reset_coords(drop=True)
+            if "model_mean" in ds:
+                mean = ds["model_mean"].reset_coords(drop=True).expand_dims({item: [MODEL_MEAN]})
+                value = xr.concat([mean, value], dim=item)
+            return value.transpose("run", item, ...).rename(metric)
         m = self.metrics()
         if metric not in m:
-            known = ", ".join(["rank", "align", "sva", *m.data_vars]) or "rank, align, sva"
+            known = ", ".join([*registry.names(), *m.data_vars])
             raise ValueError(f"metric must be one of {known}; not {metric!r}")
         return m[metric]
 

@@ -83,8 +83,10 @@ def _heatmap(
     title: str,
     ylabel: str,
     cbar: str,
+    bounds: tuple[float, float] | None = (0.0, 1.0),
 ) -> Figure:
-    """Rows x checkpoints on the fixed 0-1 colour scale; ``labels`` name the rows (else indices)."""
+    """Rows x checkpoints on a fixed colour scale (``bounds``, 0-1 unless given; None: the
+    data's range); ``labels`` name the rows (else indices)."""
     values = np.asarray(values, dtype=float)
     rows = values.shape[0] if values.ndim == 2 else 0
     size = 9 if rows <= 30 else 7 if rows <= 60 else 5
@@ -98,8 +100,9 @@ def _heatmap(
     if values.ndim != 2 or values.size == 0:
         ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
         return fig
+    vmin, vmax = bounds if bounds is not None else (None, None)
     im = ax.imshow(
-        values, aspect="auto", vmin=0.0, vmax=1.0, cmap=_cmap("viridis"), interpolation="nearest"
+        values, aspect="auto", vmin=vmin, vmax=vmax, cmap=_cmap("viridis"), interpolation="nearest"
     )
     _step_ticks(ax, steps)
     if labels is not None:
@@ -286,6 +289,7 @@ class Analyses:
     alignment: analysis.Alignment | None
     agreement: analysis.Agreement | None
     notes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # registered analyses: name -> Dataset
 
 
 def analyse(run: Path | str) -> Analyses:
@@ -311,7 +315,32 @@ def analyse(run: Path | str) -> Analyses:
     else:
         if not out.agreement.results:
             out.notes.append("SVA skipped: no view has stored singular vectors")
+    from specan import registry
+    from specan.api import Run
+
+    opened = Run(run)
+    for name in registry.names():
+        a = registry.get(name)
+        if a.figure is None:  # the built-ins above, drawn by their own figures
+            continue
+        try:
+            out.extra[name] = opened.analyse(name)
+        except StoreError as e:
+            out.notes.append(f"{a.title} skipped: {e}")
     return out
+
+
+def registered_heatmap(ds: Any, *, title: str, item: str, label: str, bounds: Any) -> Figure:
+    """A registered analysis's ``value`` ``(item, step)``: items (rows) x checkpoints."""
+    return _heatmap(
+        np.asarray(ds["value"].values, dtype=float),
+        np.asarray(ds["step"].values),
+        [str(x) for x in ds[item].values],
+        title=title,
+        ylabel=item,
+        cbar=label,
+        bounds=bounds,
+    )
 
 
 @dataclass
@@ -397,6 +426,17 @@ def figures(
                 f"SVA diagonal S_ii of {key} with {ag.reference}.",
                 sva_diagonal(ag.steps, by_key[key].diag, title=f"{name}: S_ii, {key}"),
             )
+    from specan import registry
+
+    for name, ds in an.extra.items():
+        a = registry.get(name)
+        yield Plot(
+            name,
+            f"{a.title[:1].upper()}{a.title[1:]} of every {a.item} over training.",
+            registered_heatmap(
+                ds, title=f"{an.name}: {a.title}", item=a.item, label=a.title, bounds=a.bounds
+            ),
+        )
     if views is None:
         _note_cut(an, len(an.views), limit, "singular-value figures (the largest views)")
     for key in list(views) if views is not None else _largest(list(an.views), an.views, limit):

@@ -124,6 +124,15 @@ def summary_html(an: plots.Analyses) -> str:
             [n, *(_num(x, ".4g") for x in _first_last(v))] for n, v in sorted(rk.metrics.items())
         ]
         parts += ["<h3>Metrics</h3>", _table(["metric", "first", "last"], mrows, numeric=2)]
+    if an.extra:
+        from specan import registry
+
+        xrows = []
+        for name, ds in an.extra.items():
+            a = registry.get(name)
+            mean = ds["value"].mean(dim=a.item).values
+            xrows.append([a.summary or a.title, *map(_num, _first_last(mean))])
+        parts += ["<h3>Other analyses</h3>", _table(["analysis", "first", "last"], xrows, 2)]
     if an.notes:
         items = "".join(f"<li>{escape(n)}</li>" for n in an.notes)
         parts.append(f'<h3>Notes</h3><ul class="notes">{items}</ul>')

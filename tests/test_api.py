@@ -194,3 +194,15 @@ def test_ingest_is_keyword_only_and_speaks_of_arguments(tmp_path: Path) -> None:
     with pytest.raises(OptionError) as e:
         specan.ingest(tmp_path, vectors=False, top_k=3)
     assert "top_k" in str(e.value) and "--" not in str(e.value)
+
+
+def test_registered_analyses_by_name(run: tuple[Path, dict]) -> None:
+    from specan import registry
+
+    root, _ = run
+    r = specan.open(root)
+    assert registry.names()[:3] == ["rank", "align", "sva"]
+    np.testing.assert_array_equal(r.analyse("rank")["value"].values, r.rank().values)
+    np.testing.assert_array_equal(r.analyse("sva")["value"].values, r.sva().score.values)
+    with pytest.raises(ValueError, match="no analysis 'nope'; known: rank, align, sva"):
+        r.analyse("nope")

@@ -251,7 +251,8 @@ def compare(
         typer.Option(
             "--metric",
             help="`rank` (effective rank per view, and the model mean), `align` or `sva` (their "
-            "scores), or a metric of metrics.jsonl such as `val_acc`.",
+            "scores), any other registered analysis, or a metric of "
+            "metrics.jsonl such as `val_acc`.",
         ),
     ] = "rank",
     by: Annotated[
@@ -308,12 +309,15 @@ def compare(
                     )
         _emit_long(rows, format, fields)  # fmt: skip
         return
-    summary = result.sel(view=MODEL_MEAN) if metric == "rank" else result
-    if item and metric != "rank":
-        summary = summary.mean(dim=item)
+    from specan import registry
+
+    summary = result
+    if item and MODEL_MEAN in result[item].values:
+        summary = result.sel({item: MODEL_MEAN})
+    elif item:
+        summary = result.mean(dim=item)
     differ = c.settings()
-    what = {"rank": "mean erank", "align": "mean alignment score", "sva": "mean SVA score"}
-    label = what.get(metric, metric)
+    label = registry.get(metric).summary if metric in registry.ANALYSES else metric
     table = Table(title=f"{label}, {len(c.shared)} shared {by.value}s "
                   f"({c.shared[0]:g} … {c.shared[-1]:g})", title_justify="left")  # fmt: skip
     for col in ("run", *differ, "first", "last", "change"):
