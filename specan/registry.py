@@ -26,6 +26,7 @@ ANALYSES = {
     "rank": "specan.api:RANK",
     "align": "specan.api:ALIGN",
     "sva": "specan.api:SVA",
+    "stable_rank": "specan.stable_rank:ANALYSIS",
 }
 
 
