@@ -8,7 +8,6 @@ checkpoints, the views, the pairs), so they are recomputed only after the store 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -17,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from specan import metrics, store
+from specan import metrics, runfile, store
 from specan.errors import StoreError
 from specan.order import views_in_model_order
 from specan.pairs import Pair, pairs_for, per_head_vo, resolve
@@ -110,29 +109,6 @@ def _step_array(entries: list[dict[str, Any]]) -> np.ndarray:
     return np.array([-1 if e["step"] is None else e["step"] for e in entries], dtype=np.int64)
 
 
-def run_metrics(run: Path | str, steps: np.ndarray) -> dict[str, np.ndarray]:
-    """Numbers from metrics.jsonl aligned to ``steps`` (NaN where a step was not evaluated)."""
-    path = Path(run) / "metrics.jsonl"
-    if not path.exists():
-        return {}
-    by_step: dict[int, dict[str, Any]] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                log.warning("%s: skipping a line that is not JSON", path)
-                continue
-            by_step[int(rec.get("step", -1))] = rec
-    names = sorted(
-        {k for r in by_step.values() for k, v in r.items() if isinstance(v, int | float)}
-        - {"step", "epoch"}
-    )
-    return {
-        n: np.array([float(by_step.get(int(s), {}).get(n, np.nan)) for s in steps]) for n in names
-    }
-
-
 def _inputs(st: store.Store) -> list[Any]:
     """What every analysis of a store depends on: its done checkpoints and its views."""
     done = [
@@ -141,18 +117,51 @@ def _inputs(st: store.Store) -> list[Any]:
     return [done, st.views]
 
 
-def _cached(st: store.Store, name: str, key: str, compute: Any) -> tuple[dict, dict]:
-    """(arrays, info) from ``derived/<name>`` when ``key`` matches, else computed and cached."""
-    hit = store.read_derived(st.path, name, key)
-    if hit is not None:
-        return hit
+def _cached(
+    st: store.Store, name: str, key: str, compute: Any, *, cache: bool
+) -> tuple[dict, dict]:
+    """(arrays, info) from ``derived/<name>`` when ``key`` matches, else computed and cached.
+
+    ``cache=False`` neither reads nor writes the cache. Each array's dimension names come from
+    ``DIMS``, and ``step`` (the done checkpoints' steps) goes in beside them, so that
+    ``xarray.open_zarr(<store>/derived/<name>)`` reads a cached result without specan.
+    """
+    if cache:
+        hit = store.read_derived(st.path, name, key)
+        if hit is not None:
+            return hit
     arrays, info = compute()
-    store.write_derived(st.path, name, key, arrays, info)
+    if cache:
+        arrays = {**arrays, "step": _steps(st)} if "step" not in arrays else arrays
+        store.write_derived(st.path, name, key, arrays, info, dims=DIMS)
     return arrays, info
 
 
-def rank(run: Path | str) -> RankResult:
-    """Normalised effective rank (Eqn 1-2) of every view at every checkpoint (cached)."""
+# Dimension names of the cached arrays (see `_cached`); view and pair names are in the attrs.
+DIMS = {
+    "step": ["step"],
+    "erank": ["view", "step"],
+    "diag": ["item", "step", "index"],  # item: a pair (align) or a view (sva); NaN-padded
+    "length": ["item"],  # how many diagonal entries of each item are real
+}
+
+
+def _padded(diags: list[np.ndarray], steps: int) -> dict[str, np.ndarray]:
+    """Diagonals ``[T, n_i]`` of different lengths as one NaN-padded ``[I, T, N]`` array."""
+    n = max((d.shape[1] for d in diags), default=0)
+    out = np.full((len(diags), steps, n), np.nan, dtype=np.float64)
+    for i, d in enumerate(diags):
+        out[i, :, : d.shape[1]] = d
+    return {"diag": out, "length": np.array([d.shape[1] for d in diags], dtype=np.int64)}
+
+
+def _unpadded(arrays: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    return [arrays["diag"][i, :, :n] for i, n in enumerate(arrays["length"].tolist())]
+
+
+def rank(run: Path | str, *, cache: bool = True) -> RankResult:
+    """Normalised effective rank (Eqn 1-2) of every view at every checkpoint (cached unless
+    ``cache`` is False)."""
     st = _open(run)
     steps = _steps(st)
     views = _views(st)
@@ -167,18 +176,19 @@ def rank(run: Path | str) -> RankResult:
             else:
                 erank = metrics.normalized_effective_rank(st.read_sigma(key))
             rows.append(erank.mean(axis=1) if erank.ndim == 2 else erank)  # heads: mean
-        return {"values": np.array(rows) if rows else np.zeros((0, len(steps)))}, {}
+        values = np.array(rows) if rows else np.zeros((0, len(steps)))
+        return {"erank": values}, {"views": list(views)}
 
-    key = store.fingerprint("rank", list(views), *_inputs(st))  # rows follow `views`' order
-    arrays, _ = _cached(st, "rank", key, compute)
+    key = store.fingerprint("rank", 2, list(views), *_inputs(st))  # rows follow `views`' order
+    arrays, _ = _cached(st, "rank", key, compute, cache=cache)
     keys = list(views)
     return RankResult(
         steps,
         keys,
         [views[k]["param"] for k in keys],
         [views[k]["rule"] for k in keys],
-        arrays["values"],
-        run_metrics(run, steps),
+        arrays["erank"],
+        {n: np.array(v) for n, v in runfile.metrics_at(run, steps.tolist()).items()},
         [bool(views[k].get("sigma_top")) for k in keys],
     )
 
@@ -202,20 +212,21 @@ def _loader(st: store.Store) -> Any:
     return load
 
 
-def align(run: Path | str, *, vo_per_head: bool = False) -> Alignment:
+def align(run: Path | str, *, vo_per_head: bool = False, cache: bool = True) -> Alignment:
     """Alignment of consecutive layers (Eqn 3) and its score (Eqn 4) at every checkpoint
-    (cached). ``vo_per_head`` takes W_V -> W_O per attention head instead of whole."""
+    (cached unless ``cache`` is False). ``vo_per_head`` takes W_V -> W_O per attention head
+    instead of whole."""
     st = _open(run)
     _need_vectors(st, "alignment")
     views = _views(st)
-    pairs, rule = pairs_for(_config(run), views)
+    pairs, rule = pairs_for(runfile.read_config(run), views)
     if vo_per_head:
         pairs = per_head_vo(pairs)
         rule += "; V -> O per head"
 
     def compute() -> tuple[dict, dict]:
         load = _loader(st)
-        arrays, kept, skipped = {}, [], []
+        diags, kept, skipped = [], [], []
         for pair in pairs:
             try:
                 prev, nxt = resolve(pair, views, load)
@@ -227,32 +238,24 @@ def align(run: Path | str, *, vo_per_head: bool = False) -> Alignment:
             diag = np.diagonal(a, axis1=-2, axis2=-1)[..., :n]
             if diag.ndim == 3:  # per head -> mean over heads, as the paper plots it
                 diag = diag.mean(axis=1)
-            arrays[f"diag_{len(kept)}"] = diag
+            diags.append(diag)
             kept.append(asdict(pair))
-        return arrays, {"pairs": kept, "skipped": skipped}
+        return _padded(diags, len(_steps(st))), {"pairs": kept, "skipped": skipped}
 
-    key = store.fingerprint("align", *_inputs(st), [asdict(p) for p in pairs])
-    arrays, info = _cached(st, "align", key, compute)
+    key = store.fingerprint("align", 2, *_inputs(st), [asdict(p) for p in pairs])
+    arrays, info = _cached(st, "align", key, compute, cache=cache)
     results = []
-    for i, p in enumerate(info["pairs"]):
-        diag = arrays[f"diag_{i}"]
+    for p, diag in zip(info["pairs"], _unpadded(arrays), strict=True):
         results.append(AlignResult(Pair(**p), diag, diag[:, : metrics.SCORE_TOP].mean(axis=1)))
     skipped = [(Pair(**p), reason) for p, reason in info["skipped"]]
     return Alignment(_steps(st), results, skipped, rule)
 
 
-def _config(run: Path | str) -> dict[str, Any]:
-    path = Path(run) / "run.json"
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise StoreError(f"{path}: not valid JSON ({e})") from e
-
-
-def sva(run: Path | str, against: Path | str | None = None, *, by: str = "step") -> Agreement:
-    """Singular vector agreement (Eqn 5) of every whole-matrix view (cached).
+def sva(
+    run: Path | str, against: Path | str | None = None, *, by: str = "step", cache: bool = True
+) -> Agreement:
+    """Singular vector agreement (Eqn 5) of every whole-matrix view (cached unless ``cache`` is
+    False).
 
     Without ``against``, each checkpoint is compared with the run's final one: the checkpoint
     with the largest step (checkpoints without a step are compared, never taken as final).
@@ -282,8 +285,8 @@ def sva(run: Path | str, against: Path | str | None = None, *, by: str = "step")
     steps = _step_array(entries)[rows]
 
     def compute() -> tuple[dict, dict]:
-        arrays = {}
-        for i, key in enumerate(views):
+        diags = []
+        for key in views:
             u, v = st.read_vectors(key)
             if other is None:
                 u_ref, v_ref = u[ref_rows], v[ref_rows]
@@ -291,15 +294,16 @@ def sva(run: Path | str, against: Path | str | None = None, *, by: str = "step")
                 u_ref, v_ref = (x[ref_rows] for x in other.read_vectors(key))
             s = metrics.sva(u[rows], v[rows], u_ref, v_ref)
             diag = np.diagonal(s, axis1=-2, axis2=-1)[..., : min(DIAG_TOP, s.shape[-1])]
-            arrays[f"diag_{i}"] = diag.mean(axis=1) if diag.ndim == 3 else diag
-        return arrays, {}
+            diags.append(diag.mean(axis=1) if diag.ndim == 3 else diag)
+        out = _padded(diags, len(rows))
+        return {**out, "step": steps}, {"views": list(views), "reference": reference}
 
     inputs = [*_inputs(st), _inputs(other) if other is not None else None, rows, ref_rows]
     name = "sva" if other is None else f"sva_vs_{store.fingerprint(str(other.path))}"
-    arrays, _ = _cached(st, name, store.fingerprint("sva", list(views), *inputs), compute)
+    key = store.fingerprint("sva", 2, list(views), *inputs)
+    arrays, _ = _cached(st, name, key, compute, cache=cache)
     results = []
-    for i, key in enumerate(views):
-        diag = arrays[f"diag_{i}"]
+    for key, diag in zip(views, _unpadded(arrays), strict=True):
         results.append(
             SVAResult(key, views[key]["param"], diag, diag[:, : metrics.SCORE_TOP].mean(axis=1))
         )
@@ -343,8 +347,8 @@ def _matched(
     shared = sorted(set(mine) & set(theirs))
     if not shared:
         raise StoreError(
-            f"{here.parent} and {there.parent} share no {by}: {_span(mine)} against "
-            f"{_span(theirs)}" + (" (use by='epoch' for runs saved at different steps)"
+            f"{here.parent} and {there.parent} share no {by}: {span(mine)} against "
+            f"{span(theirs)}" + (" (use by='epoch' for runs saved at different steps)"
                                   if by == "step" else "")
         )  # fmt: skip
     dropped = []
@@ -352,13 +356,13 @@ def _matched(
                                 (there, theirs, len(other) - len(theirs))):  # fmt: skip
         alone = sorted(set(have) - set(shared))
         if alone:
-            dropped.append(f"{where.parent}: {by}s {_span(alone)} have no match in the other run")
+            dropped.append(f"{where.parent}: {by}s {span(alone)} have no match in the other run")
         if n_none:
             dropped.append(f"{where.parent}: {n_none} checkpoint(s) without a {by} left out")
     return [mine[k] for k in shared], [theirs[k] for k in shared], dropped
 
 
-def _span(values: Any) -> str:
+def span(values: Any) -> str:
     vals = sorted(values)
     fmt = [f"{v:g}" for v in vals]
     return ", ".join(fmt) if len(fmt) <= 6 else f"{', '.join(fmt[:3])}, ..., {fmt[-1]}"
@@ -418,7 +422,7 @@ def select_steps(steps: np.ndarray, spec: str | None) -> np.ndarray:
     """
     if spec is None or spec.strip().lower() == "all":
         return np.arange(len(steps))
-    have = f"the run has {len(steps)} checkpoint(s), steps {_span(steps.tolist())}"
+    have = f"the run has {len(steps)} checkpoint(s), steps {span(steps.tolist())}"
     try:
         if ":" in spec:
             lo, hi = (s.strip() for s in spec.split(":", 1))

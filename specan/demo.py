@@ -10,15 +10,11 @@ Contract 1 (run.json, metrics.jsonl, checkpoints/step-XXXXXXXX.safetensors with 
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
-
-SCHEMA = 1
 
 
 def build_model(width: int = 128, heads: int = 4) -> torch.nn.Module:
@@ -48,28 +44,31 @@ def write_synthetic_run(
 ) -> Path:
     """Write the run to ``out`` (created); a run already there with the same settings is kept.
 
-    Keeping it matters: rewriting would change the files' mtimes and force a re-ingest.
+    Keeping it matters: rewriting would change the files' mtimes and force a re-ingest. Written
+    through the trainers' run writer, so it has exactly the layout a trainer writes.
     """
     import torch
-    from safetensors.torch import save_file
+
+    from specan.runfile import read_config
+    from specan_trainers.checkpoint import SCHEMA_VERSION, RunWriter
 
     out = Path(out)
-    config = {
-        "schema_version": SCHEMA,
-        "trainer": "synthetic",
-        "model": {"width": width, "n_heads": heads},
-        "seed": seed,
-        "checkpoints": checkpoints,
-        "view_rules": {"deconv.weight": "conv_transpose"},
-    }
-    run_json = out / "run.json"
-    if run_json.exists() and json.loads(run_json.read_text()) == config:
+    config = {"width": width, "n_heads": heads, "seed": seed, "checkpoints": checkpoints}
+    model_config = {"width": width, "n_heads": heads}
+    view_rules = {"deconv.weight": "conv_transpose"}
+    expected = {"schema_version": SCHEMA_VERSION, "trainer": "synthetic", "config": config,
+                "model": model_config, "pairs": [], "view_rules": view_rules}  # fmt: skip
+    if read_config(out) == expected:
         if len(list((out / "checkpoints").glob("step-*.safetensors"))) == checkpoints:
             return out
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)  # an interrupted write starts over
+    writer = RunWriter(
+        out, trainer="synthetic", config=config, model=model_config, view_rules=view_rules
+    )
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    start = {k: v.detach().clone() for k, v in build_model(width, heads).state_dict().items()}
+    model = build_model(width, heads)
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     target = {}
     for name, w in start.items():
         if w.dim() < 2:
@@ -77,23 +76,12 @@ def write_synthetic_run(
         m = w.reshape(w.shape[0], -1)
         low = torch.randn(m.shape[0], 4, generator=gen) @ torch.randn(4, m.shape[1], generator=gen)
         target[name] = (low * (m.norm() / low.norm())).reshape(w.shape)
-    with open(out / "metrics.jsonl.tmp", "w") as metrics:
-        for t in range(checkpoints):
-            a = t / max(checkpoints - 1, 1)
-            state = {
-                k: ((1 - a) * v + a * target[k]) if k in target else v for k, v in start.items()
-            }
-            step = 100 * t
-            path = out / "checkpoints" / f"step-{step:08d}.safetensors"
-            tmp = path.with_suffix(".safetensors.tmp")
-            meta = {"step": str(step), "epoch": str(t), "config": json.dumps(config)}
-            save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=meta)
-            os.replace(tmp, path)
-            metrics.write(json.dumps({"step": step, "epoch": t, "blend": a}) + "\n")
-    os.replace(out / "metrics.jsonl.tmp", out / "metrics.jsonl")
-    tmp = out / "run.json.tmp"
-    tmp.write_text(json.dumps(config, indent=2))
-    os.replace(tmp, run_json)
+    for t in range(checkpoints):
+        a = t / max(checkpoints - 1, 1)
+        state = {k: ((1 - a) * v + a * target[k]) if k in target else v for k, v in start.items()}
+        model.load_state_dict(state)
+        writer.save(model, 100 * t, epoch=t)
+        writer.log({"step": 100 * t, "epoch": t, "blend": a})
     return out
 
 
@@ -113,7 +101,7 @@ def run_grokking_demo(out: Path | str, progress_for: Any = None) -> dict[str, An
     from specan import analysis
     from specan.pipeline import ingest
     from specan.report import write_comparison, write_report
-    from trainers import grokking
+    from specan_trainers import grokking
 
     out = Path(out)
     runs, numbers = [], {}

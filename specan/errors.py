@@ -47,12 +47,22 @@ class BadCheckpointError(SpecanError):
         super().__init__(f"{self.path}: {reason}")
 
 
+class RunFileError(BadCheckpointError):
+    """run.json or metrics.jsonl of a run is unreadable."""
+
+
 class ShapeMismatchError(BadCheckpointError):
     """A checkpoint's parameters differ in name or shape from the run's other checkpoints."""
 
 
 class OptionError(SpecanError):
     """An option names something that cannot be used here (e.g. an unavailable SVD backend)."""
+
+    exit_code = 2
+
+
+class RunsMismatchError(SpecanError):
+    """Runs compared share nothing to compare on (no step, no epoch in common)."""
 
     exit_code = 2
 
@@ -67,6 +77,10 @@ class StoreError(SpecanError):
     """The store is missing, locked by another writer, or not a specan store."""
 
     exit_code = 4
+
+
+class ViewNotFoundError(StoreError, LookupError):
+    """A view key the store does not hold."""
 
 
 class StoreExistsError(StoreError):

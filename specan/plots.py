@@ -83,8 +83,10 @@ def _heatmap(
     title: str,
     ylabel: str,
     cbar: str,
+    bounds: tuple[float, float] | None = (0.0, 1.0),
 ) -> Figure:
-    """Rows x checkpoints on the fixed 0-1 colour scale; ``labels`` name the rows (else indices)."""
+    """Rows x checkpoints on a fixed colour scale (``bounds``, 0-1 unless given; None: the
+    data's range); ``labels`` name the rows (else indices)."""
     values = np.asarray(values, dtype=float)
     rows = values.shape[0] if values.ndim == 2 else 0
     size = 9 if rows <= 30 else 7 if rows <= 60 else 5
@@ -98,8 +100,9 @@ def _heatmap(
     if values.ndim != 2 or values.size == 0:
         ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
         return fig
+    vmin, vmax = bounds if bounds is not None else (None, None)
     im = ax.imshow(
-        values, aspect="auto", vmin=0.0, vmax=1.0, cmap=_cmap("viridis"), interpolation="nearest"
+        values, aspect="auto", vmin=vmin, vmax=vmax, cmap=_cmap("viridis"), interpolation="nearest"
     )
     _step_ticks(ax, steps)
     if labels is not None:
@@ -286,6 +289,7 @@ class Analyses:
     alignment: analysis.Alignment | None
     agreement: analysis.Agreement | None
     notes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # registered analyses: name -> Dataset
 
 
 def analyse(run: Path | str) -> Analyses:
@@ -311,7 +315,32 @@ def analyse(run: Path | str) -> Analyses:
     else:
         if not out.agreement.results:
             out.notes.append("SVA skipped: no view has stored singular vectors")
+    from specan import registry
+    from specan.api import Run
+
+    opened = Run(run)
+    for name in registry.names():
+        a = registry.get(name)
+        if a.figure is None:  # the built-ins above, drawn by their own figures
+            continue
+        try:
+            out.extra[name] = opened.analyse(name)
+        except StoreError as e:
+            out.notes.append(f"{a.title} skipped: {e}")
     return out
+
+
+def registered_heatmap(ds: Any, *, title: str, item: str, label: str, bounds: Any) -> Figure:
+    """A registered analysis's ``value`` ``(item, step)``: items (rows) x checkpoints."""
+    return _heatmap(
+        np.asarray(ds["value"].values, dtype=float),
+        np.asarray(ds["step"].values),
+        [str(x) for x in ds[item].values],
+        title=title,
+        ylabel=item,
+        cbar=label,
+        bounds=bounds,
+    )
 
 
 @dataclass
@@ -397,6 +426,17 @@ def figures(
                 f"SVA diagonal S_ii of {key} with {ag.reference}.",
                 sva_diagonal(ag.steps, by_key[key].diag, title=f"{name}: S_ii, {key}"),
             )
+    from specan import registry
+
+    for name, ds in an.extra.items():
+        a = registry.get(name)
+        yield Plot(
+            name,
+            f"{a.title[:1].upper()}{a.title[1:]} of every {a.item} over training.",
+            registered_heatmap(
+                ds, title=f"{an.name}: {a.title}", item=a.item, label=a.title, bounds=a.bounds
+            ),
+        )
     if views is None:
         _note_cut(an, len(an.views), limit, "singular-value figures (the largest views)")
     for key in list(views) if views is not None else _largest(list(an.views), an.views, limit):
@@ -440,3 +480,120 @@ def save_all(
     for note in an.notes:
         log.warning("%s: %s", an.name, note)
     return paths
+
+
+# -- several runs on shared axes ----------------------------------------------------------------
+def _run_colours(runs: Sequence[str]) -> dict[str, str]:
+    return {r: f"C{i % 10}" for i, r in enumerate(runs)}
+
+
+def compare_lines(
+    result: Any, *, title: str, ylabel: str, limit: int | None = MAX_FIGURES * 2
+) -> Figure:
+    """One panel per view (or pair), one line per run, every panel on the same axes.
+
+    ``result`` is an xarray DataArray ``(run, [item,] step)`` (``step`` may be ``epoch``), as
+    `specan.comparison.Comparison.result` returns; ``limit`` caps the panels (the first items).
+    """
+    by = result.dims[-1]
+    items = [d for d in result.dims if d not in ("run", by)]
+    names = [str(x) for x in result[items[0]].values] if items else [ylabel]
+    shown = names[:limit] if limit else names
+    cols = min(3, len(shown))
+    rows = -(-len(shown) // cols)
+    fig = _figure(4.2 * cols, 1.2 + 2.6 * rows)
+    axes = np.atleast_1d(fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False)).ravel()
+    fig.suptitle(title)
+    colour = _run_colours([str(r) for r in result.run.values])
+    x = np.asarray(result[by].values, dtype=float)
+    marker = "o" if x.size < 30 else None
+    for ax, name in zip(axes, shown, strict=False):
+        panel = result.sel({items[0]: name}) if items else result
+        for run in result.run.values:
+            y = np.asarray(panel.sel(run=run).values, dtype=float)
+            ax.plot(x, y, color=colour[str(run)], label=str(run), marker=marker, ms=3, lw=1.4)
+        ax.set_title(name, fontsize=8 if len(name) > 30 else 10)
+    for ax in axes[len(shown) :]:
+        ax.set_visible(False)
+    for ax in axes[(rows - 1) * cols :]:
+        ax.set_xlabel(by)
+    for ax in axes[::cols]:
+        ax.set_ylabel(ylabel)
+    if 0 <= np.nanmin(result.values, initial=0) and np.nanmax(result.values, initial=0) <= 1:
+        axes[0].set_ylim(0.0, 1.02)
+    axes[0].legend(fontsize=8, loc="best")
+    return fig
+
+
+def compare_overview(metrics: Any, rank: Any, *, title: str) -> Figure:
+    """The grokking figure for several runs on shared axes: each run's losses and accuracies
+    (top; colour = run, line style = metric) above its mean normalised effective rank (bottom).
+
+    ``metrics`` maps run name -> its metrics Dataset on ``step`` (every evaluation); ``rank`` is
+    `Comparison.rank()` (its ``model_mean``).
+    """
+    fig = _figure(10.0, 6.5)
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    top.set_title(title)
+    colour = _run_colours([str(r) for r in rank.run.values])
+    names = sorted({str(n) for m in metrics.values() for n in m.data_vars})
+    accs = [n for n in names if "acc" in n.lower()]
+    styles = {n: ("-", "--", ":", "-.")[i % 4] for i, n in enumerate(names)}
+    twin = top.twinx() if accs else None
+    for run, m in metrics.items():
+        x = np.asarray(m.step.values, dtype=float)
+        for n in m.data_vars:
+            ax = twin if n in accs else top
+            y = np.asarray(m[n].values, dtype=float)
+            ok = np.isfinite(y)
+            ax.plot(x[ok], y[ok], styles[n], color=colour[run], lw=1.3, label=f"{run} {n}")
+    handles = [*top.get_lines(), *(twin.get_lines() if twin else [])]
+    if handles:
+        fig.legend(handles=handles, fontsize=7, loc="outside right upper")
+        top.set_ylabel("loss" if any("loss" in n for n in names) else "metric")
+        losses = np.concatenate([h.get_ydata() for h in top.get_lines()] or [np.zeros(0)])
+        if losses.size and losses.min() > 0 and losses.max() / losses.min() > 100:
+            top.set_yscale("log")
+        if twin is not None:
+            twin.set_ylabel("accuracy")
+            twin.set_ylim(-0.02, 1.02)
+    else:
+        top.text(0.5, 0.5, "no metrics", ha="center", va="center", transform=top.transAxes)
+    by = rank.model_mean.dims[-1]
+    x = np.asarray(rank[by].values, dtype=float)
+    for run in rank.run.values:
+        y = np.asarray(rank.model_mean.sel(run=run).values, dtype=float)
+        bottom.plot(x, y, color=colour[str(run)], lw=2.0, label=f"{run}: mean over weight matrices")
+    bottom.legend(fontsize=8, loc="best")
+    bottom.set_xlabel(by)
+    bottom.set_ylabel("normalised effective rank")
+    bottom.set_ylim(0.0, 1.02)
+    return fig
+
+
+def final_vs_setting(result: Any, setting: str, values: Sequence[float], *, title: str) -> Figure:
+    """The paper's summary figure: each view's final value (one line per view, the model mean
+    thick) against the one setting in which the runs differ (e.g. weight decay).
+
+    ``result`` is `Comparison.result("rank")` ``(run, view, step)``; ``values`` the setting per run.
+    """
+    by = result.dims[-1]
+    last = result.isel({by: -1})
+    order = np.argsort(np.asarray(values, dtype=float))
+    x = np.asarray(values, dtype=float)[order]
+    fig = _figure(7.5, 4.8)
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    for view in last.view.values:
+        y = np.asarray(last.sel(view=view).values, dtype=float)[order]
+        mean = str(view) == "model_mean"
+        style = {"color": "C3", "lw": 2.4, "zorder": 3, "label": "mean over weight matrices"}
+        ax.plot(x, y, marker="o", ms=3, **(style if mean else {"color": "0.6", "lw": 0.8}))
+    if (x > 0).all() and x.max() / x.min() > 10:
+        ax.set_xscale("log")
+    elif (x >= 0).all() and (x > 0).sum() > 1 and x[x > 0].max() / x[x > 0].min() > 10:
+        ax.set_xscale("symlog", linthresh=float(x[x > 0].min()))
+    ax.set_xlabel(setting)
+    ax.set_ylabel(f"final value ({by} {last[by].item():g}); grey: each view")
+    ax.legend(fontsize=8, loc="best")
+    return fig

@@ -13,10 +13,15 @@ import os
 from collections.abc import Sequence
 from html import escape
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from specan import plots
+from specan import plots, runfile
+from specan.errors import RunFileError
+
+if TYPE_CHECKING:
+    from specan.comparison import Comparison
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +124,15 @@ def summary_html(an: plots.Analyses) -> str:
             [n, *(_num(x, ".4g") for x in _first_last(v))] for n, v in sorted(rk.metrics.items())
         ]
         parts += ["<h3>Metrics</h3>", _table(["metric", "first", "last"], mrows, numeric=2)]
+    if an.extra:
+        from specan import registry
+
+        xrows = []
+        for name, ds in an.extra.items():
+            a = registry.get(name)
+            mean = ds["value"].mean(dim=a.item).values
+            xrows.append([a.summary or a.title, *map(_num, _first_last(mean))])
+        parts += ["<h3>Other analyses</h3>", _table(["analysis", "first", "last"], xrows, 2)]
     if an.notes:
         items = "".join(f"<li>{escape(n)}</li>" for n in an.notes)
         parts.append(f'<h3>Notes</h3><ul class="notes">{items}</ul>')
@@ -135,14 +149,13 @@ def _img(plot: plots.Plot) -> str:
 
 
 def _config_html(run: Path) -> str:
-    path = run / "run.json"
-    if not path.exists():
+    text = runfile.read_config_text(run)
+    if text is None:
         return "<p>No run.json.</p>"
-    text = path.read_text(errors="replace")
     try:
-        text = json.dumps(json.loads(text), indent=2)
-    except json.JSONDecodeError:
-        log.warning("%s: not valid JSON; shown as it is", path)
+        text = json.dumps(runfile.read_config(run), indent=2)
+    except RunFileError as e:
+        log.warning("%s; shown as it is", e)
     return f"<details><summary>Run config (run.json)</summary><pre>{escape(text)}</pre></details>"
 
 
@@ -175,27 +188,89 @@ def write_report(run: Path | str, out: Path | str | None = None) -> Path:
     return _write(out, _page(f"specan report: {an.name}", body))
 
 
-def write_comparison(runs: Sequence[Path | str], out: Path | str) -> Path:
-    """One page with each run's loss-and-rank figure side by side, above each run's summary."""
-    analyses = [plots.analyse(r) for r in runs]
+def comparison_figures(c: Comparison) -> list[plots.Plot]:
+    """The runs on shared axes: losses above the mean effective rank, every view's effective
+    rank, and (when the runs differ in one numeric setting) the final rank against it."""
+    rank = c.rank()
+    metrics = {name: run.metrics for name, run in zip(c.names, c.runs, strict=True)}
+    result = c.result("rank")
+    figs = [
+        plots.Plot(
+            "compare_loss_rank",
+            "Losses and accuracies (top; colour: run, line style: metric) above each run's mean "
+            "normalised effective rank over its weight matrices (bottom), on shared axes.",
+            plots.compare_overview(
+                metrics, rank, title=f"{' vs '.join(c.names)}: loss and effective rank"
+            ),
+        ),
+        plots.Plot(
+            "compare_rank",
+            f"Normalised effective rank of each view, one line per run, on the {c.by}s every run "
+            "has (the first panel: the mean over the model's weight matrices).",
+            plots.compare_lines(result, title="effective rank per view", ylabel="erank"),
+        ),
+    ]
+    setting = swept(c)
+    if setting is not None:
+        name, values = setting
+        figs.append(
+            plots.Plot(
+                "compare_final",
+                f"Final normalised effective rank of each view against {name}, the one setting "
+                "in which the runs differ (red: the mean over weight matrices).",
+                plots.final_vs_setting(
+                    result, name, values, title=f"final effective rank vs {name}"
+                ),
+            )
+        )
+    return figs
+
+
+def swept(c: Comparison) -> tuple[str, list[float]] | None:
+    """(name, value per run) of the one numeric setting the runs differ in, else None."""
+    differ = c.settings()
+    if len(differ) != 1:
+        return None
+    ((name, values),) = differ.items()
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        return None
+    return name, [float(v) for v in values]
+
+
+def write_comparison(runs: Sequence[Path | str], out: Path | str, *, by: str = "step") -> Path:
+    """One page comparing runs on shared axes (matched by ``by``; when they share no step, by
+    epoch), above each run's summary."""
+    from specan.comparison import compare
+    from specan.errors import RunsMismatchError
+
+    try:
+        c = compare(runs, by=by)
+    except RunsMismatchError:
+        if by != "step":
+            raise
+        c = compare(runs, by="epoch")
+    rank = c.rank()
+    differ = c.settings()
     head = []
-    for an in analyses:
-        first, last = _first_last(an.rank.mean)
-        finals = [
-            f"{n} {_num(_first_last(v)[1], '.4g')}" for n, v in sorted(an.rank.metrics.items())
-        ]
-        head.append([an.name, _num(first), _num(last), ", ".join(finals) or "—"])
-    cols = []
-    for i, an in enumerate(analyses):
-        fig = plots.loss_under_rank(an.rank, title=f"{an.name}: loss and effective rank")
-        caption = f"{an.name}: losses above the normalised effective rank."
-        plot = plots.Plot(f"loss_rank-{i}", caption, fig)
-        cols.append(f"<div><h2>{escape(an.name)}</h2>{_img(plot)}{summary_html(an)}</div>")
+    for i, (name, run) in enumerate(zip(c.names, c.runs, strict=True)):
+        first, last = _first_last(rank.model_mean.isel(run=i).values)
+        m = run.metrics
+        finals = [f"{n} {_num(_first_last(m[n].values)[1], '.4g')}" for n in sorted(m.data_vars)]
+        settings = [str(v[i]) for v in differ.values()]
+        head.append([name, *settings, _num(first), _num(last), ", ".join(finals) or "—"])
+    cols = ["run", *differ, "mean erank first", "mean erank last", "final metrics"]
+    figs = "\n".join(_img(p) for p in comparison_figures(c))
+    notes = "".join(f"<li>{escape(n)}</li>" for n in c.dropped)
+    summaries = []
+    for name, run in zip(c.names, c.runs, strict=True):
+        an = plots.analyse(run.path)
+        summaries.append(f"<div><h2>{escape(name)}</h2>{summary_html(an)}</div>")
     body = (
-        _table(["run", "mean erank first", "mean erank last", "final metrics"], head, numeric=0)
-        + f'\n<div class="cols" style="grid-template-columns: repeat({len(cols)}, 1fr)">'
-        + "\n".join(cols)
+        _table(cols, head, numeric=0)
+        + (f'<h3>Left out</h3><ul class="notes">{notes}</ul>' if notes else "")
+        + f"\n<h2>Figures</h2>\n{figs}\n"
+        + f'<div class="cols" style="grid-template-columns: repeat({len(summaries)}, 1fr)">'
+        + "\n".join(summaries)
         + "</div>"
     )
-    names = " vs ".join(an.name for an in analyses)
-    return _write(Path(out), _page(f"specan comparison: {names}", body))
+    return _write(Path(out), _page(f"specan comparison: {' vs '.join(c.names)}", body))

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from specan.errors import BadCheckpointError, EmptyRunError, RunNotFoundError
+from specan.runfile import read_config
 from specan.store import STORE_NAME
 
 if TYPE_CHECKING:
@@ -285,7 +286,7 @@ def discover(
     if run_json.is_file() or ckpt_dir.is_dir():
         layout = "specan"
         if run_json.is_file():
-            config = _load_json(run_json)
+            config = read_config(root)
         if ckpt_dir.is_dir():
             found = [(p, [p], p.name.removesuffix(".safetensors")) for p in _weights(ckpt_dir)]
     else:

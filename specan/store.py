@@ -524,10 +524,17 @@ def read_derived(
 
 
 def write_derived(
-    path: Path | str, name: str, key: str, arrays: Mapping[str, np.ndarray], info: Mapping
+    path: Path | str,
+    name: str,
+    key: str,
+    arrays: Mapping[str, np.ndarray],
+    info: Mapping,
+    *,
+    dims: Mapping[str, Sequence[str]] | None = None,
 ) -> bool:
     """Cache an analysis result under ``derived/<name>``; False (nothing written) while another
     process holds the writer lock or the store is read-only: a cache is never worth failing for.
+    ``dims`` names each array's dimensions (``dimension_names``, what xarray reads).
 
     The group is built beside and renamed into place, so readers see the old result or the new.
     """
@@ -542,7 +549,8 @@ def write_derived(
             shutil.rmtree(building, ignore_errors=True)
             group = zarr.open_group(building, mode="w-", zarr_format=3)
             for n, a in arrays.items():
-                group.create_array(n, data=a, compressors=_zstd())
+                names = (dims or {}).get(n)
+                group.create_array(n, data=a, compressors=_zstd(), dimension_names=names)
             group.update_attributes({"key": key, "info": dict(info)})
             old = target.with_name(f"{target.name}.old-{os.getpid()}")
             if target.exists():

@@ -258,7 +258,7 @@ def test_train_on_a_missing_cuda_device_is_one_line(tmp_path: Path) -> None:
     assert res.stderr.startswith("error: --device cuda: CUDA is not available here")
     assert res.stderr.count("\n") == 2  # the error, then the SPECAN_DEBUG hint
     res = subprocess.run(
-        [sys.executable, "-m", "trainers.grokking", "--device", "cuda", "--out", str(out)],
+        [sys.executable, "-m", "specan_trainers.grokking", "--device", "cuda", "--out", str(out)],
         capture_output=True, text=True,
     )  # fmt: skip
     assert res.returncode == 2 and res.stderr.count("\n") == 1

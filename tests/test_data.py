@@ -8,8 +8,8 @@ import struct
 import numpy as np
 import pytest
 
-from trainers import data
-from trainers.data import DataError
+from specan_trainers import data
+from specan_trainers.data import DataError
 
 # --- CIFAR-10 -----------------------------------------------------------------------------------
 

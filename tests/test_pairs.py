@@ -78,7 +78,7 @@ def test_mlp_pairs_follow_model_order_not_file_order(names: list[str]) -> None:
 
 
 def test_deep_mlp_trainer_names(tmp_path: Path) -> None:
-    from trainers import deep_mlp
+    from specan_trainers import deep_mlp
 
     config = asdict(deep_mlp.Config(depth=12, width=6))
     model = deep_mlp.build_model(config)
@@ -92,7 +92,7 @@ def test_deep_mlp_trainer_names(tmp_path: Path) -> None:
 
 
 def test_vgg_in_a_flat_folder(tmp_path: Path) -> None:
-    from trainers import vgg
+    from specan_trainers import vgg
 
     config = asdict(vgg.Config(width_mult=1 / 16))
     model = vgg.build_model(config)
@@ -150,7 +150,7 @@ def test_paper_lstm_keeps_its_output_pairs(tmp_path: Path) -> None:
 
 
 def test_lstm_trainer_names(tmp_path: Path) -> None:
-    from trainers import lstm
+    from specan_trainers import lstm
 
     config = asdict(lstm.Config(hidden=4, layers=3))
     st = ingested(tmp_path / "run", [lstm.build_model(config).state_dict()])
@@ -237,7 +237,7 @@ def transformer_labels(pre: str, layers: int, embed: str, out: str) -> list[str]
 
 
 def test_lm_trainer_names_without_run_json(tmp_path: Path) -> None:
-    from trainers import lm
+    from specan_trainers import lm
 
     config = asdict(lm.Config(d_model=8, n_layers=12, n_heads=2, d_mlp=8, context=4))
     model = lm.build_model(config)

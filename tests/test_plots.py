@@ -86,7 +86,8 @@ def test_save_all_synthetic_infers_lstm_pairs(
     assert len([n for n in names if n.startswith("sva_")]) == 1 + two_each
     assert len([n for n in names if n.startswith("sigma_")]) == two_each
     assert "sigma_embed.weight.png" in names  # the largest view
-    assert len(set(names)) == len(names) == 4 + 3 * two_each
+    assert "stable_rank.png" in names  # a registered analysis: drawn without plots knowing it
+    assert len(set(names)) == len(names) == 5 + 3 * two_each
     check_pngs(paths)
     assert files_under(out) == set(paths)
     assert files_under(synthetic) == before  # nothing written beside the run
@@ -104,6 +105,7 @@ def test_save_all_alignment_svg_and_views(mlp: Path, tmp_path: Path, two_each: i
         "sva_fc2.weight",
         "sva_fc1.weight",
         "sigma_fc3.weight",  # SVA: the two largest views
+        "stable_rank",
     }
     assert names == {f"{s}.{e}" for s in stems for e in ("png", "svg")}  # no metrics: no loss
     check_pngs([p for p in paths if p.suffix == ".png"])
@@ -116,7 +118,7 @@ def test_save_all_without_vectors(tmp_path: Path, caplog: pytest.LogCaptureFixtu
     run = write_mlp_run(tmp_path / "novec", vectors=False)
     with caplog.at_level(logging.WARNING, logger="specan.plots"):
         paths = plots.save_all(run, tmp_path / "out", views=["fc1.weight"])
-    assert sorted(p.name for p in paths) == ["rank.png", "sigma_fc1.weight.png"]
+    assert sorted(p.name for p in paths) == ["rank.png", "sigma_fc1.weight.png", "stable_rank.png"]
     check_pngs(paths)
     assert "without vectors" in caplog.text and "SVA" in caplog.text
 

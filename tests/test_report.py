@@ -85,10 +85,11 @@ def test_write_report(runs: list[Path]) -> None:
     assert "fc1.weight -&gt; fc2.weight" in text  # the alignment table
     assert "val_acc" in text
     p = parse(out)
-    # rank, loss_rank, align_scores, align_0, sva_scores, sva_fc2.weight, sigma_fc2.weight
-    assert len(p.imgs) == 7
+    # rank, loss_rank, align_scores, align_0, sva_scores, sva_fc2.weight, stable_rank,
+    # sigma_fc2.weight
+    assert len(p.imgs) == 8 and "mean stable rank" in text
     assert p.external == []
-    assert p.tags.count("table") == 3  # views, pairs, metrics
+    assert p.tags.count("table") == 4  # views, pairs, metrics, other analyses (stable rank)
 
 
 def test_write_report_elsewhere(runs: list[Path], tmp_path: Path) -> None:
@@ -103,3 +104,5 @@ def test_write_comparison(runs: list[Path], tmp_path: Path) -> None:
     assert "wd1" in text and "wd0" in text
     p = parse(out)
     assert len(p.imgs) == 2 and p.external == []
+    # the runs on shared axes, not one figure per run side by side
+    assert 'id="compare_loss_rank"' in text and 'id="compare_rank"' in text

@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import trainers
+import specan_trainers
 from specan import store
 from specan.pipeline import ingest
 from specan.runs import discover
-from trainers import grokking
-from trainers.checkpoint import RunWriter, run_main, save_steps
+from specan_trainers import grokking
+from specan_trainers.checkpoint import RunWriter, run_main, save_steps
 
 TINY = ["--p", "11", "--d-model", "16", "--n-heads", "2", "--d-mlp", "32", "--train-frac", "0.5"]
 
@@ -78,8 +78,8 @@ def test_grokking_run_contract_and_ingest(tmp_path: Path) -> None:
     views = store.read_attrs(store.store_path(out))["views"]
     assert {v["rule"] for v in views.values()} >= {"embedding", "in_proj", "q_heads", "linear"}
     assert views["blocks.0.self_attn.in_proj_weight__q"]["heads"] == 2  # from run.json
-    model = trainers.build_model(out)
-    data = trainers.eval_data(out)
+    model = specan_trainers.build_model(out)
+    data = specan_trainers.eval_data(out)
     assert model(data["x_val"]).shape == (len(data["y_val"]), 12)  # p + 1 tokens
 
 
@@ -163,7 +163,7 @@ def test_a_refused_retrain_names_the_options_that_differ(
     args = [*TINY, "--steps", "2", "--save-every", "2", "--eval-every", "2"]
     grokking.main([*args, "--out", str(out)])
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
-    with pytest.raises(SystemExit) as e:  # `python -m trainers.grokking`
+    with pytest.raises(SystemExit) as e:  # `python -m specan_trainers.grokking`
         run_main(grokking.main, [*args, "--wd", "0", "--lr", "0.01", "--out", str(out)])
     assert e.value.code == 2
     err = capsys.readouterr().err

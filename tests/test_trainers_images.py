@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import trainers
+import specan_trainers
 from specan.pipeline import ingest
 from specan.runs import discover
-from trainers import data as datasets
-from trainers import deep_mlp, random_labels, vgg
-from trainers.checkpoint import RunWriter
+from specan_trainers import data as datasets
+from specan_trainers import deep_mlp, random_labels, vgg
+from specan_trainers.checkpoint import RunWriter
 
 # Tiny settings on the built-in digits: a few steps of a few seconds at most.
 TINY = {
@@ -55,8 +55,10 @@ def _check_run(module: ModuleType, out: Path, steps: list[int]) -> dict:
     with safe_open(str(out / "checkpoints" / f"step-{steps[-1]:08d}.safetensors"), "pt") as f:
         model.load_state_dict({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
     assert model.eval()(data["x_val"][:5]).shape == (5, 10)
-    if NAMES[module] in trainers.TRAINERS:  # once registered, specan finds the trainer by name
-        assert type(trainers.build_model(out)) is type(model)
+    if (
+        NAMES[module] in specan_trainers.TRAINERS
+    ):  # once registered, specan finds the trainer by name
+        assert type(specan_trainers.build_model(out)) is type(model)
     return meta
 
 

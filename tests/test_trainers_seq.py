@@ -17,9 +17,9 @@ from torch import nn
 from specan import store
 from specan.pipeline import ingest
 from specan.runs import discover
-from trainers import lm, lstm, unet
-from trainers.checkpoint import RunWriter
-from trainers.data import synthetic_speech
+from specan_trainers import lm, lstm, unet
+from specan_trainers.checkpoint import RunWriter
+from specan_trainers.data import synthetic_speech
 
 UNET = ["--channels", "8,16", "--embed-dim", "16", "--limit-train", "320", "--batch-size", "64"]
 LSTM = ["--hidden", "8", "--layers", "2", "--n-synthetic", "48", "--batch-size", "16"]

@@ -7,7 +7,6 @@ run.json alone, for the analyses that need losses (LMC, pruning).
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,18 +31,16 @@ def trainer_module(name: str) -> ModuleType:
     """The module of a trainer by its CLI name; ValueError lists the known names."""
     if name not in TRAINERS:
         raise ValueError(f"unknown trainer {name!r}; known: {', '.join(sorted(TRAINERS))}")
-    return importlib.import_module(f"trainers.{TRAINERS[name]}")
+    return importlib.import_module(f"specan_trainers.{TRAINERS[name]}")
 
 
 def _run_config(run: Path | str) -> tuple[ModuleType, dict[str, Any]]:
-    path = Path(run) / "run.json"
-    try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        msg = f"{path}: no run.json (not a run written by specan's trainers)"
-        raise FileNotFoundError(msg) from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    from specan.runfile import read_config
+
+    meta = read_config(run)
+    if not meta:
+        path = Path(run) / "run.json"
+        raise FileNotFoundError(f"{path}: no run.json (not a run written by specan's trainers)")
     return trainer_module(meta["trainer"]), meta["config"]
 
 

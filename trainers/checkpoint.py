@@ -173,7 +173,9 @@ class RunWriter:
         }
         run_json = self.out / "run.json"
         if run_json.exists():
-            clash = _clash(json.loads(run_json.read_text()), self.meta)
+            from specan.runfile import read_config
+
+            clash = _clash(read_config(self.out), self.meta)
             if clash:
                 raise FileExistsError(f"{self.out} holds {clash} (use another --out)")
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -311,9 +313,9 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list) -> dict
 
 
 def run_main(main: Any, argv: Sequence[str]) -> None:
-    """`python -m trainers.X`: a bad --data path or --device, or a clashing --out, is one line
-    and exit code 2."""
-    from trainers.data import DataError
+    """`python -m specan_trainers.X`: a bad --data path or --device, or a clashing --out, is one
+    line and exit code 2."""
+    from specan_trainers.data import DataError
 
     try:
         main(argv)

@@ -9,8 +9,8 @@ and every parameter (weights and biases) of the default PyTorch init multiplied 
 A large init memorises first; weight decay then shrinks the weights and the net generalises late.
 Run as
 
-    python -m trainers.deep_mlp --data ~/data/mnist --out runs/deep-mlp
-    python -m trainers.deep_mlp --out runs/deep-mlp-digits   # built-in digits, no download
+    python -m specan_trainers.deep_mlp --data ~/data/mnist --out runs/deep-mlp
+    python -m specan_trainers.deep_mlp --out runs/deep-mlp-digits   # built-in digits, no download
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from trainers import data as datasets
-from trainers.checkpoint import (
+from specan_trainers import data as datasets
+from specan_trainers.checkpoint import (
     RunWriter,
     parse_config,
     resolve_device,
@@ -75,7 +75,7 @@ class MLP(nn.Module):
 
 
 def build_model(config: dict[str, Any]) -> nn.Module:
-    """The model of a run from its run.json config (for `trainers.build_model`)."""
+    """The model of a run from its run.json config (for `specan_trainers.build_model`)."""
     sizes = [28 * 28] + [config["width"]] * (config["depth"] - 1) + [10]
     model = MLP(sizes)
     # "Init scale 8": Omnigrok multiplies every parameter of PyTorch's default init, biases too.
@@ -120,7 +120,7 @@ def make_data(config: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def eval_data(config: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Training and validation sets of a run (for `trainers.eval_data`)."""
+    """Training and validation sets of a run (for `specan_trainers.eval_data`)."""
     return make_data(config)
 
 
@@ -143,7 +143,10 @@ def evaluate(model: nn.Module, data: dict[str, torch.Tensor]) -> dict[str, float
 
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = parse_config(
-        Config, argv, prog="python -m trainers.deep_mlp", description=__doc__.split("\n\n")[0]
+        Config,
+        argv,
+        prog="python -m specan_trainers.deep_mlp",
+        description=__doc__.split("\n\n")[0],
     )
     config = dataclasses.asdict(cfg)
     # -- setup

@@ -4,8 +4,8 @@ The paper's setting (SPEC §4): p = 113, 30 % of the pairs for training, full-ba
 weight decay 1.0, 40 000 steps; with weight decay 0 the model memorises and never generalises.
 Nothing to download: the data is every pair (a, b). Run as
 
-    python -m trainers.grokking --out runs/grok-wd1
-    python -m trainers.grokking --wd 0 --out runs/grok-wd0
+    python -m specan_trainers.grokking --out runs/grok-wd1
+    python -m specan_trainers.grokking --wd 0 --out runs/grok-wd0
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from trainers.checkpoint import (
+from specan_trainers.checkpoint import (
     RunWriter,
     parse_config,
     resolve_device,
@@ -99,7 +99,7 @@ class Grokker(nn.Module):
 
 
 def build_model(config: dict[str, Any]) -> nn.Module:
-    """The model of a run from its run.json config (for `trainers.build_model`)."""
+    """The model of a run from its run.json config (for `specan_trainers.build_model`)."""
     return Grokker(config["p"], config["d_model"], config["n_heads"], config["d_mlp"])
 
 
@@ -131,7 +131,7 @@ def make_data(config: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def eval_data(config: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Training and validation sets of a run (for `trainers.eval_data`)."""
+    """Training and validation sets of a run (for `specan_trainers.eval_data`)."""
     return make_data(config)
 
 
@@ -148,7 +148,10 @@ def evaluate(model: nn.Module, data: dict[str, torch.Tensor]) -> dict[str, float
 
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = parse_config(
-        Config, argv, prog="python -m trainers.grokking", description=__doc__.split("\n\n")[0]
+        Config,
+        argv,
+        prog="python -m specan_trainers.grokking",
+        description=__doc__.split("\n\n")[0],
     )
     config = dataclasses.asdict(cfg)
     # -- setup

@@ -5,13 +5,13 @@ width 768, ReLU, pre-LN without a final LayerNorm, untied embeddings, embedding 
 sinusoidal positions, initialised as the grokking model; Wikitext-103 with context 2048, AdamW (lr
 6e-4, betas 0.9/0.95, weight decay 0.1 on every parameter), batch 256, gradient clipping at 1.0,
 200 linear warmup steps then a cosine to 10 % of the learning rate, 10 epochs. Tokens are UTF-8
-bytes (`trainers.data.ByteTokenizer`: nothing to download); without --data it trains on seeded
-order-2 Markov sequences. Run as
+bytes (`specan_trainers.data.ByteTokenizer`: nothing to download); without --data it trains
+on seeded order-2 Markov sequences. Run as
 
-    python -m trainers.lm --data ~/data/wikitext-103/wiki.train.tokens \\
+    python -m specan_trainers.lm --data ~/data/wikitext-103/wiki.train.tokens \\
         --val-data ~/data/wikitext-103/wiki.valid.tokens --micro-batch 16 --device cuda \\
         --out runs/lm
-    python -m trainers.lm --d-model 64 --n-layers 2 --n-heads 2 --d-mlp 64 --context 64 \\
+    python -m specan_trainers.lm --d-model 64 --n-layers 2 --n-heads 2 --d-mlp 64 --context 64 \\
         --batch-size 32 --epochs 2 --out runs/lm-tiny
 """
 
@@ -30,8 +30,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from trainers import data as datasets
-from trainers.checkpoint import (
+from specan_trainers import data as datasets
+from specan_trainers.checkpoint import (
     RunWriter,
     parse_config,
     resolve_device,
@@ -114,7 +114,7 @@ class LM(nn.Module):
 
 
 def build_model(config: dict[str, Any]) -> nn.Module:
-    """The model of a run from its run.json config (for `trainers.build_model`)."""
+    """The model of a run from its run.json config (for `specan_trainers.build_model`)."""
     c = config
     return LM(c["d_model"], c["n_layers"], c["n_heads"], c["d_mlp"], c["context"])
 
@@ -177,7 +177,7 @@ def eval_subset(train: torch.Tensor, val: torch.Tensor) -> dict[str, torch.Tenso
 
 
 def eval_data(config: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The run's evaluation data (for `trainers.eval_data`): see `eval_subset`."""
+    """The run's evaluation data (for `specan_trainers.eval_data`): see `eval_subset`."""
     return eval_subset(*load_sequences(config))
 
 
@@ -208,7 +208,10 @@ def evaluate(
 
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = parse_config(
-        Config, argv, prog="python -m trainers.lm", description=__doc__.split("\n\n")[0]
+        Config,
+        argv,
+        prog="python -m specan_trainers.lm",
+        description=__doc__.split("\n\n")[0],
     )
     config = dataclasses.asdict(cfg)
     # -- setup

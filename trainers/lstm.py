@@ -5,12 +5,12 @@ features, a Linear to 29 outputs (CTC blank, space, apostrophe, a-z), trained on
 train-clean-100 with AdamW (batch 32, lr 3e-4, weight decay 0.1) for 50 epochs, the learning rate
 annealed from 1 to 0 by a cosine over the epochs, set once an epoch (the paper's code steps
 CosineAnnealingLR(T_max = epochs) at each epoch's end). Features are read from a folder of ``.npy``
-arrays with same-stem ``.txt`` transcripts (`trainers.data.read_speech_features`); without --data
-it trains on seeded synthetic utterances. Run as
+arrays with same-stem ``.txt`` transcripts (`specan_trainers.data.read_speech_features`);
+without --data it trains on seeded synthetic utterances. Run as
 
-    python -m trainers.lstm --data ~/data/librispeech-100-mel --val-data ~/data/dev-clean-mel \\
-        --out runs/lstm
-    python -m trainers.lstm --hidden 64 --layers 2 --epochs 5 --out runs/lstm-tiny
+    python -m specan_trainers.lstm --data ~/data/librispeech-100-mel \\
+        --val-data ~/data/dev-clean-mel --out runs/lstm
+    python -m specan_trainers.lstm --hidden 64 --layers 2 --epochs 5 --out runs/lstm-tiny
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, pad_sequence
 
-from trainers import data as datasets
-from trainers.checkpoint import (
+from specan_trainers import data as datasets
+from specan_trainers.checkpoint import (
     RunWriter,
     parse_config,
     resolve_device,
@@ -78,7 +78,7 @@ class SpeechLSTM(nn.Module):
 
 
 def build_model(config: dict[str, Any]) -> nn.Module:
-    """The model of a run from its run.json config (for `trainers.build_model`)."""
+    """The model of a run from its run.json config (for `specan_trainers.build_model`)."""
     return SpeechLSTM(config["hidden"], config["layers"])
 
 
@@ -146,7 +146,7 @@ def eval_subset(train: list, val: list) -> dict[str, torch.Tensor]:
 
 
 def eval_data(config: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The run's evaluation data (for `trainers.eval_data`): see `eval_subset`."""
+    """The run's evaluation data (for `specan_trainers.eval_data`): see `eval_subset`."""
     return eval_subset(*load_utterances(config))
 
 
@@ -196,7 +196,10 @@ def epoch_lr(cfg: Config, epoch: int) -> float:
 
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = parse_config(
-        Config, argv, prog="python -m trainers.lstm", description=__doc__.split("\n\n")[0]
+        Config,
+        argv,
+        prog="python -m specan_trainers.lstm",
+        description=__doc__.split("\n\n")[0],
     )
     config = dataclasses.asdict(cfg)
     # -- setup

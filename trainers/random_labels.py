@@ -8,8 +8,9 @@ the held-out labels are permuted too and validation accuracy stays at chance. In
 [0, 1] and standardised per channel with CIFAR-10's usual means and deviations (the text does not
 say; weight decay defaults to 0, and `--wd` runs the sweep). Run as
 
-    python -m trainers.random_labels --data ~/data/cifar-10-batches-bin --out runs/true-labels
-    python -m trainers.random_labels --data ~/data/cifar-10-batches-bin --random-labels \\
+    python -m specan_trainers.random_labels --data ~/data/cifar-10-batches-bin \\
+        --out runs/true-labels
+    python -m specan_trainers.random_labels --data ~/data/cifar-10-batches-bin --random-labels \\
         --out runs/random-labels
 """
 
@@ -28,8 +29,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from trainers import data as datasets
-from trainers.checkpoint import (
+from specan_trainers import data as datasets
+from specan_trainers.checkpoint import (
     RunWriter,
     parse_config,
     resolve_device,
@@ -75,7 +76,7 @@ class MLP(nn.Module):
 
 
 def build_model(config: dict[str, Any]) -> nn.Module:
-    """The model of a run from its run.json config (for `trainers.build_model`)."""
+    """The model of a run from its run.json config (for `specan_trainers.build_model`)."""
     return MLP([3 * 32 * 32, config["width"], config["width"], config["width"], 10])
 
 
@@ -97,7 +98,7 @@ def make_data(config: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def eval_data(config: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Training and validation sets of a run (for `trainers.eval_data`)."""
+    """Training and validation sets of a run (for `specan_trainers.eval_data`)."""
     return make_data(config)
 
 
@@ -118,7 +119,10 @@ def evaluate(model: nn.Module, data: dict[str, torch.Tensor]) -> dict[str, float
 
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = parse_config(
-        Config, argv, prog="python -m trainers.random_labels", description=__doc__.split("\n\n")[0]
+        Config,
+        argv,
+        prog="python -m specan_trainers.random_labels",
+        description=__doc__.split("\n\n")[0],
     )
     config = dataclasses.asdict(cfg)
     # -- setup

@@ -10,8 +10,8 @@ features) and a Linear; the betas follow a sigmoid, sigmoid(linspace(-6, 6, T)) 
 + 1e-5. Without --data it trains on scikit-learn's bundled digits upsampled to 28×28 (no
 download). Run as
 
-    python -m trainers.unet --data ~/data/mnist --out runs/unet
-    python -m trainers.unet --channels 16,32 --epochs 2 --out runs/unet-tiny
+    python -m specan_trainers.unet --data ~/data/mnist --out runs/unet
+    python -m specan_trainers.unet --channels 16,32 --epochs 2 --out runs/unet-tiny
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from trainers import data as datasets
-from trainers.checkpoint import (
+from specan_trainers import data as datasets
+from specan_trainers.checkpoint import (
     RunWriter,
     parse_config,
     resolve_device,
@@ -122,7 +122,7 @@ class UNet(nn.Module):
 
 
 def build_model(config: dict[str, Any]) -> nn.Module:
-    """The model of a run from its run.json config (for `trainers.build_model`)."""
+    """The model of a run from its run.json config (for `specan_trainers.build_model`)."""
     return UNet([int(c) for c in config["channels"].split(",")], config["embed_dim"])
 
 
@@ -232,7 +232,10 @@ def evaluate(
 
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = parse_config(
-        Config, argv, prog="python -m trainers.unet", description=__doc__.split("\n\n")[0]
+        Config,
+        argv,
+        prog="python -m specan_trainers.unet",
+        description=__doc__.split("\n\n")[0],
     )
     config = dataclasses.asdict(cfg)
     # -- setup

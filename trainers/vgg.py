@@ -9,8 +9,8 @@ convolutions see 2x2 and the average pool takes that to 1x1; convolutions with b
 default initialisation everywhere; weight decay on every parameter; inputs standardised per
 channel with CIFAR-10's usual means and deviations. Run as
 
-    python -m trainers.vgg --data ~/data/cifar-10-batches-bin --out runs/vgg
-    python -m trainers.vgg --width-mult 0.0625 --epochs 2 --out runs/vgg-tiny   # built-in digits
+    python -m specan_trainers.vgg --data ~/data/cifar-10-batches-bin --out runs/vgg
+    python -m specan_trainers.vgg --width-mult 0.0625 --epochs 2 --out runs/vgg-tiny  # digits
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from trainers import data as datasets
-from trainers.checkpoint import (
+from specan_trainers import data as datasets
+from specan_trainers.checkpoint import (
     RunWriter,
     parse_config,
     resolve_device,
@@ -92,7 +92,7 @@ class VGG(nn.Module):
 
 
 def build_model(config: dict[str, Any]) -> nn.Module:
-    """The model of a run from its run.json config (for `trainers.build_model`)."""
+    """The model of a run from its run.json config (for `specan_trainers.build_model`)."""
     mult = config["width_mult"]
     return VGG([c if c == "M" else max(1, round(c * mult)) for c in VGG16])
 
@@ -120,7 +120,7 @@ def make_data(config: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def eval_data(config: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Training and validation sets of a run (for `trainers.eval_data`)."""
+    """Training and validation sets of a run (for `specan_trainers.eval_data`)."""
     return make_data(config)
 
 
@@ -142,7 +142,10 @@ def evaluate(model: nn.Module, data: dict[str, torch.Tensor]) -> dict[str, float
 
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = parse_config(
-        Config, argv, prog="python -m trainers.vgg", description=__doc__.split("\n\n")[0]
+        Config,
+        argv,
+        prog="python -m specan_trainers.vgg",
+        description=__doc__.split("\n\n")[0],
     )
     config = dataclasses.asdict(cfg)
     # -- setup

@@ -1,0 +1,5 @@
+"""`python -m specan.cli`."""
+
+from specan.cli import main
+
+main()

@@ -1,0 +1,70 @@
+"""The analyses specan knows, by name: what each reads, how it computes, how it is drawn and
+summarised. `Run.analyse`, `specan compare --metric`, `specan plot` and `specan report` go through
+this table, and so does the cache in the store's ``derived/``.
+
+Adding an analysis is one module that defines an `Analysis` and one line in `ANALYSES` naming it
+(``"name": "module:attribute"``); modules are imported only when their analysis is used, so this
+table costs nothing on the CLI's start-up path.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import xarray as xr
+
+    from specan.api import Run
+
+__all__ = ["ANALYSES", "Analysis", "get", "names"]
+
+# name -> "module:attribute" of its `Analysis`. One line per analysis.
+ANALYSES = {
+    "rank": "specan.api:RANK",
+    "align": "specan.api:ALIGN",
+    "sva": "specan.api:SVA",
+    "stable_rank": "specan.stable_rank:ANALYSIS",
+}
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """One analysis of a run's store.
+
+    ``compute(run)`` returns a Dataset whose ``value`` variable is ``(item, step)``, the number
+    a figure draws and a comparison lines up (``item`` is ``view`` or ``pair``); it may carry
+    more variables (diagonals, ...). ``reads`` names the store arrays it needs per view
+    (``sigma``, ``tail``, ``U``, ``V``): a store without them is said to lack them, not crashed
+    on. ``summary`` is the row label of its first -> last table line; ``bounds`` the figure's
+    value range (None: from the data). ``cached``: `Run.analyse` keeps the result in
+    ``derived/<name>`` (the built-ins cache themselves); ``figure``: how `specan plot` and the
+    report draw it.
+    """
+
+    name: str
+    title: str
+    reads: tuple[str, ...]
+    compute: Callable[[Run], xr.Dataset]
+    item: str = "view"
+    summary: str = ""
+    bounds: tuple[float, float] | None = None
+    cached: bool = True
+    figure: str | None = "heatmap"  # None: drawn by specan.plots' own figures (the built-ins)
+    version: int = 1  # bump when compute changes: cached results are then recomputed
+
+
+def names() -> list[str]:
+    """Every registered analysis, in table order."""
+    return list(ANALYSES)
+
+
+def get(name: str) -> Analysis:
+    """The registered analysis ``name``; ValueError listing the known ones."""
+    if name not in ANALYSES:
+        raise ValueError(f"no analysis {name!r}; known: {', '.join(ANALYSES)}")
+    module, _, attr = ANALYSES[name].partition(":")
+    found: Any = getattr(importlib.import_module(module), attr)
+    return found
