@@ -144,46 +144,45 @@ class thread_budget:
     """Run torch and SciPy's BLAS with ``n`` threads inside the block (``None``: BLAS follows
     torch's current count).
 
-    Both counts are process-wide. Blocks may be open in several threads at once (the pipeline
-    runs small decompositions side by side, one thread each); they must ask for the same
-    ``n``, and the counts are restored when the last of them leaves. Restoring as the first
-    one left handed the others a multi-threaded BLAS under single-threaded callers, which ran
-    the eigensolvers of the Gram routes 4x slower than one thread each.
+    torch's count lives in the calling thread (an OpenMP setting): it is set on entry and
+    restored on exit, per block. SciPy's BLAS (OpenBLAS) has one count for the process, and
+    blocks may be open in several threads at once (the pipeline runs small decompositions side
+    by side, one thread each): they must ask for the same ``n``, and that count is restored
+    only when the last of them leaves. Restoring as the first one left handed the others a
+    multi-threaded BLAS under single-threaded callers, which ran the eigensolvers of the Gram
+    routes 4x slower. The BLAS count is set through threadpoolctl, unconditionally: read from
+    another thread it was seen stale.
     """
 
     _lock = threading.Lock()
     _open = 0
-    _saved: tuple[int, list[int]] = (0, [])
+    _saved: list[int] = []
 
     def __init__(self, n: int | None) -> None:
         self.n = n
 
     def __enter__(self) -> None:
+        self.old = torch.get_num_threads()
+        n = self.old if self.n is None else max(1, int(self.n))
+        if n != self.old:
+            torch.set_num_threads(n)
         cls = thread_budget
         with cls._lock:
-            blas = _blas()
+            libs = _blas().lib_controllers
             if cls._open == 0:
-                blas_n = [c.num_threads for c in blas.lib_controllers]
-                cls._saved = (torch.get_num_threads(), blas_n)
+                cls._saved = [c.num_threads for c in libs]
             cls._open += 1
-            n = torch.get_num_threads() if self.n is None else max(1, int(self.n))
-            if torch.get_num_threads() != n:
-                torch.set_num_threads(n)
-            for c in blas.lib_controllers:
-                if c.num_threads != n:
-                    c.set_num_threads(n)
+            for c in libs:
+                c.set_num_threads(n)
 
     def __exit__(self, *exc: object) -> None:
+        if torch.get_num_threads() != self.old:
+            torch.set_num_threads(self.old)
         cls = thread_budget
         with cls._lock:
             cls._open -= 1
-            if cls._open:
-                return
-            torch_n, blas_n = cls._saved
-            if torch.get_num_threads() != torch_n:
-                torch.set_num_threads(torch_n)
-            for c, n in zip(_blas().lib_controllers, blas_n, strict=True):
-                if c.num_threads != n:
+            if cls._open == 0:
+                for c, n in zip(_blas().lib_controllers, cls._saved, strict=True):
                     c.set_num_threads(n)
 
 

@@ -301,27 +301,51 @@ def test_thread_budget_restores() -> None:
     assert torch.get_num_threads() == before
 
 
-def test_thread_budget_holds_until_the_last_open_block_leaves() -> None:
-    """Blocks open in several threads at once (the pipeline's small tasks): the first to leave
-    must not restore the counts under the others."""
-    from threadpoolctl import threadpool_info, threadpool_limits
+def test_thread_budget_blas_count_held_until_the_last_block_leaves(monkeypatch) -> None:
+    """The BLAS count is one per process: blocks open in several threads at once (the
+    pipeline's small tasks) keep it until the last leaves, then it is restored."""
+    import threading
 
-    def blas() -> set[int]:
-        return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+    from specan_kernels import api
 
-    torch_before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with threadpool_limits(limits=2, user_api="blas"):
-            first, second = sk.thread_budget(1), sk.thread_budget(1)
-            first.__enter__()
-            second.__enter__()
-            first.__exit__(None, None, None)
-            assert torch.get_num_threads() == 1 and blas() == {1}
-            second.__exit__(None, None, None)
-            assert torch.get_num_threads() == 2 and blas() == {2}
-    finally:
-        torch.set_num_threads(torch_before)
+    class Lib:
+        num_threads = 2
+
+        def set_num_threads(self, n: int) -> None:
+            self.num_threads = n
+
+    lib = Lib()
+    monkeypatch.setattr(api, "_blas", lambda: type("C", (), {"lib_controllers": [lib]})())
+    first, second = sk.thread_budget(1), sk.thread_budget(1)
+    first.__enter__()
+    t = threading.Thread(target=second.__enter__)
+    t.start()
+    t.join()
+    assert lib.num_threads == 1
+    first.__exit__(None, None, None)
+    assert lib.num_threads == 1  # the other block is still open
+    t = threading.Thread(target=lambda: second.__exit__(None, None, None))
+    t.start()
+    t.join()
+    assert lib.num_threads == 2
+
+
+def test_thread_budget_torch_count_is_the_callers() -> None:
+    """torch's count is per thread: a decomposition in another thread leaves ours alone."""
+    import threading
+
+    before = torch.get_num_threads()
+    seen: list[int] = []
+
+    def work() -> None:
+        with sk.thread_budget(1):
+            seen.append(torch.get_num_threads())
+        sk.svd(torch.randn(3, 20, 10), threads=1)
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert seen == [1] and torch.get_num_threads() == before
 
 
 def test_k_zero_and_errors() -> None:
