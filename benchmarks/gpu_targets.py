@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
-from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -35,6 +33,7 @@ import numpy as np
 import torch
 
 import specan_kernels as sk
+from specan.bench import _sync, _timed
 from specan_kernels import registry
 
 PYTHIA_14B = {"d": 2048, "layers": 24, "vocab": 50304}
@@ -50,21 +49,6 @@ def pythia_shapes(d: int, layers: int, vocab: int) -> dict[str, tuple[int, int, 
         "dense_h_to_4h": (4 * d, d, layers),
         "dense_4h_to_h": (d, 4 * d, layers),
     }
-
-
-def _sync(device: str) -> Callable[[], None]:
-    return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-
-
-def _timed(fn: Callable[[], Any], device: str, repeats: int) -> tuple[float, Any]:
-    sync, best, out = _sync(device), float("inf"), None
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        out = fn()
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
 
 
 def _sigma_error(got: torch.Tensor, w: torch.Tensor) -> tuple[float, bool]:
@@ -87,7 +71,7 @@ def bench_conv(device: str, b: int, repeats: int) -> list[dict[str, Any]]:
     batch = (torch.randn(b, 64, 576, generator=g) / 576**0.5).to(device)
     rows = []
     loop_s, loop = _timed(
-        lambda: [torch.linalg.svd(w, full_matrices=False) for w in batch], device, repeats
+        lambda: [torch.linalg.svd(w, full_matrices=False) for w in batch], repeats, _sync(device)
     )
     err, ok = _sigma_error(loop[0][1], batch[0])
     rows.append({"target": "conv", "method": "loop torch.linalg.svd", "seconds": loop_s,
@@ -95,7 +79,7 @@ def bench_conv(device: str, b: int, repeats: int) -> list[dict[str, Any]]:
     for backend in _backends(device):
         for route in _routes(backend):
             run = partial(sk.svd, batch, backend=backend, route=route)
-            s, res = _timed(run, device, repeats)
+            s, res = _timed(run, repeats, _sync(device))
             err, ok = _sigma_error(res.sigma[0], batch[0])
             rows.append({"target": "conv", "method": f"{backend} {route}", "ran": res.route,
                          "seconds": s, "speedup": loop_s / s, "max_dsigma_rel": err,
@@ -140,13 +124,13 @@ def bench_pythia(args: argparse.Namespace, backend: str) -> dict[str, Any]:
         return out
 
     row: dict[str, Any] = {"target": "pythia", "backend": backend, "top_k": k}
-    row["seconds"], res = _timed(batched, device, 1)
+    row["seconds"], res = _timed(batched, 1, _sync(device))
     row["routes"] = {name: r[3] for name, r in res.items()}
     checks = [_sigma_error(res[name][0][0], mats[0]) for name, mats in _checkpoint(args).items()]
     row["max_dsigma_rel"] = max(e for e, _ in checks)
     row["ok"] = all(ok for _, ok in checks)
     if not args.no_loop:
-        row["loop_seconds"], _ = _timed(loop, device, 1)
+        row["loop_seconds"], _ = _timed(loop, 1, _sync(device))
         row["speedup"] = row["loop_seconds"] / row["seconds"]
     return row
 

@@ -361,21 +361,6 @@ def test_flops() -> None:
     assert sk.flops(100, 100, False) == pytest.approx(4e6 - 4e6 / 3)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-@pytest.mark.parametrize("route", ["auto", "gesdd", "gram32", "gram64"])
-@pytest.mark.parametrize("kind", KINDS)
-def test_cuda_matches_numpy(route, kind) -> None:
-    batch = torch.stack([_matrix(kind, 40, 16, s) for s in range(3)])
-    res = sk.svd(batch, k=6, backend="torch-cuda", route=route)
-    assert res.backend == "torch-cuda" and res.sigma.device.type == "cpu"
-    for b in range(3):
-        _check_one(batch[b], res, b, 6)
-    on_gpu = sk.svd(batch.cuda(), k=6, route=route)
-    assert on_gpu.backend == "torch-cuda" and on_gpu.U.is_cuda
-    torch.testing.assert_close(on_gpu.sigma.cpu(), res.sigma, rtol=1e-4, atol=1e-5)
-
-
 # -- the array-generic code path: what torch-cuda's Gram routes and the cupy backend run --------
 # NumPy runs the very functions CuPy runs (specan_kernels.xp), so the contract is checked on a
 # CPU; the gpu-marked tests below run them on a device.
@@ -520,22 +505,35 @@ def test_cupy_auto_routes() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _cupy_device(), reason="no CuPy with a CUDA device")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("backend", ["torch-cuda", "cupy"])
 @pytest.mark.parametrize("route", ["auto", *GENERIC_ROUTES])
 @pytest.mark.parametrize("kind", KINDS)
-def test_cupy_matches_numpy(route, kind) -> None:
+def test_cuda_matches_numpy(backend, route, kind) -> None:
+    if backend == "cupy" and not _cupy_device():
+        pytest.skip("no CuPy with a CUDA device")
+    batch = torch.stack([_matrix(kind, 40, 16, s) for s in range(3)])
+    res = sk.svd(batch, k=6, backend=backend, route=route)
+    assert res.backend == backend and res.sigma.device.type == "cpu"
+    for b in range(3):
+        _check_one(batch[b], res, b, 6)
+    on_gpu = sk.svd(batch.cuda(), k=6, backend=backend, route=route)
+    assert on_gpu.backend == backend and on_gpu.U.is_cuda
+    torch.testing.assert_close(on_gpu.sigma.cpu(), res.sigma, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cupy_device(), reason="no CuPy with a CUDA device")
+@pytest.mark.parametrize("route", GENERIC_ROUTES)
+def test_routes_on_cupy_arrays(route) -> None:
     import cupy
 
     from specan_kernels.routes import run_dense
 
-    batch = torch.stack([_matrix(kind, 40, 16, s) for s in range(3)])
-    res = sk.svd(batch, k=6, backend="cupy", route=route)
-    assert res.backend == "cupy" and res.sigma.device.type == "cpu"
-    for b in range(3):
-        _check_one(batch[b], res, b, 6)
-    dec = run_dense(cupy.asarray(batch.numpy()), route if route != "auto" else "gram32", 6, True)
+    batch = torch.stack([_matrix(kind, 40, 16, 2) for kind in KINDS])
+    dec = run_dense(cupy.asarray(batch.numpy()), route, 6, True)
     assert isinstance(dec.sigma, cupy.ndarray)
-    for b in range(3):
+    for b in range(len(KINDS)):
         _check_one(batch[b], _as_result(dec, cupy.asnumpy), b, 6)
 
 
