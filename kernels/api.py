@@ -202,7 +202,8 @@ def svd(
     ----------
     batch
         ``[B, m, n]`` or a single ``[m, n]`` (treated as B=1), any float dtype; computed in
-        float32 (float16/bfloat16 are upcast, float64 is rounded to float32 first).
+        float32 (float16/bfloat16 are upcast on the backend's device, float64 is rounded to
+        float32 before it is moved there).
     k
         Number of singular vectors to keep, and the k of ``tail``; None means all
         ``R = min(m, n)``, larger is clamped.
@@ -250,7 +251,14 @@ def svd(
     out_device = batch.device
 
     with thread_budget(threads):
-        a = batch.to(device=be.device, dtype=torch.float32)
+        # Cast on whichever side holds fewer bytes: float16/bfloat16 cross to the device as
+        # they are and are upcast there, float64 is rounded before it crosses. One
+        # ``.to(device, float32)`` would convert on the host (aten's blocking host->device
+        # copy converts on the CPU), sending twice the bytes of a half-precision checkpoint.
+        if batch.element_size() < 4:
+            a = batch.to(be.device).to(torch.float32)
+        else:
+            a = batch.to(torch.float32).to(be.device)
         if not bool(torch.isfinite(a.sum())):  # NaN and Inf survive a sum: 5x cheaper than
             # isfinite(a).all() on a 50304 x 768 embedding
             # LAPACK either fails to converge or returns garbage on NaN/Inf; say so plainly.

@@ -1,4 +1,5 @@
-"""Randomized top-k SVD by randomized block Krylov iteration, batched.
+"""Randomized top-k SVD by randomized block Krylov iteration, batched; one implementation for
+torch (CPU and CUDA), CuPy and NumPy arrays (see :mod:`specan_kernels.xp`).
 
 Halko, Martinsson & Tropp (2011) sketch ``Y = A Ω`` and refine it with power iterations, keeping
 only the last block ``(AAᵀ)^q A Ω``. Musco & Musco (2015, "Randomized block Krylov methods for
@@ -28,22 +29,27 @@ The tail energy is exact for the data: ``‖A‖²_F − Σ_{i≤k} σ_i²`` (Ri
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from .routes import Decomposition, tail_energy
+from . import xp
+from .routes import Array, Decomposition, tail_energy
+
+if TYPE_CHECKING:
+    import torch
 
 ITERATIONS = 32  # at most this many Krylov blocks after the first (each: one Aᵀ· and one A·)
 TOL = 3e-4  # stop when the top-k Ritz values are estimated within this (relative) of σ
 
 
-def _orth(x: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.qr(x).Q
+def _orth(x: Array) -> Array:
+    return xp.namespace(x).linalg.qr(x)[0]
 
 
-def _ritz(w: torch.Tensor, k: int) -> torch.Tensor:
+def _ritz(w: Array, k: int) -> Array:
     """Top-k singular values of ``w [B, n, L]`` via its L×L Gram in float64, descending."""
-    lam = torch.linalg.eigvalsh((w.mT @ w).double())
-    return lam.flip(-1).clamp_min(0).sqrt()[..., :k]
+    ns = xp.namespace(w)
+    lam = ns.flip(ns.linalg.eigvalsh(xp.as_f64(xp.mT(w) @ w)), (-1,))
+    return ns.sqrt(ns.clip(lam, 0, None))[..., :k]
 
 
 def default_block(k: int) -> int:
@@ -52,7 +58,7 @@ def default_block(k: int) -> int:
 
 
 def randomized_svd(
-    a: torch.Tensor,
+    a: Array,
     k: int,
     vectors: bool = True,
     *,
@@ -66,7 +72,8 @@ def randomized_svd(
     Parameters
     ----------
     a
-        ``[B, m, n]`` float32 with ``m >= n``.
+        ``[B, m, n]`` float32 with ``m >= n``: a torch tensor (CPU or CUDA), a NumPy or a CuPy
+        array; the results are arrays of the same library.
     k
         Number of singular triplets, ``1 <= k <= n``.
     block
@@ -79,7 +86,8 @@ def randomized_svd(
         Stop once the top-k Ritz values are estimated within this relative amount of their
         limit; None always runs ``iterations``.
     generator
-        For the Gaussian test matrix (seeded from 0 when None, so results are repeatable).
+        For the Gaussian test matrix of a torch input (seeded from 0 when None, so results are
+        repeatable; NumPy and CuPy inputs are always seeded from 0).
 
     Returns
     -------
@@ -93,22 +101,23 @@ def randomized_svd(
     if iterations == 0:
         width = max(width, k)
     width = min(width, n)
-    if generator is None:
-        generator = torch.Generator(device=a.device).manual_seed(0)
-    omega = torch.randn(b, n, width, generator=generator, device=a.device, dtype=a.dtype)
+    ns = xp.namespace(a)
+    omega = xp.gaussian(a, (b, n, width), generator)
     qs = [_orth(a @ omega)]
-    ws = [a.mT @ qs[0]]
+    ws = [xp.mT(a) @ qs[0]]
     ritz, last, done = None, None, 0
     while True:
         cols = sum(q.shape[-1] for q in qs)
         if cols >= k:
-            new = _ritz(torch.cat(ws, -1), k)
+            new = _ritz(ns.concatenate(ws, -1), k)
             if ritz is not None and tol is not None:
                 # Ritz values rise towards σ; from two successive steps δ the remaining error is
                 # about δ·ρ/(1 − ρ) with ρ = δ/δ_prev (Aitken). Krylov convergence speeds up as
                 # it goes, so this overestimates it: the stop comes at most a block late.
-                step = (new - ritz).abs() / new.clamp_min(1e-30)
-                rho = (step / last.clamp_min(1e-30)).clamp(0, 0.99) if last is not None else 0.5
+                step = abs(new - ritz) / ns.clip(new, 1e-30, None)
+                rho = 0.5
+                if last is not None:
+                    rho = ns.clip(step / ns.clip(last, 1e-30, None), 0, 0.99)
                 if float((step * rho / (1 - rho)).max()) < tol:
                     break
                 last = step
@@ -116,21 +125,21 @@ def randomized_svd(
         if done >= iterations or cols >= n:
             break
         y = a @ ws[-1]
-        basis = torch.cat(qs, -1)
+        basis = ns.concatenate(qs, -1)
         for _ in range(2):  # block classical Gram-Schmidt, twice is enough
-            y = y - basis @ (basis.mT @ y)
+            y = y - basis @ (xp.mT(basis) @ y)
         y = y[..., : min(width, n - cols)]
         qs.append(_orth(y))
-        ws.append(a.mT @ qs[-1])
+        ws.append(xp.mT(a) @ qs[-1])
         done += 1
-    w = torch.cat(ws, -1)
+    w = ns.concatenate(ws, -1)
     if vectors:
         # W = AᵀQ = V Σ Ũᵀ, so A ≈ Q Wᵀ = (Q Ũ) Σ Vᵀ.
-        v, s, uh = torch.linalg.svd(w, full_matrices=False)
+        v, s, uh = ns.linalg.svd(w, full_matrices=False)
         sigma = s[..., :k]
-        u = (torch.cat(qs, -1) @ uh.mT[..., :k]).contiguous()
-        v = v[..., :k].contiguous()
+        u = xp.contiguous(ns.concatenate(qs, -1) @ xp.mT(uh)[..., :k])
+        v = xp.contiguous(v[..., :k])
     else:
-        sigma, u, v = _ritz(w, k).float(), None, None
+        sigma, u, v = xp.as_f32(_ritz(w, k)), None, None
     dec = Decomposition(sigma, u, v, tail_energy(a, sigma, k), ["randomized"] * b)
     return dec, done

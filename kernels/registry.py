@@ -1,6 +1,6 @@
 """The backend registry: each backend says whether it can run here and decomposes a tall stack.
 
-A backend is a device + library (``torch-cpu``, ``torch-cuda``; CuPy later); a *route* is an
+A backend is a device + library (``torch-cpu``, ``torch-cuda``, ``cupy``); a *route* is an
 algorithm inside it (``gesdd``, ``gram32``, ``randomized``, ...). ``specan_kernels.svd`` looks the
 backend up here, asks it for a route when the caller said ``"auto"`` and hands it the stack, so a
 new backend is one :func:`register` call and nothing in the pipeline changes.
@@ -9,6 +9,8 @@ new backend is one :func:`register` call and nothing in the pipeline changes.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from types import ModuleType
 
 import torch
 
@@ -104,6 +106,72 @@ class TorchBackend(Backend):
         return run_dense(tall, route, k, vectors)
 
 
+def _load_cupy() -> ModuleType:
+    """CuPy, when it imports and sees a CUDA device (anything else raises)."""
+    import cupy
+
+    if cupy.cuda.runtime.getDeviceCount() < 1:
+        raise RuntimeError("CuPy sees no CUDA device")
+    return cupy
+
+
+class ArrayBackend(Backend):
+    """The array-generic routes on another library's arrays (CuPy; NumPy in the tests).
+
+    :func:`specan_kernels.svd` moves the stack to :attr:`device` with torch; :meth:`decompose`
+    hands it to the library by DLPack (no copy), runs :func:`~specan_kernels.routes.run_dense`
+    or :func:`~specan_kernels.randomized.randomized_svd` there (the same functions the torch
+    backends run) and hands the results back the same way. Both libraries work on the device's
+    default stream unless a caller changes it, so the hand-over needs no synchronisation.
+
+    Parameters
+    ----------
+    name, device_type
+        As for every backend.
+    load
+        Returns the array module (``cupy``); raising means the backend is unavailable.
+    """
+
+    routes = ("gesdd", "gram32", "gram64", *TOPK_ROUTES)
+
+    def __init__(self, name: str, device_type: str, load: Callable[[], ModuleType]) -> None:
+        self.name = name
+        self.device_type = device_type
+        self._load = load
+        self._ok: bool | None = None
+
+    def available(self) -> bool:
+        if self._ok is None:
+            try:
+                on_device = self.device_type == "cpu" or torch.cuda.is_available()
+                self._ok = on_device and self._load() is not None
+            except Exception:  # ImportError, a CUDA driver error, ...: not usable here
+                self._ok = False
+        return self._ok
+
+    def choose_route(self, b: int, m: int, n: int, *, k: int, vectors: bool, sigma: str) -> str:
+        if sigma == "top-k" and n >= RANDOMIZED_MIN_N and k <= n // 8:
+            return "randomized"
+        # Unmeasured on a GPU yet: a batched Gram product + CuPy's batched eigh, float32 Gram
+        # where the matrix is tall enough (its conditioning check sends the rest to gram64).
+        return "gram32" if m >= TALL_RATIO * n else "gram64"
+
+    def decompose(self, tall: torch.Tensor, *, k: int, vectors: bool, route: str) -> Decomposition:
+        if route not in self.routes:
+            raise ValueError(f"route {route!r} is not one of {self.name}'s: {self.routes}")
+        mod = self._load()
+        a = mod.from_dlpack(tall)
+        if route == "randomized":
+            dec, _ = randomized_svd(a, k, vectors)
+        else:
+            dec = run_dense(a, route, k, vectors)
+
+        def back(x: object) -> torch.Tensor | None:
+            return None if x is None else torch.from_dlpack(x)
+
+        return Decomposition(back(dec.sigma), back(dec.U), back(dec.V), back(dec.tail), dec.routes)
+
+
 _REGISTRY: dict[str, Backend] = {}
 
 
@@ -126,3 +194,5 @@ def registered() -> list[Backend]:
 
 register(TorchBackend("cpu"))
 register(TorchBackend("cuda"))
+# After torch-cuda: `auto` on CUDA data keeps torch until CuPy is measured faster there.
+register(ArrayBackend("cupy", "cuda", _load_cupy))

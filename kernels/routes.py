@@ -1,4 +1,4 @@
-"""Dense SVD routes, shared by every torch backend (CPU and CUDA).
+"""Dense SVD routes, shared by every backend (torch on CPU and CUDA, CuPy).
 
 Each route takes a stack that is already float32 and tall (``[B, m, n]``, ``m >= n``) and returns
 a :class:`Decomposition`: all ``n`` singular values, the top-k vectors, the tail energy
@@ -20,8 +20,11 @@ a :class:`Decomposition`: all ``n`` singular values, the top-k vectors, the tail
   computed (``dsyevr`` on the top-k index range, beside ``dsyevr`` for all λ), which pays off
   when k ≪ n and n is large (2048: all vectors cost ~2.5x the values alone).
 
-On the CPU the Gram matrices come from BLAS ``syrk`` and the eigenproblems from LAPACK
-(``dsyevr``, ``dsyevd``), both through SciPy; on CUDA both are torch calls.
+For torch CPU tensors the Gram matrices come from BLAS ``syrk`` and the eigenproblems from LAPACK
+(``dsyevr``, ``dsyevd``), both through SciPy. Everything else (torch CUDA tensors, CuPy arrays,
+NumPy arrays) runs one array-generic code path (:mod:`specan_kernels.xp`): a batched matrix
+product and the library's batched ``eigh``. NumPy runs it on a CPU, so CI tests the code that
+the GPU backends run; results come back in the input's library.
 
 Threads: every route runs on torch's intra-op thread pool and SciPy's BLAS pool, limited to the
 same count; ``specan_kernels.svd(threads=...)`` sets it for one call.
@@ -31,11 +34,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
+from . import xp
+
 logger = logging.getLogger(__name__)
+
+# A torch tensor, NumPy or CuPy array (see specan_kernels.xp).
+Array = Any
 
 # gram32: σᵢ error ≈ c·eps32·σ₁²/σᵢ with c ≤ 0.4 measured (MKL sgemm; 768-column Grams of up to
 # 50304 rows, random and decaying spectra), so every σ meets max(1e-4·σᵢ, 1e-5·σ₁) while
@@ -52,7 +61,8 @@ DENSE_ROUTES = ("gesdd", "gram32", "gram64", "gram32-evr", "gram64-evr")
 
 @dataclass
 class Decomposition:
-    """What a route returns for a tall stack (all float32 except ``tail``).
+    """What a route returns for a tall stack (all float32 except ``tail``), as arrays of the
+    input's library (torch, NumPy or CuPy).
 
     Attributes
     ----------
@@ -66,37 +76,29 @@ class Decomposition:
         Route that produced each matrix (a fallback names the route that redid it).
     """
 
-    sigma: torch.Tensor
-    U: torch.Tensor | None
-    V: torch.Tensor | None
-    tail: torch.Tensor
+    sigma: Array
+    U: Array | None
+    V: Array | None
+    tail: Array
     routes: list[str]
 
 
-def frobenius_sq(a: torch.Tensor) -> torch.Tensor:
-    """``‖A‖²_F`` per matrix: ``[B]`` float64.
-
-    Row norms in float32 (each a sum of at most a few thousand squares: relative error
-    ≈ 1e-7), summed in float64. ``vector_norm(..., dtype=float64)`` over the whole matrix
-    upcasts element by element and took 0.17 s on a 50304 x 768 embedding against 0.007 s.
-    """
-    return torch.linalg.vector_norm(a, dim=-1).double().square().sum(-1)
-
-
-def tail_energy(a: torch.Tensor, sigma: torch.Tensor, k: int) -> torch.Tensor:
+def tail_energy(a: Array, sigma: Array, k: int) -> Array:
     """``‖A‖²_F − Σ_{i≤k} σ_i²`` in float64, clamped at 0 (rounding can push it below)."""
-    top = sigma[..., :k].double().square().sum(-1)
-    return (frobenius_sq(a) - top).clamp_min(0)
+    top = xp.as_f64(sigma[..., :k])
+    top = (top * top).sum(-1)
+    return xp.namespace(a).clip(xp.frobenius_sq(a) - top, 0, None)
 
 
-def gesdd(a: torch.Tensor, k: int, vectors: bool) -> Decomposition:
-    """Thin SVD with LAPACK (cuSOLVER on CUDA) via torch."""
+def gesdd(a: Array, k: int, vectors: bool) -> Decomposition:
+    """Thin SVD by the array library's own SVD: LAPACK gesdd on the CPU (torch, NumPy),
+    cuSOLVER on CUDA (torch: gesvdj; CuPy: gesvd)."""
     if not vectors:
-        s = torch.linalg.svdvals(a)
+        s = xp.svdvals(a)
         return Decomposition(s, None, None, tail_energy(a, s, k), ["gesdd"] * len(a))
-    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    u, s, vh = xp.namespace(a).linalg.svd(a, full_matrices=False)
     # Slice then copy: callers may keep these for a long time, and a view would pin the full U.
-    u, v = u[..., :k].contiguous(), vh[..., :k, :].mT.contiguous()
+    u, v = xp.contiguous(u[..., :k]), xp.contiguous(xp.mT(vh[..., :k, :]))
     return Decomposition(s, u, v, tail_energy(a, s, k), ["gesdd"] * len(a))
 
 
@@ -152,10 +154,24 @@ def _eig_cpu(g: np.ndarray, k: int, evr: bool) -> tuple[torch.Tensor, torch.Tens
     return torch.from_numpy(lam), None if vecs is None else torch.from_numpy(vecs)
 
 
-def gram(a: torch.Tensor, k: int, vectors: bool, *, double: bool, evr: bool = False):
+def _eig(g: Array, k: int) -> tuple[Array, Array | None]:
+    """Descending eigenvalues and top-k eigenvectors (None for k = 0) of a float64 stack, with
+    the array library's batched symmetric eigensolver (torch: cuSOLVER syevd per matrix above
+    32 x 32; CuPy: batched syevj; NumPy: LAPACK per matrix)."""
+    ns = xp.namespace(g)
+    if not k:
+        return ns.flip(ns.linalg.eigvalsh(g), (-1,)), None
+    lam, vecs = ns.linalg.eigh(g)
+    return ns.flip(lam, (-1,)), ns.flip(vecs, (-1,))[..., :k]
+
+
+def gram(a: Array, k: int, vectors: bool, *, double: bool, evr: bool = False):
     """σ (and top-k vectors) from the eigendecomposition of ``AᵀA``, without fallbacks.
 
-    The eigenproblem is float64 on every device: LAPACK through SciPy on the CPU, torch on CUDA.
+    The eigenproblem is float64 everywhere. A torch CPU tensor takes BLAS ``syrk`` and LAPACK
+    through SciPy (one matrix at a time, measured fastest there); anything else (torch on CUDA,
+    CuPy, NumPy) a batched matrix product and the library's batched ``eigh``: one code path, so
+    NumPy on a CPU checks what CUDA runs.
 
     Returns
     -------
@@ -163,32 +179,46 @@ def gram(a: torch.Tensor, k: int, vectors: bool, *, double: bool, evr: bool = Fa
         float64 σ ``[B, n]``; float32 U, V (None without vectors).
     """
     kk = k if vectors else 0
-    if a.device.type == "cpu":
+    if xp.is_torch(a) and a.device.type == "cpu":
         lam, v = _eig_cpu(_gram_cpu(a, double), kk, evr)
     else:
-        g = a.double().mT @ a.double() if double else (a.mT @ a).double()
-        if kk:
-            lam, vecs = torch.linalg.eigh(g)
-            lam, v = lam.flip(-1), vecs.flip(-1)[..., :kk]
-        else:
-            lam, v = torch.linalg.eigvalsh(g).flip(-1), None
-    # tiny negative λ are rounding of a PSD matrix, hence the clamp
-    sigma = lam.clamp_min(0).sqrt()
+        at = xp.mT(a)
+        g = xp.as_f64(at) @ xp.as_f64(a) if double else xp.as_f64(at @ a)
+        lam, v = _eig(g, kk)
+    ns = xp.namespace(lam)
+    # tiny negative λ are rounding of a PSD matrix, hence the clip
+    sigma = ns.sqrt(ns.clip(lam, 0, None))
     if not vectors:
         return sigma, None, None
     if not kk:
         b, m, n = a.shape
-        return sigma, a.new_zeros(b, m, 0), a.new_zeros(b, n, 0)
-    sk = sigma[..., :kk]
-    # A zero σ makes u undefined (inf/nan here); callers replace such matrices (see run_dense).
+        return sigma, xp.zeros(a, (b, m, 0)), xp.zeros(a, (b, n, 0))
+    # A zero σ leaves u undefined (0 here, not a division by zero); run_dense redoes every
+    # matrix with one among the top k (needs_redo).
+    sk = ns.where(sigma > 0, sigma, ns.inf)[..., :kk][..., None, :]
     if double:
-        u = (a.double() @ v.double()) / sk.unsqueeze(-2)
+        u = (xp.as_f64(a) @ xp.as_f64(v)) / sk
     else:
-        u = (a @ v.float()).double() / sk.unsqueeze(-2)
-    return sigma, u.float(), v.float()
+        u = xp.as_f64(a @ xp.as_f32(v)) / sk
+    return sigma, xp.as_f32(u), xp.as_f32(v)
 
 
-def run_dense(a: torch.Tensor, route: str, k: int, vectors: bool) -> Decomposition:
+def needs_redo(sigma: Array, k: int, vectors: bool, *, double: bool) -> Array | None:
+    """Which matrices a Gram route cannot vouch for (a bool ``[B]``), from its own float64 σ;
+    None when there is nothing to check.
+
+    float32 Gram: ``σ_min < GRAM32_MIN_RATIO·σ₁``; float64 Gram with vectors: the k-th σ below
+    ``GRAM_VEC_FLOOR·σ₁``. A zero matrix (σ₁ = 0) is always redone.
+    """
+    s1 = sigma[..., 0]
+    if not double:
+        return ~((sigma[..., -1] >= GRAM32_MIN_RATIO * s1) & (s1 > 0))
+    if vectors and k > 0:
+        return ~((sigma[..., k - 1] >= GRAM_VEC_FLOOR * s1) & (s1 > 0))
+    return None
+
+
+def run_dense(a: Array, route: str, k: int, vectors: bool) -> Decomposition:
     """Run one dense route on a tall float32 stack, redoing the matrices it cannot do accurately.
 
     ``gram32`` hands matrices with ``σ_min < GRAM32_MIN_RATIO·σ₁`` to ``gram64`` (same eigensolver
@@ -202,21 +232,13 @@ def run_dense(a: torch.Tensor, route: str, k: int, vectors: bool) -> Decompositi
     evr = route.endswith("-evr")
     double = route.startswith("gram64")
     sigma, u, v = gram(a, k, vectors, double=double, evr=evr)
-    s1 = sigma[..., 0]
-    if not double:
-        bad = ~((sigma[..., -1] >= GRAM32_MIN_RATIO * s1) & (s1 > 0))
-        redo = "gram64-evr" if evr else "gram64"
-    elif vectors and k > 0:
-        bad = ~((sigma[..., k - 1] >= GRAM_VEC_FLOOR * s1) & (s1 > 0))
-        redo = "gesdd"
-    else:
-        bad = torch.zeros_like(s1, dtype=torch.bool)
-        redo = route
-    sigma = sigma.float()
+    bad = needs_redo(sigma, k, vectors, double=double)
+    redo = ("gram64-evr" if evr else "gram64") if not double else "gesdd"
+    sigma = xp.as_f32(sigma)
     routes = [route] * len(a)
-    idx = bad.nonzero().flatten()
-    if idx.numel():
-        logger.debug("%s: %d of %d matrices redone with %s", route, idx.numel(), len(a), redo)
+    idx = xp.nonzero(bad) if bad is not None else []
+    if len(idx):
+        logger.debug("%s: %d of %d matrices redone with %s", route, len(idx), len(a), redo)
         sub = run_dense(a[idx], redo, k, vectors)
         sigma[idx] = sub.sigma
         if vectors:

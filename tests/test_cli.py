@@ -266,6 +266,25 @@ def test_train_on_a_missing_cuda_device_is_one_line(tmp_path: Path) -> None:
     assert not out.exists()
 
 
+def test_bench_and_ingest_on_a_missing_gpu_are_one_line(tmp_path: Path) -> None:
+    """No silent fallback to the CPU: asking for the GPU where there is none is an error."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    res = specan("bench", "--device", "cuda", "--quick")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.startswith("error: --device cuda: CUDA is not available here")
+    assert res.stderr.count("\n") == 2  # the error, then the SPECAN_DEBUG hint
+    from safetensors.torch import save_file
+
+    save_file({"fc.weight": torch.randn(8, 4)}, str(tmp_path / "step-1.safetensors"))
+    for backend in ("torch-cuda", "cupy"):
+        res = specan("ingest", str(tmp_path), "--backend", backend)
+        assert res.returncode == 2 and res.stderr.count("\n") == 2, res.stderr
+        assert res.stderr.startswith(f"error: --backend: SVD backend '{backend}' is not available")
+
+
 def test_train_refuses_a_folder_holding_another_run_naming_the_option(tmp_path: Path) -> None:
     out = tmp_path / "g"
     tiny = ["--p", "11", "--d-model", "16", "--n-heads", "2", "--d-mlp", "32", "--steps", "2",

@@ -12,6 +12,8 @@ Gaussian ones; never from specan's own functions. The contract (issue "kernels +
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -153,11 +155,13 @@ def test_gram32_check_is_needed() -> None:
     from specan_kernels.routes import gram
 
     w = _matrix("decaying", 400, 100, 5)
-    sigma, _, _ = gram(w[None], 0, False, double=False)
     _, s_ref, _ = _reference(w)
-    assert float(sigma[0, -1] / sigma[0, 0]) < GRAM32_MIN_RATIO
-    with pytest.raises(AssertionError):
-        _check_sigma(sigma[0].numpy(), s_ref)
+    for a in (w[None], w[None].numpy()):  # SciPy path; the generic path (torch-cuda, CuPy)
+        sigma, _, _ = gram(a, 0, False, double=False)
+        sigma = np.asarray(sigma)
+        assert float(sigma[0, -1] / sigma[0, 0]) < GRAM32_MIN_RATIO
+        with pytest.raises(AssertionError):
+            _check_sigma(sigma[0], s_ref)
 
 
 def test_gram32_at_its_threshold_meets_the_contract() -> None:
@@ -381,19 +385,204 @@ def test_flops() -> None:
     assert sk.flops(100, 100, False) == pytest.approx(4e6 - 4e6 / 3)
 
 
+# -- the array-generic code path: what torch-cuda's Gram routes and the cupy backend run --------
+# NumPy runs the very functions CuPy runs (specan_kernels.xp), so the contract is checked on a
+# CPU; the gpu-marked tests below run them on a device.
+GENERIC_ROUTES = ["gesdd", "gram32", "gram64"]
+
+
+def _cupy_device() -> bool:
+    return registry.get("cupy").available()
+
+
+def _as_result(dec, to_numpy=np.asarray) -> SimpleNamespace:
+    """A Decomposition of NumPy (CuPy with ``to_numpy``) arrays as _check_one reads them."""
+
+    def t(x):
+        return None if x is None else torch.from_numpy(np.asarray(to_numpy(x)))
+
+    return SimpleNamespace(sigma=t(dec.sigma), U=t(dec.U), V=t(dec.V), tail=t(dec.tail))
+
+
+@pytest.mark.parametrize("route", GENERIC_ROUTES)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mn", [(120, 40), (48, 48)])
+@pytest.mark.parametrize("k, vectors", [(None, True), (8, True), (8, False)])
+def test_generic_routes_on_numpy(route, kind, mn, k, vectors) -> None:
+    from specan_kernels.routes import run_dense
+
+    m, n = mn
+    batch = torch.stack([_matrix(kind, m, n, seed) for seed in (1, 2)])
+    kk = n if k is None else k
+    dec = run_dense(batch.numpy(), route, kk, vectors)
+    assert isinstance(dec.sigma, np.ndarray) and dec.sigma.dtype == np.float32
+    assert set(dec.routes) <= {route, "gram64", "gesdd"}
+    if vectors:
+        assert dec.U.dtype == dec.V.dtype == np.float32 and dec.U.flags.c_contiguous
+    for b in range(2):
+        _check_one(batch[b], _as_result(dec), b, kk)
+
+
+def test_generic_fallbacks_on_numpy() -> None:
+    """The conditioning checks hold on the generic path: a trained-like spectrum leaves gram32,
+    small k-th σ leave gram64 for the reference SVD, a zero matrix comes out as zeros."""
+    from specan_kernels.routes import run_dense
+
+    m, n = 96, 32
+    batch = torch.stack([_matrix("decaying", m, n, 3), _matrix("spiked", m, n, 4)])
+    dec = run_dense(batch.numpy(), "gram32", 4, True)
+    assert dec.routes == ["gram64", "gram32"]
+    # all n vectors of σ down to 1e-6·σ₁, below GRAM_VEC_FLOOR: left to the reference SVD
+    batch[0] = _built(m, n, np.logspace(0, -6, n), 3)
+    dec = run_dense(batch.numpy(), "gram64", n, True)
+    assert dec.routes == ["gesdd", "gram64"]
+    for b in range(2):
+        _check_one(batch[b], _as_result(dec), b, n)
+    deficient = _built(m, n, np.r_[np.linspace(5, 1, 16), np.zeros(16)], seed=12)
+    batch = torch.stack([deficient, torch.zeros(m, n)])
+    for route in GENERIC_ROUTES:
+        dec = run_dense(batch.numpy(), route, n, True)
+        assert np.isfinite(dec.U).all() and np.isfinite(dec.V).all()
+        _check_one(batch[0], _as_result(dec), 0, n)
+        assert np.abs(dec.sigma[1]).max() == 0 and float(dec.tail[1]) == 0
+
+
+@pytest.mark.parametrize("kind", ["random", "decaying", "spiked"])
+def test_randomized_on_numpy(kind) -> None:
+    m, n, k = 600, 300, 16
+    w = _matrix(kind, m, n, 9)
+    u_ref, s_ref, v_ref = _reference(w)
+    dec, _ = sk.randomized_svd(w.numpy()[None], k)
+    assert isinstance(dec.U, np.ndarray) and dec.sigma.shape == (1, k)
+    got = dec.sigma[0].astype(np.float64)
+    assert np.all(np.abs(got - s_ref[:k]) <= 1e-3 * s_ref[:k])
+    fro2 = float(np.sum(s_ref**2))
+    assert float(dec.tail[0]) == pytest.approx(fro2 - float(np.sum(got**2)), rel=1e-6)
+    idx = _well_defined(s_ref, k)
+    for got_v, ref in ((dec.U[0], u_ref), (dec.V[0], v_ref)):
+        assert np.all(np.abs(np.sum(got_v[:, idx] * ref[:, idx], axis=0)) >= COS_MIN)
+    only, _ = sk.randomized_svd(w.numpy()[None], k, vectors=False)
+    assert only.U is None and np.allclose(only.sigma, dec.sigma, rtol=1e-3)
+
+
+@pytest.fixture
+def numpy_backend(monkeypatch):
+    """The cupy backend's class on NumPy arrays: its DLPack hand-over and routes, on a CPU."""
+    be = registry.ArrayBackend("numpy-cpu", "cpu", lambda: np)
+    monkeypatch.setitem(registry._REGISTRY, be.name, be)
+    return be
+
+
+@pytest.mark.parametrize("route", ["auto", *GENERIC_ROUTES])
+@pytest.mark.parametrize("mn", [(120, 40), (40, 120)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_array_backend_through_svd(numpy_backend, route, mn, dtype) -> None:
+    m, n = mn
+    batch = torch.stack([_matrix(kind, m, n, 5) for kind in KINDS]).to(dtype)
+    res = sk.svd(batch, k=6, backend="numpy-cpu", route=route)
+    assert res.backend == "numpy-cpu" and res.sigma.dtype == res.U.dtype == torch.float32
+    assert res.U.shape == (4, m, 6) and res.V.shape == (4, n, 6)
+    for b in range(4):
+        _check_one(batch[b].float(), res, b, 6)
+    assert sk.svd(batch, k=0, backend="numpy-cpu", route=route).U.shape == (4, m, 0)
+
+
+def test_array_backend_randomized_and_refusals(numpy_backend) -> None:
+    w = _matrix("decaying", 600, 300, 9)
+    res = sk.svd(w, k=16, backend="numpy-cpu", route="randomized", sigma="top-k")
+    assert res.route == "randomized" and res.sigma.shape == (1, 16)
+    _, s_ref, _ = _reference(w)
+    assert np.all(np.abs(res.sigma[0].double().numpy() - s_ref[:16]) <= 1e-3 * s_ref[:16])
+    with pytest.raises(ValueError, match="gram32-evr"):
+        sk.svd(w, k=4, backend="numpy-cpu", route="gram32-evr")
+    # auto on CPU data still picks torch-cpu, registered first
+    assert sk.resolve_backend("auto") == "torch-cpu"
+
+
+def test_cupy_backend_unavailable_is_said_not_raised(monkeypatch) -> None:
+    """Without CuPy (or a device) the backend says it is unavailable and never raises; asking
+    for it by name is a one-line error that lists what can run."""
+
+    def broken():
+        raise RuntimeError("cudaErrorNoDevice")
+
+    for load in (broken, lambda: __import__("no_such_cupy_module")):
+        # on "cpu" the loader itself is what fails (on "cuda" here torch already says no)
+        assert registry.ArrayBackend("cupy", "cpu", load).available() is False
+        be = registry.ArrayBackend("cupy", "cuda", load)
+        monkeypatch.setitem(registry._REGISTRY, "cupy", be)
+        assert be.available() is False
+        assert "cupy" not in sk.available_backends()
+        with pytest.raises(ValueError, match="'cupy' is not available.*torch-cpu"):
+            sk.svd(torch.randn(4, 3), backend="cupy")
+
+
+def test_cupy_auto_routes() -> None:
+    """Unmeasured choice, stated in registry.py: float32 Gram for tall, float64 Gram otherwise,
+    randomized for the top k of a very large matrix."""
+    cp = registry.get("cupy")
+    assert cp.device_type == "cuda" and sk.known_backends().index("cupy") > 2
+    assert cp.choose_route(8, 576, 64, k=64, vectors=True, sigma="all") == "gram32"
+    assert cp.choose_route(8, 768, 768, k=64, vectors=True, sigma="all") == "gram64"
+    assert cp.choose_route(1, 50304, 8192, k=256, vectors=True, sigma="top-k") == "randomized"
+    assert cp.choose_route(1, 50304, 8192, k=256, vectors=True, sigma="all") == "gram32"
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-@pytest.mark.parametrize("route", ["auto", "gesdd", "gram32", "gram64"])
+@pytest.mark.parametrize("backend", ["torch-cuda", "cupy"])
+@pytest.mark.parametrize("route", ["auto", *GENERIC_ROUTES])
 @pytest.mark.parametrize("kind", KINDS)
-def test_cuda_matches_numpy(route, kind) -> None:
+def test_cuda_matches_numpy(backend, route, kind) -> None:
+    if backend == "cupy" and not _cupy_device():
+        pytest.skip("no CuPy with a CUDA device")
     batch = torch.stack([_matrix(kind, 40, 16, s) for s in range(3)])
-    res = sk.svd(batch, k=6, backend="torch-cuda", route=route)
-    assert res.backend == "torch-cuda" and res.sigma.device.type == "cpu"
+    res = sk.svd(batch, k=6, backend=backend, route=route)
+    assert res.backend == backend and res.sigma.device.type == "cpu"
     for b in range(3):
         _check_one(batch[b], res, b, 6)
-    on_gpu = sk.svd(batch.cuda(), k=6, route=route)
-    assert on_gpu.backend == "torch-cuda" and on_gpu.U.is_cuda
+    on_gpu = sk.svd(batch.cuda(), k=6, backend=backend, route=route)
+    assert on_gpu.backend == backend and on_gpu.U.is_cuda
     torch.testing.assert_close(on_gpu.sigma.cpu(), res.sigma, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cupy_device(), reason="no CuPy with a CUDA device")
+@pytest.mark.parametrize("route", GENERIC_ROUTES)
+def test_routes_on_cupy_arrays(route) -> None:
+    import cupy
+
+    from specan_kernels.routes import run_dense
+
+    batch = torch.stack([_matrix(kind, 40, 16, 2) for kind in KINDS])
+    dec = run_dense(cupy.asarray(batch.numpy()), route, 6, True)
+    assert isinstance(dec.sigma, cupy.ndarray)
+    for b in range(len(KINDS)):
+        _check_one(batch[b], _as_result(dec, cupy.asnumpy), b, 6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("backend", ["torch-cuda", "cupy"])
+def test_randomized_on_gpu(backend) -> None:
+    if backend == "cupy" and not _cupy_device():
+        pytest.skip("no CuPy with a CUDA device")
+    w = _matrix("decaying", 600, 300, 9)
+    _, s_ref, _ = _reference(w)
+    res = sk.svd(w.cuda(), k=16, backend=backend, route="randomized", sigma="top-k")
+    assert res.sigma.is_cuda and res.route == "randomized"
+    got = res.sigma[0].double().cpu().numpy()
+    assert np.all(np.abs(got - s_ref[:16]) <= 1e-3 * s_ref[:16])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_upcast_on_gpu(dtype) -> None:
+    batch = _matrix("spiked", 30, 18, 3).to(dtype)[None].repeat(2, 1, 1)
+    res = sk.svd(batch, k=5, backend="torch-cuda")
+    for b in range(2):
+        _check_one(batch[b].float(), res, b, 5)
 
 
 def test_hugging_face_kernels_package_beside_specan_breaks_neither(tmp_path) -> None:

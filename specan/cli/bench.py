@@ -73,8 +73,10 @@ def bench(
     )  # fmt: skip
     try:
         result = run(opts, progress=lambda msg: err.print(f"bench {msg}"))
-    except ValueError as e:
-        raise typer.BadParameter(str(e)) from None
+    except ValueError as e:  # e.g. --device cuda without CUDA: one line, exit code 2
+        from specan.errors import OptionError
+
+        raise OptionError(str(e)) from None
     if format is Format.json:
         out.print_json(json.dumps(result))
     else:

@@ -88,7 +88,7 @@ def ingest(
         typer.Option("--vector-dtype", help="float32 (default) or float16 for stored vectors."),
     ] = None,
     backend: Annotated[
-        str, typer.Option("--backend", help="SVD kernel: auto, torch-cpu, torch-cuda.")
+        str, typer.Option("--backend", help="SVD kernel: auto, torch-cpu, torch-cuda, cupy.")
     ] = "auto",
     workers: Annotated[
         int | None, typer.Option("--workers", min=1, help="Dask threads (default: one per core).")
