@@ -92,8 +92,8 @@ class Agreement:
     dropped: list[str] = field(default_factory=list)  # what was left out of the comparison
 
 
-def _open(run: Path | str) -> store.Store:
-    return store.open_store(store.store_path(run))
+def _open(run: Path | str, dedupe: bool = False) -> store.Store:
+    return store.open_store(store.store_path(run), dedupe=dedupe)
 
 
 def _views(st: store.Store) -> dict[str, Any]:
@@ -138,7 +138,7 @@ def _inputs(st: store.Store) -> list[Any]:
     done = [
         [c["name"], c["size"], c["mtime_ns"], c["row"]] for c in st.checkpoints if c.get("done")
     ]
-    return [done, st.views]
+    return [done, st.views] + (["dedupe"] if st.dedupe else [])
 
 
 def _cached(st: store.Store, name: str, key: str, compute: Any) -> tuple[dict, dict]:
@@ -151,9 +151,10 @@ def _cached(st: store.Store, name: str, key: str, compute: Any) -> tuple[dict, d
     return arrays, info
 
 
-def rank(run: Path | str) -> RankResult:
-    """Normalised effective rank (Eqn 1-2) of every view at every checkpoint (cached)."""
-    st = _open(run)
+def rank(run: Path | str, *, dedupe: bool = False) -> RankResult:
+    """Normalised effective rank (Eqn 1-2) of every view at every checkpoint (cached).
+    ``dedupe`` shows identical checkpoints once (`store.dedupe`)."""
+    st = _open(run, dedupe)
     steps = _steps(st)
     views = _views(st)
 
@@ -178,7 +179,7 @@ def rank(run: Path | str) -> RankResult:
         [views[k]["param"] for k in keys],
         [views[k]["rule"] for k in keys],
         arrays["values"],
-        run_metrics(run, steps),
+        run_metrics(store.run_folder(run), steps),
         [bool(views[k].get("sigma_top")) for k in keys],
     )
 
@@ -202,13 +203,13 @@ def _loader(st: store.Store) -> Any:
     return load
 
 
-def align(run: Path | str, *, vo_per_head: bool = False) -> Alignment:
+def align(run: Path | str, *, vo_per_head: bool = False, dedupe: bool = False) -> Alignment:
     """Alignment of consecutive layers (Eqn 3) and its score (Eqn 4) at every checkpoint
     (cached). ``vo_per_head`` takes W_V -> W_O per attention head instead of whole."""
-    st = _open(run)
+    st = _open(run, dedupe)
     _need_vectors(st, "alignment")
     views = _views(st)
-    pairs, rule = pairs_for(_config(run), views)
+    pairs, rule = pairs_for(_config(store.run_folder(run)), views)
     if vo_per_head:
         pairs = per_head_vo(pairs)
         rule += "; V -> O per head"
@@ -251,7 +252,9 @@ def _config(run: Path | str) -> dict[str, Any]:
         raise StoreError(f"{path}: not valid JSON ({e})") from e
 
 
-def sva(run: Path | str, against: Path | str | None = None, *, by: str = "step") -> Agreement:
+def sva(
+    run: Path | str, against: Path | str | None = None, *, by: str = "step", dedupe: bool = False
+) -> Agreement:
     """Singular vector agreement (Eqn 5) of every whole-matrix view (cached).
 
     Without ``against``, each checkpoint is compared with the run's final one: the checkpoint
@@ -262,7 +265,7 @@ def sva(run: Path | str, against: Path | str | None = None, *, by: str = "step")
     """
     if by not in ("step", "epoch"):
         raise ValueError(f"by must be 'step' or 'epoch', not {by!r}")
-    st = _open(run)
+    st = _open(run, dedupe)
     _, entries = st.done_rows()
     views = _sva_views(st)
     dropped: list[str] = []
@@ -272,7 +275,7 @@ def sva(run: Path | str, against: Path | str | None = None, *, by: str = "step")
         dropped += [note] if note else []
         rows, ref_rows = list(range(len(entries))), [ref]
     else:
-        other = _open(against)
+        other = _open(against, dedupe)
         _, other_entries = other.done_rows()
         rows, ref_rows, why = _matched(entries, other_entries, by, st.path, other.path)
         dropped += why
