@@ -347,9 +347,12 @@ def ingest(
         raise BadCheckpointError(*report.bad[0])
     old_bad = [(b["path"], b["reason"]) for b in (attrs or {}).get("bad_files", [])]
     if todo or report.bad != old_bad:
-        if not os.access(spath.parent, os.W_OK):
+        where = spath.parent  # the folder the store goes in, or the first of it that exists
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        if not os.access(where, os.W_OK):
             raise StoreError(
-                f"{spath.parent}: read-only, no store can be written here; pass --store PATH to "
+                f"{where}: read-only, no store can be written here; pass --store PATH to "
                 "keep the store elsewhere (a Hugging Face cache is best left untouched)"
             )
         with store.lock(spath):

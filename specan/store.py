@@ -537,7 +537,10 @@ def open_store(path: Path | str, *, mode: str = "r", dedupe: bool = False) -> St
     path = Path(path)
     attrs = read_attrs(path)
     if attrs is None:
-        raise StoreError(f"{path}: no specan store here (run `specan ingest` first)")
+        raise StoreError(
+            f"{path}: no specan store here (run `specan ingest` first, or give the path of "
+            "a store made with `ingest --store`)"
+        )
     if attrs.get("schema_version", 0) > SCHEMA_VERSION:
         raise StoreError(
             f"{path}: written by a newer specan (schema {attrs['schema_version']}); upgrade specan"
@@ -561,7 +564,10 @@ def summary(path: Path | str) -> dict[str, Any]:
     path = Path(path)
     attrs = read_attrs(path)
     if attrs is None:
-        raise StoreError(f"{path}: no specan store here (run `specan ingest` first)")
+        raise StoreError(
+            f"{path}: no specan store here (run `specan ingest` first, or give the path of "
+            "a store made with `ingest --store`)"
+        )
     ckpts = attrs.get("checkpoints", [])
     done = sorted(
         (c for c in ckpts if c.get("done")), key=lambda c: (c["step"] is None, c["step"] or 0)

@@ -490,6 +490,15 @@ def test_changed_original_hands_its_row_to_its_duplicate(tmp_path: Path) -> None
     np.testing.assert_allclose(sigma[1], ref(w2), rtol=1e-5)
 
 
+def test_a_read_only_run_folder_asks_for_store(
+    small_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pipeline.os, "access", lambda path, mode: False)  # root writes anyway
+    with pytest.raises(StoreError, match=r"read-only, .* pass --store PATH"):
+        ingest(small_run)
+    assert not store.store_path(small_run).exists()
+
+
 def test_content_id_is_computed_once(small_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     real = runs.content_id
