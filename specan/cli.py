@@ -64,7 +64,9 @@ RunArg = Annotated[
     Path,
     typer.Argument(
         help="A run folder: specan's own (run.json + checkpoints/), a flat folder of "
-        "*.safetensors, Hugging Face checkpoint-N/ folders, or Pythia-style stepN/ folders.",
+        "*.safetensors or torch files, Hugging Face checkpoint-N/ folders, Pythia-style stepN/ "
+        "folders, or a Hugging Face cache folder (models--org--name); or a store made with "
+        "`ingest --store`.",
         show_default=False,
     ),
 ]
@@ -77,6 +79,14 @@ LayersOpt = Annotated[
     ),
 ]
 FormatOpt = Annotated[Format, typer.Option("--format", help="table for people, json for scripts.")]
+DedupeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--dedupe",
+        help="Show checkpoints of identical content once, at the largest step that holds it "
+        "(`specan info` lists them).",
+    ),
+]
 
 
 # -- ingest -----------------------------------------------------------------------------------
@@ -90,6 +100,9 @@ Examples:
 - `specan ingest runs/lstm --no-vectors` : singular values only (smallest store)
 
 - `specan ingest ckpts/ --heads 12 --rule blocks.0.up.weight=conv_transpose`
+
+- `specan ingest ~/.cache/huggingface/hub/models--EleutherAI--pythia-160m --store pythia-160m.zarr
+  --scheduler local:4` : the HF cache left untouched, four worker processes
 """
 
 
@@ -158,6 +171,23 @@ def ingest(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Delete the existing store and compute it anew.")
     ] = False,
+    store: Annotated[
+        Path | None,
+        typer.Option(
+            "--store",
+            help="Where the store goes (default RUN/specan.zarr), e.g. away from a read-only "
+            "checkpoint folder or the Hugging Face cache. Other commands take this path as RUN.",
+        ),
+    ] = None,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(
+            "--scheduler",
+            help="Run the SVDs on a Dask cluster: `tcp://host:8786` (its workers must see RUN at "
+            "the same path) or `local:N` (N worker processes here). This process still writes "
+            "the store, as results come back. Default: threads in this process.",
+        ),
+    ] = None,
 ) -> None:
     """Decompose every weight matrix of every checkpoint of RUN into RUN/specan.zarr.
 
@@ -196,10 +226,14 @@ def ingest(
         vector_dtype=vector_dtype,
         overwrite=overwrite,
         workers=workers,
+        store=store,
+        scheduler=scheduler,
     )
     report = run_ingest(run, opts, for_console(err))
     for path, reason in report.bad:
         err.print(f"[yellow]skipped[/] {_e(path)}: {_e(reason)}")
+    for name, original in report.duplicates:
+        out.print(f"duplicate: {_e(name)} has the content of {_e(original)} (decomposed once)")
     if report.computed:
         out.print(
             f"{_e(run)}: {len(report.computed)} checkpoint(s) ingested "
@@ -258,6 +292,11 @@ def info(run: RunArg, format: FormatOpt = Format.table) -> None:
     out.print(table)
     for b in s["bad_files"]:
         out.print(f"[yellow]bad file[/] {_e(b['path'])}: {_e(b['reason'])}")
+    for group in s["duplicates"]:
+        out.print(f"identical checkpoints (one decomposition, `--dedupe` keeps the last): "
+                  f"{_e(', '.join(group))}")  # fmt: skip
+    if s["run"] and Path(s["run"]) != Path(s["path"]).parent:
+        out.print(f"checkpoints read from {_e(s['run'])}")
 
 
 # -- analyses ---------------------------------------------------------------------------------
@@ -336,6 +375,7 @@ def rank(
     layers: LayersOpt = None,
     steps: StepsOpt = None,
     format: OutFormatOpt = OutFormat.table,
+    dedupe: DedupeOpt = False,
 ) -> None:
     """Normalized effective rank (Eqn 1-2) of every view at every checkpoint, with the run's
     losses and accuracies beside it.
@@ -347,7 +387,7 @@ def rank(
 
     from specan.analysis import rank as compute
 
-    r = compute(run)
+    r = compute(run, dedupe=dedupe)
     rows, cols = _filters(r.params, r.steps, layers, steps)
     whole = r.whole
     if format is not OutFormat.table:
@@ -424,6 +464,7 @@ def align(
         ),
     ] = False,
     format: OutFormatOpt = OutFormat.table,
+    dedupe: DedupeOpt = False,
 ) -> None:
     """Alignment of consecutive layers: the diagonal |V_next' U_prev|_ii (Eqn 3) and its
     score, the mean of the first 10 (Eqn 4), per pair of layers and checkpoint.
@@ -434,7 +475,7 @@ def align(
     from specan.analysis import align as compute
     from specan.views import select
 
-    a = compute(run, vo_per_head=vo_per_head)
+    a = compute(run, vo_per_head=vo_per_head, dedupe=dedupe)
     params = sorted({p for r in a.results for p in (r.pair.prev, r.pair.next)})
     keep = set(select(params, layers)) if a.results else set()
     results = [r for r in a.results if {r.pair.prev, r.pair.next} & keep]
@@ -491,6 +532,7 @@ def sva(
     layers: LayersOpt = None,
     steps: StepsOpt = None,
     format: OutFormatOpt = OutFormat.table,
+    dedupe: DedupeOpt = False,
 ) -> None:
     """Singular vector agreement (Eqn 5) of each checkpoint with the final one (the largest
     step) or with another run's checkpoint at the same step: the diagonal S_ii and the score
@@ -503,7 +545,7 @@ def sva(
 
     if against is None and by is not By.step:
         raise typer.BadParameter("'--by' needs '--against'.")
-    g = compute(run, against, by=by.value)
+    g = compute(run, against, by=by.value, dedupe=dedupe)
     rows, cols = _filters([r.param for r in g.results], g.steps, layers, steps)
     err.print(f"reference: {_e(g.reference)}")
     for why in g.dropped:
