@@ -324,6 +324,12 @@ def ingest(
     if opts.store is not None:
         spath = Path(opts.store)
     attrs = None if opts.overwrite else store.read_attrs(spath)
+    made_from = Path((attrs or {}).get("run") or root)
+    if made_from.is_dir() and not made_from.samefile(root):
+        raise StoreError(
+            f"{spath}: holds the run {made_from}, not {root}; give another --store, or "
+            "--overwrite to replace it"
+        )
     settings = _settings(opts, attrs, spath)
     stored = {c["name"]: c for c in (attrs or {}).get("checkpoints", [])}
     known = {n: (c["size"], c["mtime_ns"], c["step"], c["epoch"]) for n, c in stored.items()}

@@ -14,7 +14,7 @@ Layout (``schema_version`` 1)::
                       [duplicate_of]}]  bad: why its spectra could not be computed (skipped
                      until the file changes); content: what the files hold (runs.content_id);
                      duplicate_of: the checkpoint of the same content that was decomposed,
-                     whose row this entry shares (see docs/DUPLICATES.md)
+                     whose row this entry shares (docs/ARCHITECTURE.md, "Duplicates")
         bad_files    [{path, reason}]                           skipped at the last ingest
         run          the checkpoints' folder (absolute), so a store kept elsewhere
                      (``ingest --store``) still finds run.json and metrics.jsonl
@@ -121,8 +121,12 @@ def run_folder(path: Path | str) -> Path:
     """The run folder behind a path given to a command: the path itself, or, for a store, the
     folder its checkpoints were read from (where run.json and metrics.jsonl live)."""
     path = Path(path)
-    attrs = read_attrs(path) if is_store(path) else None
-    return Path(attrs.get("run") or path) if attrs else path
+    if not is_store(path):
+        return path
+    run = (read_attrs(path) or {}).get("run")
+    if run and Path(run).is_dir():
+        return Path(run)
+    return path.parent if path.name == STORE_NAME else path  # an older store, or a moved run
 
 
 def read_attrs(path: Path | str) -> dict[str, Any] | None:

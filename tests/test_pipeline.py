@@ -455,6 +455,9 @@ def test_hf_cache_with_duplicate_revisions_to_a_store_elsewhere(
     assert store.run_folder(sp) == repo.resolve()
     again = ingest(sp)  # the store's path alone finds its run
     assert again.computed == [] and again.unchanged == 3
+    other = write_synthetic_run(tmp_path / "other", checkpoints=1, width=8)
+    with pytest.raises(StoreError, match="holds the run"):  # never two runs in one store
+        ingest(other, IngestOptions(store=sp))
 
 
 def test_changed_original_hands_its_row_to_its_duplicate(tmp_path: Path) -> None:
