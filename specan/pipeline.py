@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -436,7 +436,7 @@ def _ingest_locked(
         except ShapeMismatchError as e:
             reject(e)
     report.views = len(views)
-    with _scheduler(opts) as client:
+    with _scheduler(opts) if ready else nullcontext() as client:  # no cluster for nothing
         compute, ids, dups = (
             _deduplicate(st, ready, client, opts, reject) if ready else ([], {}, [])
         )
