@@ -209,6 +209,17 @@ def _zstd() -> list[Any]:
     return [ZstdCodec(level=1)]
 
 
+def _hand_over(ckpts: Sequence[dict[str, Any]], name: str) -> bool:
+    """Make the first duplicate of ``name`` the owner of its row (and the others its duplicates),
+    before ``name`` leaves that row; False when nothing points at ``name``."""
+    heirs = [d for d in ckpts if d.get("duplicate_of") == name]
+    if heirs:
+        heirs[0].pop("duplicate_of")
+        for d in heirs[1:]:
+            d["duplicate_of"] = heirs[0]["name"]
+    return bool(heirs)
+
+
 class Store:
     """An open store. ``mode`` ``"r"`` reads; ``"r+"`` also writes (hold :func:`lock` first).
 
@@ -262,15 +273,8 @@ class Store:
                 n_rows += 1
                 ckpts.append(c)
                 by_name[c["name"]] = c
-            elif c.pop("duplicate_of", None) is not None:
+            elif c.pop("duplicate_of", None) is not None or _hand_over(ckpts, c["name"]):
                 c["row"], n_rows = n_rows, n_rows + 1
-            else:
-                heirs = [d for d in ckpts if d.get("duplicate_of") == c["name"]]
-                if heirs:
-                    heirs[0].pop("duplicate_of")
-                    for d in heirs[1:]:
-                        d["duplicate_of"] = heirs[0]["name"]
-                    c["row"], n_rows = n_rows, n_rows + 1
             c.update({k: e[k] for k in ("size", "mtime_ns", "step", "epoch")}, done=False)
             c.pop("bad", None)
             c.pop("content", None)
@@ -299,6 +303,7 @@ class Store:
                 raise StoreError(f"{self.path}: {e['duplicate_of']!r} is no done original")
             entry = {k: e[k] for k in keys} | {"row": original["row"], "done": True}
             if e["name"] in by_name:
+                _hand_over(ckpts, e["name"])
                 by_name[e["name"]].clear()
                 by_name[e["name"]].update(entry)
             else:

@@ -491,6 +491,17 @@ def test_changed_original_hands_its_row_to_its_duplicate(tmp_path: Path) -> None
     assert report.computed == [] and report.duplicates == [(entries[1]["name"], entries[0]["name"])]
     sigma, _ = sigmas()
     np.testing.assert_allclose(sigma[1], ref(w2), rtol=1e-5)
+    w3 = torch.randn(6, 4)
+    c = run / "checkpoints" / "step-3.safetensors"
+    save_file({"w": w3}, str(c), {"step": "3"})
+    ingest(run)
+    time.sleep(0.01)
+    save_file({"w": w3.clone()}, str(a), {"step": "1"})  # the original becomes a copy of c...
+    report = ingest(run)
+    assert report.duplicates == [(entries[0]["name"], "checkpoints/step-3.safetensors")]
+    sigma, entries = sigmas()  # ...and its copy b keeps the row with w2's spectrum
+    np.testing.assert_allclose(sigma, np.stack([ref(w3), ref(w2), ref(w3)]), rtol=1e-5)
+    assert "duplicate_of" not in entries[1] and entries[0]["row"] == entries[2]["row"]
 
 
 def test_a_read_only_run_folder_asks_for_store(
