@@ -2,10 +2,11 @@
 
 The graph has one task per (checkpoint, group of same-shaped views): each task reads its tensors
 from the memory-mapped checkpoint, stacks them and calls the kernel, so reading one group overlaps
-the SVDs of another and no task holds more than one batch. A checkpoint's write task follows its
-SVD tasks and the previous checkpoint's write, so exactly one task writes the store at a time, in
-order, while later checkpoints are still being decomposed. A row is marked done only after its
-arrays are written; an interrupted ingest loses at most the rows in flight; the next redoes them.
+the SVDs of another and no task holds more than one batch. Each SVD task's results are written
+by a write task that follows it and the previous write, so exactly one task writes the store at a
+time, in order, while later groups are still being decomposed, and results are dropped once
+written. A row is marked done only after all its arrays are written; an interrupted ingest loses
+at most the rows in flight; the next redoes them.
 """
 
 from __future__ import annotations
@@ -293,17 +294,6 @@ def _svd_group(
     return out
 
 
-def _merge(
-    *parts: Mapping[str, store.ViewResult] | _Failed,
-) -> dict[str, store.ViewResult] | _Failed:
-    merged: dict[str, store.ViewResult] = {}
-    for p in parts:
-        if isinstance(p, _Failed):
-            return p
-        merged.update(p)
-    return merged
-
-
 # -- ingest -----------------------------------------------------------------------------------
 def ingest(
     root: Path | str, options: IngestOptions | None = None, progress: Progress | None = None
@@ -529,9 +519,10 @@ def _compute(
 
     Groups of small matrices run side by side, one thread each; then the large matrices (see
     `BIG_ELEMENTS`) one at a time with every core, so neither a lone large matrix leaves cores
-    idle nor do two multi-threaded decompositions fight over them. Each checkpoint's write is a
-    task that depends on its SVDs and on the previous checkpoint's write: the chain keeps one
-    writer at a time, in order, while the next SVDs run beside it.
+    idle nor do two multi-threaded decompositions fight over them. Each SVD task's results are
+    written by a task that depends on it and on the previous write, and a checkpoint's `finish`
+    (done) follows its last write: the chain keeps one writer at a time, in order, while the next
+    SVDs run beside it.
     """
     import dask
 
@@ -544,16 +535,29 @@ def _compute(
     )  # fmt: skip
     groups = _groups(views)
 
+    failed: set[str] = set()
+
     def write(ckpt: Checkpoint, res: dict[str, store.ViewResult] | _Failed, _prev: None) -> None:
+        """Write one task's views into the checkpoint's row as soon as they are in, so that no
+        more than the tasks' results in flight are held (a whole checkpoint's row of per-head
+        vectors is 1.7 GB for pythia-1.4b)."""
+        if ckpt.name in failed:
+            return
         if isinstance(res, _Failed):
             # its row stays reserved and not done; marked bad, so later ingests skip it until
             # the file changes instead of reading it again every time
+            failed.add(ckpt.name)
             reject(res.error)
             st.mark_bad(ckpt.name, res.error.reason)
             st.set_bad_files([{"path": p, "reason": r} for p, r in report.bad])
             prog.advance(ckpt.name, 0, ckpt.size)
             return
         st.write_row(rows[ckpt.name], res)
+
+    def finish(ckpt: Checkpoint, _prev: None) -> None:
+        """All of the checkpoint's views are written: only now is it done."""
+        if ckpt.name in failed:
+            return
         st.mark_done(ckpt.name)
         report.computed.append(ckpt.name)
         report.bytes_read += ckpt.size
@@ -572,7 +576,7 @@ def _compute(
 
     try:
         if client is not None:
-            _distributed(client, ready, small, big, views, opts, write)
+            _distributed(client, ready, small, big, views, opts, write, finish)
             return
         for i in range(0, len(ready), window):
             batch = ready[i : i + window]
@@ -586,7 +590,9 @@ def _compute(
                     after = [parts[c.name][-1]]
             last = None
             for c in batch:  # the writes: one chain, in order, overlapping the next SVDs
-                last = dask.delayed(partial(write, c))(dask.delayed(_merge)(*parts[c.name]), last)
+                for part in parts[c.name]:
+                    last = dask.delayed(partial(write, c))(part, last)
+                last = dask.delayed(partial(finish, c))(last)
             dask.compute(last, scheduler="threads", num_workers=workers)
     finally:
         prog.finish()
@@ -647,12 +653,13 @@ def _distributed(
     views: Mapping[str, Mapping[str, Any]],
     opts: IngestOptions,
     write: Callable[[Checkpoint, Any, None], None],
+    finish: Callable[[Checkpoint, None], None],
 ) -> None:
     """The same tasks on a cluster: workers compute and return results, this process writes.
 
-    Results come back as tasks complete (``as_completed``); a checkpoint is written once all its
-    groups are in, so the client is the one writer and no worker touches the store. At most
-    ``opts.window`` checkpoints are in flight, which bounds the results held here. A worker lost
+    Results come back as tasks complete (``as_completed``) and are written at once; a checkpoint
+    is done when all its groups are in. The client is the one writer and no worker touches the
+    store. At most ``opts.window`` checkpoints are in flight. A worker lost
     mid-task costs only a recomputation (the scheduler reruns what it held); if the cluster
     gives up, the rows written so far stay done and the next ingest completes the rest.
     """
@@ -662,13 +669,12 @@ def _distributed(
     shared = client.scatter(dict(views), broadcast=True)  # sent once, not with every task
     queue = iter(ready)
     owner: dict[str, Checkpoint] = {}
-    parts: dict[str, list[Any]] = {}
-    todo: dict[str, int] = {}
+    todo: dict[str, int] = {}  # tasks of each checkpoint not back yet
     done = as_completed()
 
     def submit(c: Checkpoint) -> None:
         tasks = [(g, 1) for g in small] + [(g, threads) for g in big]
-        todo[c.name], parts[c.name] = len(tasks), []
+        todo[c.name] = len(tasks)
         for g, t in tasks:
             fut = client.submit(_svd_group, c, g, shared, opts.backend, t, pure=False)
             owner[fut.key] = c
@@ -679,15 +685,18 @@ def _distributed(
     for fut in done:
         c = owner.pop(fut.key)
         try:
-            parts[c.name].append(fut.result())
+            result = fut.result()
         except Exception as e:  # a worker error or the cluster giving up: one line, no traceback
             done.clear()
             raise SchedulerError(
                 f"{opts.scheduler}: {type(e).__name__}: {e} (at {c.name}); the rows written so "
                 "far are kept, run ingest again to complete the store"
             ) from e
-        if len(parts[c.name]) == todo[c.name]:
-            write(c, _merge(*parts.pop(c.name)), None)
+        write(c, result, None)
+        del fut, result  # the worker may drop it now
+        todo[c.name] -= 1
+        if not todo[c.name]:
+            finish(c, None)
             nxt = next(queue, None)
             if nxt is not None:
                 submit(nxt)
