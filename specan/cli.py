@@ -205,6 +205,10 @@ def ingest(
         raise typer.BadParameter(
             "'--sigma top-k' keeps the top-k vectors: not with '--no-vectors'."
         )
+    if workers and scheduler:
+        raise typer.BadParameter(
+            "'--workers' sets this process's threads: not with '--scheduler' (size the cluster)."
+        )
     if vector_dtype not in (None, "float32", "float16"):
         raise typer.BadParameter(f"'--vector-dtype' must be float32 or float16, not {vector_dtype}")
     rules = {}

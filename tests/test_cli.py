@@ -303,3 +303,5 @@ def test_scheduler_option_is_refused_early(tmp_path: Path) -> None:
     run = write_synthetic_run(tmp_path / "run", checkpoints=1, width=8)
     res = specan("ingest", str(run), "--scheduler", "local:two")
     assert res.returncode == 2 and "--scheduler: local:N" in res.stderr, res.stderr
+    res = specan("ingest", str(run), "--scheduler", "local:2", "--workers", "2")
+    assert res.returncode == 2 and "'--workers'" in res.stderr and "'--scheduler'" in res.stderr
