@@ -91,8 +91,8 @@ class Agreement:
     dropped: list[str] = field(default_factory=list)  # what was left out of the comparison
 
 
-def _open(run: Path | str) -> store.Store:
-    return store.open_store(store.store_path(run))
+def _open(run: Path | str, dedupe: bool = False) -> store.Store:
+    return store.open_store(store.store_path(run), dedupe=dedupe)
 
 
 def _views(st: store.Store) -> dict[str, Any]:
@@ -114,7 +114,7 @@ def _inputs(st: store.Store) -> list[Any]:
     done = [
         [c["name"], c["size"], c["mtime_ns"], c["row"]] for c in st.checkpoints if c.get("done")
     ]
-    return [done, st.views]
+    return [done, st.views] + (["dedupe"] if st.dedupe else [])
 
 
 def _cached(
@@ -159,10 +159,10 @@ def _unpadded(arrays: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     return [arrays["diag"][i, :, :n] for i, n in enumerate(arrays["length"].tolist())]
 
 
-def rank(run: Path | str, *, cache: bool = True) -> RankResult:
+def rank(run: Path | str, *, cache: bool = True, dedupe: bool = False) -> RankResult:
     """Normalised effective rank (Eqn 1-2) of every view at every checkpoint (cached unless
-    ``cache`` is False)."""
-    st = _open(run)
+    ``cache`` is False). ``dedupe`` shows identical checkpoints once (`store.dedupe`)."""
+    st = _open(run, dedupe)
     steps = _steps(st)
     views = _views(st)
 
@@ -188,7 +188,10 @@ def rank(run: Path | str, *, cache: bool = True) -> RankResult:
         [views[k]["param"] for k in keys],
         [views[k]["rule"] for k in keys],
         arrays["erank"],
-        {n: np.array(v) for n, v in runfile.metrics_at(run, steps.tolist()).items()},
+        {
+            n: np.array(v)
+            for n, v in runfile.metrics_at(store.run_folder(run), steps.tolist()).items()
+        },
         [bool(views[k].get("sigma_top")) for k in keys],
     )
 
@@ -212,14 +215,16 @@ def _loader(st: store.Store) -> Any:
     return load
 
 
-def align(run: Path | str, *, vo_per_head: bool = False, cache: bool = True) -> Alignment:
+def align(
+    run: Path | str, *, vo_per_head: bool = False, cache: bool = True, dedupe: bool = False
+) -> Alignment:
     """Alignment of consecutive layers (Eqn 3) and its score (Eqn 4) at every checkpoint
     (cached unless ``cache`` is False). ``vo_per_head`` takes W_V -> W_O per attention head
     instead of whole."""
-    st = _open(run)
+    st = _open(run, dedupe)
     _need_vectors(st, "alignment")
     views = _views(st)
-    pairs, rule = pairs_for(runfile.read_config(run), views)
+    pairs, rule = pairs_for(runfile.read_config(store.run_folder(run)), views)
     if vo_per_head:
         pairs = per_head_vo(pairs)
         rule += "; V -> O per head"
@@ -252,10 +257,15 @@ def align(run: Path | str, *, vo_per_head: bool = False, cache: bool = True) -> 
 
 
 def sva(
-    run: Path | str, against: Path | str | None = None, *, by: str = "step", cache: bool = True
+    run: Path | str,
+    against: Path | str | None = None,
+    *,
+    by: str = "step",
+    cache: bool = True,
+    dedupe: bool = False,
 ) -> Agreement:
     """Singular vector agreement (Eqn 5) of every whole-matrix view (cached unless ``cache`` is
-    False).
+    False; ``dedupe`` shows identical checkpoints once).
 
     Without ``against``, each checkpoint is compared with the run's final one: the checkpoint
     with the largest step (checkpoints without a step are compared, never taken as final).
@@ -265,7 +275,7 @@ def sva(
     """
     if by not in ("step", "epoch"):
         raise ValueError(f"by must be 'step' or 'epoch', not {by!r}")
-    st = _open(run)
+    st = _open(run, dedupe)
     _, entries = st.done_rows()
     views = _sva_views(st)
     dropped: list[str] = []
@@ -275,7 +285,7 @@ def sva(
         dropped += [note] if note else []
         rows, ref_rows = list(range(len(entries))), [ref]
     else:
-        other = _open(against)
+        other = _open(against, dedupe)
         _, other_entries = other.done_rows()
         rows, ref_rows, why = _matched(entries, other_entries, by, st.path, other.path)
         dropped += why

@@ -30,11 +30,10 @@ log = logging.getLogger(__name__)
 
 
 def _locate(path: Path | str) -> tuple[Path, Path]:
-    """(run folder, store path) from a run folder or from the store itself."""
-    p = Path(path)
-    if p.name == store.STORE_NAME or (p / "zarr.json").is_file():
-        return p.parent, p
-    return p, store.store_path(p)
+    """(run folder, store path) from a run folder or from the store itself, wherever it was
+    written (``ingest --store``)."""
+    where = store.store_path(path)
+    return store.run_folder(where), where
 
 
 class Run:
@@ -48,9 +47,10 @@ class Run:
         The run folder's name, the label in comparisons.
     """
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, dedupe: bool = False) -> None:
         self.path, self.store_path = _locate(path)
-        self._store = store.open_store(self.store_path)
+        self.dedupe = dedupe
+        self._store = store.open_store(self.store_path, dedupe=dedupe)
         self.name = self.path.resolve().name
 
     def __repr__(self) -> str:
@@ -233,7 +233,7 @@ class Run:
 
         from specan import analysis
 
-        r = analysis.rank(self.path, cache=cache)
+        r = analysis.rank(self.store_path, cache=cache, dedupe=self.dedupe)
         return xr.DataArray(
             r.values,
             dims=("view", "step"),
@@ -269,7 +269,9 @@ class Run:
         """
         from specan import analysis
 
-        a = analysis.align(self.path, vo_per_head=vo_per_head, cache=cache)
+        a = analysis.align(
+            self.store_path, vo_per_head=vo_per_head, cache=cache, dedupe=self.dedupe
+        )
         pairs = [r.pair for r in a.results]
         return self._diagonals(
             "pair",
@@ -316,8 +318,8 @@ class Run:
             raise ValueError(f"by must be 'step' or 'epoch', not {by!r}")
         if against is None and by != "step":
             raise ValueError("by='epoch' needs against=")
-        other = against.path if isinstance(against, Run) else against
-        g = analysis.sva(self.path, other, by=by, cache=cache)
+        other = against.store_path if isinstance(against, Run) else against
+        g = analysis.sva(self.store_path, other, by=by, cache=cache, dedupe=self.dedupe)
         position = {int(s): i for i, s in enumerate(self.steps)}
         index = [position[int(s)] for s in g.steps]
         return self._diagonals(
@@ -364,13 +366,16 @@ class Run:
         )  # fmt: skip
 
 
-def open(path: Path | str) -> Run:  # noqa: A001 - the verb users expect, as zarr.open
+def open(path: Path | str, *, dedupe: bool = False) -> Run:  # noqa: A001 - as zarr.open
     """Open the store of a run; reads no array data.
 
     Parameters
     ----------
     path : path
-        The run folder (the one holding ``specan.zarr``), or the store itself.
+        The run folder (the one holding ``specan.zarr``), or the store itself (wherever
+        ``ingest --store`` put it).
+    dedupe : bool
+        Show checkpoints of identical content once, at the largest step that holds them.
 
     Returns
     -------
@@ -390,7 +395,7 @@ def open(path: Path | str) -> Run:  # noqa: A001 - the verb users expect, as zar
     >>> run = specan.open("runs/demo/grok-wd1")  # doctest: +SKIP
     >>> run.steps[:3], run.views[:2]  # doctest: +SKIP
     """
-    return Run(path)
+    return Run(path, dedupe=dedupe)
 
 
 def ingest(
@@ -408,6 +413,8 @@ def ingest(
     workers: int | None = None,
     strict: bool = False,
     overwrite: bool = False,
+    store: Path | str | None = None,
+    scheduler: str | None = None,
     progress: Progress | None = None,
     **options: Any,
 ) -> IngestReport:
@@ -431,6 +438,12 @@ def ingest(
         As the CLI options of the same names (``rules``: parameter name -> view rule).
     overwrite : bool
         Replace an existing store.
+    store : path, optional
+        Where the store goes (default ``<path>/specan.zarr``), e.g. away from a read-only
+        checkpoint folder or the Hugging Face cache.
+    scheduler : str, optional
+        ``"tcp://host:8786"`` or ``"local:N"``: decompose on a Dask cluster (workers only
+        compute; this process writes the store). Not with ``workers``.
     progress : Progress, optional
         Receives progress (see `specan.pipeline.Progress`); silent by default.
     **options
@@ -457,11 +470,14 @@ def ingest(
         raise OptionError(f"sigma must be 'all' or 'top-k', not {sigma!r}")
     if vector_dtype not in (None, "float32", "float16"):
         raise OptionError(f"vector_dtype must be 'float32' or 'float16', not {vector_dtype!r}")
+    if workers and scheduler:
+        raise OptionError("workers sets this process's threads: not with scheduler (size the "
+                          "cluster where it runs)")  # fmt: skip
     opts = IngestOptions(
         top_k=0 if vectors is False else top_k, vectors=vectors, sigma=sigma, family=family,
         layers=layers, heads=heads, rules=dict(rules) if rules else None, strict=strict,
         backend=backend, vector_dtype=vector_dtype, overwrite=overwrite, workers=workers,
-        **options,
+        store=Path(store) if store is not None else None, scheduler=scheduler, **options,
     )  # fmt: skip
     return run_ingest(path, opts, progress)
 

@@ -89,3 +89,9 @@ class StoreExistsError(StoreError):
 
 class StoreLockedError(StoreError):
     """Another live process is writing this store."""
+
+
+class SchedulerError(SpecanError):
+    """The Dask cluster failed a task or could not be used; what was written is kept."""
+
+    exit_code = 6

@@ -2,10 +2,11 @@
 
 The graph has one task per (checkpoint, group of same-shaped views): each task reads its tensors
 from the memory-mapped checkpoint, stacks them and calls the kernel, so reading one group overlaps
-the SVDs of another and no task holds more than one batch. A checkpoint's write task follows its
-SVD tasks and the previous checkpoint's write, so exactly one task writes the store at a time, in
-order, while later checkpoints are still being decomposed. A row is marked done only after its
-arrays are written; an interrupted ingest loses at most the rows in flight; the next redoes them.
+the SVDs of another and no task holds more than one batch. Each SVD task's results are written
+by a write task that follows it and the previous write, so exactly one task writes the store at a
+time, in order, while later groups are still being decomposed, and results are dropped once
+written. A row is marked done only after all its arrays are written; an interrupted ingest loses
+at most the rows in flight; the next redoes them.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -24,11 +26,14 @@ from specan.errors import (
     BadCheckpointError,
     EmptyRunError,
     OptionError,
+    SchedulerError,
     ShapeMismatchError,
     StoreError,
 )
 
 if TYPE_CHECKING:
+    from distributed import Client
+
     from specan.runs import Checkpoint, Run, TensorInfo
     from specan.views import ViewSpec
 
@@ -62,6 +67,8 @@ class IngestOptions:
     overwrite: bool = False
     workers: int | None = None  # Dask threads; default: one per core
     window: int = 8  # checkpoints per Dask graph; an interrupt loses at most these
+    store: Path | None = None  # where the store goes; default <run>/specan.zarr
+    scheduler: str | None = None  # a dask.distributed address ("tcp://host:8786") or "local:N"
 
 
 @dataclass
@@ -77,6 +84,7 @@ class IngestReport:
     bytes_read: int = 0
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    duplicates: list[tuple[str, str]] = field(default_factory=list)  # (name, same content as)
 
 
 class Progress(Protocol):
@@ -286,17 +294,6 @@ def _svd_group(
     return out
 
 
-def _merge(
-    *parts: Mapping[str, store.ViewResult] | _Failed,
-) -> dict[str, store.ViewResult] | _Failed:
-    merged: dict[str, store.ViewResult] = {}
-    for p in parts:
-        if isinstance(p, _Failed):
-            return p
-        merged.update(p)
-    return merged
-
-
 # -- ingest -----------------------------------------------------------------------------------
 def ingest(
     root: Path | str, options: IngestOptions | None = None, progress: Progress | None = None
@@ -312,13 +309,26 @@ def ingest(
     prog = progress or _Silent()
     root = Path(root)
     spath = store.store_path(root)
+    if spath == root:  # given a store: ingest the run it was made from
+        root = store.run_folder(root)
+    if opts.store is not None:
+        spath = Path(opts.store)
     attrs = None if opts.overwrite else store.read_attrs(spath)
+    made_from = Path((attrs or {}).get("run") or root)
+    if made_from.is_dir() and not made_from.samefile(root):
+        raise StoreError(
+            f"{spath}: holds the run {made_from}, not {root}; give another --store, or "
+            "--overwrite to replace it"
+        )
     settings = _settings(opts, attrs, spath)
     stored = {c["name"]: c for c in (attrs or {}).get("checkpoints", [])}
     known = {n: (c["size"], c["mtime_ns"], c["step"], c["epoch"]) for n, c in stored.items()}
     run = runs.discover(root, known=known)
     report = IngestReport(store=spath, views=len((attrs or {}).get("views", {})))
     report.bad = [(str(p), r) for p, r in run.bad]
+    for note in run.notes:
+        report.warnings.append(note)
+        prog.warn(note)
     stepless = [c.name for c in run.checkpoints if c.step is None]
     if stepless:
         msg = (
@@ -333,8 +343,16 @@ def ingest(
         raise BadCheckpointError(*report.bad[0])
     old_bad = [(b["path"], b["reason"]) for b in (attrs or {}).get("bad_files", [])]
     if todo or report.bad != old_bad:
+        where = spath.parent  # the folder the store goes in, or the first of it that exists
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        if not os.access(where, os.W_OK):
+            raise StoreError(
+                f"{where}: read-only, no store can be written here; pass --store PATH to "
+                "keep the store elsewhere (a Hugging Face cache is best left untouched)"
+            )
         with store.lock(spath):
-            _ingest_locked(run, todo, settings, opts, attrs is None, prog, report)
+            _ingest_locked(run, todo, settings, opts, attrs is None, prog, report, spath)
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -370,6 +388,7 @@ def _ingest_locked(
     new_store: bool,
     prog: Progress,
     report: IngestReport,
+    spath: Path,
 ) -> None:
     from specan_kernels import resolve_backend
 
@@ -395,9 +414,9 @@ def _ingest_locked(
         if not good:
             path, reason = report.bad[0] if report.bad else ("", "")
             raise EmptyRunError(run.root, f"every checkpoint is unreadable, e.g. {path}: {reason}")
-        st = _create_store(run, headers[good[0].name], settings, opts, backend, prog, report)
+        st = _create_store(run, headers[good[0].name], settings, opts, backend, prog, report, spath)
     else:
-        st = store.open_store(store.store_path(run.root), mode="r+")
+        st = store.open_store(spath, mode="r+")
     views = st.views
     ready = []
     for ckpt in good:
@@ -406,10 +425,15 @@ def _ingest_locked(
             ready.append(ckpt)
         except ShapeMismatchError as e:
             reject(e)
-    st.set_bad_files([{"path": p, "reason": r} for p, r in report.bad])
     report.views = len(views)
-    if ready:
-        _compute(st, ready, views, opts, prog, report, reject)
+    with _scheduler(opts) if ready else nullcontext() as client:  # no cluster for nothing
+        compute, ids, dups = (
+            _deduplicate(st, ready, client, opts, reject) if ready else ([], {}, [])
+        )
+        st.set_bad_files([{"path": p, "reason": r} for p, r in report.bad])
+        if compute:
+            _compute(st, compute, views, opts, prog, report, reject, client, ids)
+        _point_duplicates(st, dups, ids, report, reject)
 
 
 def _create_store(
@@ -420,6 +444,7 @@ def _create_store(
     backend: str,
     prog: Progress,
     report: IngestReport,
+    spath: Path,
 ) -> store.Store:
     """Plan the views from one checkpoint's header and create the store for them."""
     specs = _plan(header, settings, run)
@@ -456,11 +481,12 @@ def _create_store(
         "sigma": settings["sigma"],
     }
     return store.create(
-        store.store_path(run.root),
+        spath,
         views=views,
         kernel=kernel,
         settings={k: settings[k] for k in ("family", "layers", "heads", "rules")},
         overwrite=opts.overwrite,
+        run=run.root,
     )
 
 
@@ -486,36 +512,52 @@ def _compute(
     prog: Progress,
     report: IngestReport,
     reject: Callable[[BadCheckpointError], None],
+    client: Client | None = None,
+    ids: Mapping[str, str] | None = None,
 ) -> None:
-    """Run the Dask graph, a window of checkpoints at a time.
+    """Run the Dask graph, a window of checkpoints at a time (on a cluster: `_distributed`).
 
     Groups of small matrices run side by side, one thread each; then the large matrices (see
     `BIG_ELEMENTS`) one at a time with every core, so neither a lone large matrix leaves cores
-    idle nor do two multi-threaded decompositions fight over them. Each checkpoint's write is a
-    task that depends on its SVDs and on the previous checkpoint's write: the chain keeps one
-    writer at a time, in order, while the next SVDs run beside it.
+    idle nor do two multi-threaded decompositions fight over them. Each SVD task's results are
+    written by a task that depends on it and on the previous write, and a checkpoint's `finish`
+    (done) follows its last write: the chain keeps one writer at a time, in order, while the next
+    SVDs run beside it.
     """
     import dask
 
     rows = st.reserve(
         [
             {"name": c.name, "size": c.size, "mtime_ns": c.mtime_ns, "step": c.step,
-             "epoch": c.epoch}
+             "epoch": c.epoch, "content": (ids or {}).get(c.name)}
             for c in ready
         ]
     )  # fmt: skip
     groups = _groups(views)
 
+    failed: set[str] = set()
+
     def write(ckpt: Checkpoint, res: dict[str, store.ViewResult] | _Failed, _prev: None) -> None:
+        """Write one task's views into the checkpoint's row as soon as they are in, so that no
+        more than the tasks' results in flight are held (a whole checkpoint's row of per-head
+        vectors is 1.7 GB for pythia-1.4b)."""
+        if ckpt.name in failed:
+            return
         if isinstance(res, _Failed):
             # its row stays reserved and not done; marked bad, so later ingests skip it until
             # the file changes instead of reading it again every time
+            failed.add(ckpt.name)
             reject(res.error)
             st.mark_bad(ckpt.name, res.error.reason)
             st.set_bad_files([{"path": p, "reason": r} for p, r in report.bad])
             prog.advance(ckpt.name, 0, ckpt.size)
             return
         st.write_row(rows[ckpt.name], res)
+
+    def finish(ckpt: Checkpoint, _prev: None) -> None:
+        """All of the checkpoint's views are written: only now is it done."""
+        if ckpt.name in failed:
+            return
         st.mark_done(ckpt.name)
         report.computed.append(ckpt.name)
         report.bytes_read += ckpt.size
@@ -533,6 +575,9 @@ def _compute(
         return dask.delayed(partial(_svd_group, c, g, views, opts.backend, threads))
 
     try:
+        if client is not None:
+            _distributed(client, ready, small, big, views, opts, write, finish)
+            return
         for i in range(0, len(ready), window):
             batch = ready[i : i + window]
             # small matrices: one task per group, one thread each, all cores busy at once
@@ -545,7 +590,189 @@ def _compute(
                     after = [parts[c.name][-1]]
             last = None
             for c in batch:  # the writes: one chain, in order, overlapping the next SVDs
-                last = dask.delayed(partial(write, c))(dask.delayed(_merge)(*parts[c.name]), last)
+                for part in parts[c.name]:
+                    last = dask.delayed(partial(write, c))(part, last)
+                last = dask.delayed(partial(finish, c))(last)
             dask.compute(last, scheduler="threads", num_workers=workers)
     finally:
         prog.finish()
+
+
+# -- a dask.distributed cluster ---------------------------------------------------------------
+@contextmanager
+def _scheduler(opts: IngestOptions) -> Iterator[Client | None]:
+    """A client of the cluster named by ``opts.scheduler`` (None: the threaded scheduler).
+
+    ``local:N`` starts a LocalCluster of N worker processes on this machine for the duration;
+    an address (``tcp://host:8786``) connects to a running scheduler, whose workers must see
+    the checkpoints at the same paths as this process.
+    """
+    if not opts.scheduler:
+        yield None
+        return
+    from distributed import Client, LocalCluster
+
+    spec = opts.scheduler
+    if spec.startswith("local:"):
+        n = spec.removeprefix("local:")
+        if not n.isdigit() or int(n) < 1:
+            raise OptionError(f"--scheduler: local:N takes a number of worker processes, not {n!r}")
+        cores = os.cpu_count() or 1
+        with (
+            LocalCluster(
+                n_workers=int(n), threads_per_worker=max(1, cores // int(n)), processes=True,
+                dashboard_address=None, silence_logs=logging.ERROR,
+            ) as cluster,
+            Client(cluster) as client,
+        ):  # fmt: skip
+            yield client
+        return
+    try:
+        client = Client(spec, timeout="20s")
+    except (OSError, TimeoutError, ValueError) as e:
+        raise OptionError(f"--scheduler: cannot reach a Dask scheduler at {spec} ({e})") from None
+    with client:
+        yield client
+
+
+def _map(client: Client | None, fn: Callable[[Any], Any], items: Sequence[Any], workers: int):
+    """``[fn(x) for x in items]`` on the cluster, or on the threaded scheduler."""
+    if client is not None:
+        return client.gather(client.map(fn, items, pure=False))
+    import dask
+
+    tasks = [dask.delayed(partial(fn, x))() for x in items]
+    return list(dask.compute(*tasks, scheduler="threads", num_workers=workers))
+
+
+def _distributed(
+    client: Client,
+    ready: Sequence[Checkpoint],
+    small: Sequence[Sequence[str]],
+    big: Sequence[Sequence[str]],
+    views: Mapping[str, Mapping[str, Any]],
+    opts: IngestOptions,
+    write: Callable[[Checkpoint, Any, None], None],
+    finish: Callable[[Checkpoint, None], None],
+) -> None:
+    """The same tasks on a cluster: workers compute and return results, this process writes.
+
+    Results come back as tasks complete (``as_completed``) and are written at once; a checkpoint
+    is done when all its groups are in. The client is the one writer and no worker touches the
+    store. At most ``opts.window`` checkpoints are in flight. A worker lost
+    mid-task costs only a recomputation (the scheduler reruns what it held); if the cluster
+    gives up, the rows written so far stay done and the next ingest completes the rest.
+    """
+    from distributed import as_completed
+
+    threads = max(client.nthreads().values() or [1])  # a big matrix: the worker's threads
+    shared = client.scatter(dict(views), broadcast=True)  # sent once, not with every task
+    queue = iter(ready)
+    owner: dict[str, Checkpoint] = {}
+    todo: dict[str, int] = {}  # tasks of each checkpoint not back yet
+    done = as_completed()
+
+    def submit(c: Checkpoint) -> None:
+        tasks = [(g, 1) for g in small] + [(g, threads) for g in big]
+        todo[c.name] = len(tasks)
+        for g, t in tasks:
+            fut = client.submit(_svd_group, c, g, shared, opts.backend, t, pure=False)
+            owner[fut.key] = c
+            done.add(fut)
+
+    for _ in range(min(len(ready), max(1, opts.window))):
+        submit(next(queue))
+    for fut in done:
+        c = owner.pop(fut.key)
+        try:
+            result = fut.result()
+        except Exception as e:  # a worker error or the cluster giving up: one line, no traceback
+            done.clear()
+            raise SchedulerError(
+                f"{opts.scheduler}: {type(e).__name__}: {e} (at {c.name}); the rows written so "
+                "far are kept, run ingest again to complete the store"
+            ) from e
+        write(c, result, None)
+        del fut, result  # the worker may drop it now
+        todo[c.name] -= 1
+        if not todo[c.name]:
+            finish(c, None)
+            nxt = next(queue, None)
+            if nxt is not None:
+                submit(nxt)
+
+
+# -- duplicates -------------------------------------------------------------------------------
+def _content_id(ckpt: Checkpoint) -> str | _Failed:
+    try:
+        return runs.content_id(ckpt)
+    except BadCheckpointError as e:
+        return _Failed(e)
+
+
+def _deduplicate(
+    st: store.Store,
+    ready: Sequence[Checkpoint],
+    client: Client | None,
+    opts: IngestOptions,
+    reject: Callable[[BadCheckpointError], None],
+) -> tuple[list[Checkpoint], dict[str, str], list[tuple[Checkpoint, str]]]:
+    """Split the checkpoints to compute by content: (to decompose, content ids, duplicates).
+
+    A checkpoint whose content equals a done one's, or an earlier one's in ``ready``, is a
+    duplicate of it (name, original) and is not decomposed. Content ids come from the store
+    when its entry has the same file signature, else from `runs.content_id`, computed once.
+    """
+    entries = {c["name"]: c for c in st.checkpoints}
+    ids: dict[str, str] = {}
+    need = []
+    for c in ready:
+        e = entries.get(c.name)
+        if e and e.get("content") and (e["size"], e["mtime_ns"]) == (c.size, c.mtime_ns):
+            ids[c.name] = e["content"]
+        else:
+            need.append(c)
+    for c, got in zip(
+        need, _map(client, _content_id, need, opts.workers or os.cpu_count() or 1), strict=True
+    ):
+        if isinstance(got, _Failed):
+            reject(got.error)
+        else:
+            ids[c.name] = got
+    names = {c.name for c in ready}
+    owners = {
+        e["content"]: e["name"] for e in entries.values()
+        if e.get("done") and e.get("content") and not e.get("duplicate_of")
+        and e["name"] not in names
+    }  # fmt: skip
+    compute, dups = [], []
+    for c in ready:
+        if c.name not in ids:
+            continue
+        if ids[c.name] in owners:
+            dups.append((c, owners[ids[c.name]]))
+        else:
+            owners[ids[c.name]] = c.name
+            compute.append(c)
+    return compute, ids, dups
+
+
+def _point_duplicates(
+    st: store.Store,
+    dups: Sequence[tuple[Checkpoint, str]],
+    ids: Mapping[str, str],
+    report: IngestReport,
+    reject: Callable[[BadCheckpointError], None],
+) -> None:
+    """Record each duplicate as sharing its (now done) original's row; none is decomposed."""
+    done = {c["name"] for c in st.checkpoints if c.get("done")}
+    add = []
+    for c, of in dups:
+        if of not in done:  # the original could not be decomposed: neither can its copy
+            reject(BadCheckpointError(c.files[0], f"same content as {of}, which failed"))
+            continue
+        add.append({"name": c.name, "size": c.size, "mtime_ns": c.mtime_ns, "step": c.step,
+                    "epoch": c.epoch, "content": ids[c.name], "duplicate_of": of})  # fmt: skip
+        report.duplicates.append((c.name, of))
+    if add:
+        st.add_duplicates(add)

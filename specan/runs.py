@@ -1,6 +1,11 @@
 """Find the checkpoints of a run folder, order them by step, read headers and tensors lazily.
 
-Stdlib only at module level: the CLI calls `discover` on a fast path that must not import torch.
+Weights are safetensors files, or pickled torch files (``.bin``, ``.pt``, ``.pth``, ``.ckpt``) that
+are only ever read with ``torch.load(weights_only=True, mmap=True)``: a file that needs a full
+unpickle is refused, naming it. Safetensors are preferred where a folder holds both.
+
+Stdlib only at module level: the CLI calls `discover` on a fast path that must not import torch
+(torch files are not opened at discovery: their step comes from their name).
 Headers are parsed here rather than with `safetensors.safe_open`, because the library's errors
 ("incomplete metadata, file not fully covered") do not say what is wrong; the checks mirror its own
 (contiguous offsets, buffer fully covered), so a file that passes here also opens there.
@@ -27,6 +32,10 @@ if TYPE_CHECKING:
     import torch
 
 INDEX_SUFFIX = ".safetensors.index.json"
+BIN_INDEX_SUFFIX = ".bin.index.json"  # pytorch_model.bin.index.json: shards of pickled torch files
+TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+# What a trainer saves beside the model in a checkpoint folder: never weights to analyse.
+_TRAINER_EXTRAS = re.compile(r"^(optimizer|scheduler|rng_state.*|training_args|scaler)\.", re.I)
 # Bytes per element of each safetensors dtype; unknown (future) dtypes skip the size check.
 _ITEMSIZE = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
@@ -66,10 +75,16 @@ class Run:
     """A run folder: its layout, its checkpoints ordered by step, and files it could not read."""
 
     root: Path
-    layout: str  # "specan" | "flat" | "hf" | "pythia"
+    layout: str  # "specan" | "flat" | "hf" | "pythia" | "hf-cache"
     checkpoints: tuple[Checkpoint, ...]
     bad: tuple[tuple[Path, str], ...] = ()
     config: dict = field(default_factory=dict)
+    notes: tuple[str, ...] = ()  # what discovery decided that a user should hear about
+
+
+def is_torch_file(path: Path) -> bool:
+    """A pickled torch file (read only with weights_only + mmap), by its suffix."""
+    return path.suffix.lower() in TORCH_SUFFIXES
 
 
 def natural_key(s: str) -> tuple:
@@ -141,12 +156,118 @@ def _read_file_header(
     return meta, tensors
 
 
+def torch_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a pickled torch file, memory-mapped (no tensor data is read here).
+
+    Loaded only with ``torch.load(weights_only=True, mmap=True)``: torch's restricted unpickler
+    builds tensors and plain containers and refuses everything else, so no code in the file runs.
+    A state dict nested one level down (``{"state_dict": ...}``, ``{"model": ...}``, as trainers
+    save them) is taken from there. Raises BadCheckpointError, one line naming the file.
+    """
+    import pickle
+
+    import torch
+
+    try:
+        obj = torch.load(path, weights_only=True, mmap=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f"it holds {found.group(1)}" if found else str(e).splitlines()[0][:120]
+        raise BadCheckpointError(
+            path,
+            f"needs a full unpickle ({what}), which specan never does: re-save its tensors with"
+            " torch.save(model.state_dict(), ...) or safetensors",
+        ) from None
+    except RuntimeError as e:
+        if "mmap can only be used" in str(e):
+            reason = (
+                "not a zip-format torch file (a torch.save from before torch 1.6, or not torch at"
+                " all): specan memory-maps torch files; re-save it with torch.save"
+            )
+        else:
+            reason = f"unreadable torch file ({str(e).splitlines()[0][:160]})"
+        raise BadCheckpointError(path, reason) from None
+    except (OSError, EOFError, ValueError) as e:
+        raise BadCheckpointError(path, f"cannot read: {e}") from None
+    if isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        for key in ("state_dict", "model", "module"):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping):
+        raise BadCheckpointError(path, f"holds a {type(obj).__name__}, not a dict of tensors")
+    out = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not out:
+        raise BadCheckpointError(path, "holds no tensors")
+    return out
+
+
+_TORCH_CODES = {
+    "bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "int32": "I32", "int64": "I64",
+    "float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64",
+}  # fmt: skip
+
+
+def _torch_header(path: Path) -> dict[str, TensorInfo]:
+    return {
+        name: TensorInfo(tuple(t.shape), _TORCH_CODES.get(str(t.dtype).removeprefix("torch."), "?"))
+        for name, t in torch_tensors(path).items()
+    }
+
+
 def read_header(ckpt: Checkpoint) -> dict[str, TensorInfo]:
     """Tensor name -> TensorInfo over all files of a checkpoint; BadCheckpointError if bad."""
     out: dict[str, TensorInfo] = {}
     for f in ckpt.files:
-        out.update(_read_file_header(f)[1])
+        out.update(_torch_header(f) if is_torch_file(f) else _read_file_header(f)[1])
     return out
+
+
+def content_id(ckpt: Checkpoint) -> str:
+    """What a checkpoint holds, as a string equal for identical checkpoints.
+
+    In the Hugging Face cache every file is a symlink into ``blobs/``, named by the hash of its
+    content: the blob names are the identity and nothing is read. Otherwise a SHA-256 over the
+    tensors (names, dtypes, shapes and bytes; safetensors metadata such as a step left out), read
+    once; the store keeps it beside the file signature so it is not computed again.
+    """
+    import hashlib
+
+    blobs = [_blob(f) for f in ckpt.files]
+    if all(blobs):
+        return "blob:" + "+".join(b for b in blobs if b)
+    h = hashlib.sha256()
+    for f in ckpt.files:
+        if is_torch_file(f):
+            for name, t in sorted(torch_tensors(f).items()):
+                h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+                h.update(t.contiguous().reshape(-1).view(_u8()).numpy())
+            continue
+        try:
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(n))
+                header.pop("__metadata__", None)
+                h.update(json.dumps(header, sort_keys=True).encode())
+                while chunk := fh.read(8 * 2**20):
+                    h.update(chunk)
+        except (OSError, ValueError, struct.error) as e:
+            raise BadCheckpointError(f, f"cannot read: {e}") from None
+    return "sha256:" + h.hexdigest()
+
+
+def _u8() -> Any:
+    import torch
+
+    return torch.uint8
+
+
+def _blob(path: Path) -> str | None:
+    """The blob a Hugging Face cache symlink points to (its content hash), else None."""
+    if not path.is_symlink():
+        return None
+    target = Path(os.path.realpath(path))
+    return target.name if target.parent.name == "blobs" else None
 
 
 def file_signature(ckpt: Checkpoint) -> tuple[int, int]:
@@ -162,18 +283,31 @@ def _visible(p: Path) -> bool:
 
 
 def _weights(folder: Path) -> list[Path]:
-    """The *.safetensors files directly in a folder."""
-    return sorted((p for p in folder.glob("*.safetensors") if _visible(p) and p.is_file()),
-                  key=lambda p: natural_key(p.name))  # fmt: skip
+    """The *.safetensors files directly in a folder; without any, its pickled torch files."""
+    found = [p for p in folder.glob("*.safetensors") if _visible(p) and p.is_file()]
+    if not found:
+        found = [p for p in folder.iterdir() if is_torch_file(p) and _visible(p) and p.is_file()
+                 and not _TRAINER_EXTRAS.match(p.name)]  # fmt: skip
+    return sorted(found, key=lambda p: natural_key(p.name))
+
+
+def _index(folder: Path) -> Path | None:
+    """The shard index of a sharded model in `folder`: safetensors' first, then torch's."""
+    for suffix in (INDEX_SUFFIX, BIN_INDEX_SUFFIX):
+        stem = "model" if suffix == INDEX_SUFFIX else "pytorch_model"
+        index = folder / (stem + suffix)
+        if index.is_file():
+            return index
+        others = sorted(p for p in folder.glob("*" + suffix) if _visible(p))
+        if len(others) == 1:
+            return others[0]
+    return None
 
 
 def _model_files(folder: Path) -> tuple[Path, list[Path]] | str | None:
     """(primary file, files) of the model stored directly in `folder`, a reason, or None."""
-    index = folder / ("model" + INDEX_SUFFIX)
-    if not index.is_file():
-        others = sorted(p for p in folder.glob("*" + INDEX_SUFFIX) if _visible(p))
-        index = others[0] if len(others) == 1 else index
-    if index.is_file():
+    index = _index(folder)
+    if index is not None:
         try:
             wm = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             shards = sorted(set(wm.values()), key=natural_key)
@@ -183,15 +317,17 @@ def _model_files(folder: Path) -> tuple[Path, list[Path]] | str | None:
             if "/" in s or "\\" in s or not (folder / s).is_file():
                 return f"index {index.name} names missing shard {s!r}"
         return index, [folder / s for s in shards]
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / single).is_file():
+            return folder / single, [folder / single]
     files = _weights(folder)
-    if (folder / "model.safetensors").is_file():
-        return folder / "model.safetensors", [folder / "model.safetensors"]
     if len(files) == 1:
         return files[0], files
     if files:
-        return f"{len(files)} safetensors files and no *{INDEX_SUFFIX}"
-    if any(_visible(p) for p in folder.glob("pytorch_model*.bin")):
-        return "only pytorch_model*.bin weights (not read; convert to safetensors)"
+        kind = "safetensors" if files[0].suffix == ".safetensors" else "torch"
+        return (
+            f"{len(files)} {kind} files and no shard index (*{INDEX_SUFFIX}, *{BIN_INDEX_SUFFIX})"
+        )
     return None
 
 
@@ -201,9 +337,12 @@ def _make(
     files: list[Path],
     name_for_step: str | None,
     known: Mapping[str, tuple[int, int, int | None, float | None]] | None,
+    name: str | None = None,
 ) -> Checkpoint:
-    """Build a Checkpoint, reading headers for step/epoch unless `known` vouches for the files."""
-    name = primary.relative_to(root).as_posix()
+    """Build a Checkpoint, reading headers for step/epoch unless `known` vouches for the files.
+
+    Torch files are not opened here (that needs torch): their step comes from the name."""
+    name = name or primary.relative_to(root).as_posix()
     st = [f.stat() for f in files]
     size, mtime = sum(s.st_size for s in st), max(s.st_mtime_ns for s in st)
     hit = (known or {}).get(name)
@@ -211,6 +350,8 @@ def _make(
         return Checkpoint(name, tuple(files), hit[2], hit[3], size, mtime)
     meta: dict[str, str] = {}
     for i, f in enumerate(files):  # every shard is read so that truncation is caught here
+        if is_torch_file(f):
+            continue
         m = _read_file_header(f, infos=False)[0]
         if i == 0:
             meta = m
@@ -232,21 +373,6 @@ def _parse(v: str | None, kind: type) -> Any:
             return kind(x) if kind is float or x.is_integer() else None
         except ValueError:
             return None
-
-
-_PICKLED = ("*.pt", "*.pth", "*.bin", "*.ckpt")
-
-
-def _pickles(root: Path) -> str:
-    """Why a folder without safetensors has no checkpoints, when it holds pickled torch files."""
-    found = [p for pat in _PICKLED for p in (*root.glob(pat), *root.glob("*/" + pat))]
-    if not found:
-        return ""
-    return (
-        f"it holds {len(found)} pickled torch file(s) such as {found[0].relative_to(root)}, "
-        "which specan does not read: convert each with "
-        "safetensors.torch.save_file(torch.load(f, weights_only=True), ...)"
-    )
 
 
 def _load_json(path: Path) -> dict:
@@ -288,7 +414,9 @@ def discover(
         if run_json.is_file():
             config = read_config(root)
         if ckpt_dir.is_dir():
-            found = [(p, [p], p.name.removesuffix(".safetensors")) for p in _weights(ckpt_dir)]
+            found = [(p, [p], p.stem) for p in _weights(ckpt_dir)]
+    elif (root / "snapshots").is_dir():  # a Hugging Face cache folder, models--org--name
+        return _discover_hf_cache(root, known)
     else:
         subs = sorted((p for p in root.iterdir() if _visible(p) and p.is_dir()),
                       key=lambda p: natural_key(p.name))  # fmt: skip
@@ -299,14 +427,15 @@ def discover(
             elif got is not None:
                 found.append((got[0], got[1], sub.name))
                 folders.append(sub)
-        has_root_model = (root / "model.safetensors").is_file() or any(
-            _visible(p) for p in root.glob("*" + INDEX_SUFFIX)
+        has_root_model = any(
+            (root / n).is_file() for n in ("model.safetensors", "pytorch_model.bin")
         )
+        has_root_model = has_root_model or _index(root) is not None
         if found or bad:
             pythia = all(_PYTHIA_DIR.match(p.parent.name) for p, _, _ in found)
             layout = "pythia" if found and pythia else "hf"
             if not has_root_model:  # loose files beside the folders are checkpoints too
-                found += [(p, [p], p.name.removesuffix(".safetensors")) for p in _weights(root)]
+                found += [(p, [p], p.stem) for p in _weights(root)]
         elif has_root_model:  # the root is itself one (possibly sharded) model folder
             layout = "pythia" if _PYTHIA_DIR.match(root.name) else "hf"
             got = _model_files(root)
@@ -316,30 +445,91 @@ def discover(
                 found = [(got[0], got[1], root.name if _CKPT_DIR.match(root.name) else None)]
         else:  # a flat folder: every *.safetensors is its own checkpoint
             layout = "flat"
-            found = [(p, [p], p.name.removesuffix(".safetensors")) for p in _weights(root)]
+            found = [(p, [p], p.stem) for p in _weights(root)]
 
+    return _finish(root, layout, [(*f, None) for f in found], bad, folders, config, known)
+
+
+def _finish(
+    root: Path,
+    layout: str,
+    found: list[tuple[Path, list[Path], str | None, str | None]],
+    bad: list[tuple[Path, str]],
+    folders: list[Path],
+    config: dict,
+    known: Mapping[str, tuple[int, int, int | None, float | None]] | None,
+    notes: tuple[str, ...] = (),
+) -> Run:
+    """Build the checkpoints (primary, files, name for the step, name), order them, find config."""
     ckpts: list[Checkpoint] = []
-    for primary, files, step_name in found:
+    for primary, files, step_name, name in found:
         try:
-            ckpts.append(_make(root, primary, files, step_name, known))
+            ckpts.append(_make(root, primary, files, step_name, known, name))
         except BadCheckpointError as e:
             bad.append((e.path, e.reason))
         except OSError as e:  # vanished or unreadable between listing and stat
             bad.append((primary, f"cannot read: {e.strerror or e}"))
     if not ckpts:
         detail = f"{len(bad)} unreadable, first {bad[0][0]}: {bad[0][1]}" if bad else ""
-        raise EmptyRunError(root, detail or _pickles(root))
+        raise EmptyRunError(root, detail)
     ckpts.sort(key=lambda c: (c.step is None, c.step or 0, natural_key(c.name)))
 
     for folder in folders:  # the view planner needs num_attention_heads from the first config.json
         if (folder / "config.json").is_file():
             config = {**config, "hf_config": _load_json(folder / "config.json")}
             break
-    return Run(root, layout, tuple(ckpts), tuple(bad), config)
+    return Run(root, layout, tuple(ckpts), tuple(bad), config, notes)
+
+
+def _discover_hf_cache(
+    root: Path, known: Mapping[str, tuple[int, int, int | None, float | None]] | None
+) -> Run:
+    """A Hugging Face cache folder: ``snapshots/<commit>/`` named by the files in ``refs/``.
+
+    Each revision is a checkpoint named after its ref (``step1000``), its step taken from that
+    name. Refs without a step (``main``) naming a commit that a step ref names too are aliases and
+    left out. A snapshot that no ref names (downloaded by commit hash, or left behind when a branch
+    moved) is taken under its commit hash, without a step, and said so in ``Run.notes``.
+    """
+    by_commit: dict[str, list[str]] = {}
+    refs = root / "refs"
+    for ref in sorted(refs.rglob("*")) if refs.is_dir() else []:
+        if ref.is_file() and _visible(ref):
+            try:
+                commit = ref.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError):
+                continue
+            by_commit.setdefault(commit, []).append(ref.relative_to(refs).as_posix())
+    found: list[tuple[Path, list[Path], str | None, str | None]] = []
+    bad: list[tuple[Path, str]] = []
+    folders: list[Path] = []
+    unnamed: list[str] = []
+    snaps = sorted(p for p in (root / "snapshots").iterdir() if _visible(p) and p.is_dir())
+    for snap in snaps:
+        got = _model_files(snap)
+        if isinstance(got, str):
+            bad.append((snap, got))
+            continue
+        if got is None:
+            continue
+        folders.append(snap)
+        names = sorted(by_commit.get(snap.name, []), key=natural_key)
+        stepped = [n for n in names if _CKPT_DIR.match(n)]
+        if not names:
+            unnamed.append(snap.name)
+        for name in stepped or names[:1] or [snap.name]:
+            found.append((got[0], got[1], name if stepped else None, name))
+    notes = ()
+    if unnamed:
+        notes = (f"{len(unnamed)} snapshot(s) named by no ref in {refs} ({', '.join(unnamed[:3])}"
+                 f"{', ...' if len(unnamed) > 3 else ''}): taken under their commit hash, without"
+                 " a step",)  # fmt: skip
+    return _finish(root, "hf-cache", found, bad, folders, {}, known, notes)
 
 
 class CheckpointReader:
-    """Reads one tensor at a time from a checkpoint's memory-mapped safetensors files."""
+    """Reads one tensor at a time from a checkpoint's memory-mapped files (safetensors, or torch
+    files loaded with ``weights_only=True, mmap=True``)."""
 
     def __init__(self, ckpt: Checkpoint) -> None:
         self.ckpt = ckpt
@@ -363,14 +553,19 @@ class CheckpointReader:
         if self._route is None:
             route: dict[str, Path] = {}
             for f in self.ckpt.files:
-                for name in _read_file_header(f)[1]:
+                if is_torch_file(f):  # its memory-mapped tensors are its handle
+                    names = self._handles.setdefault(f, torch_tensors(f))
+                else:
+                    names = _read_file_header(f)[1]
+                for name in names:
                     route.setdefault(name, f)
             self._route = route
         return self._route
 
     def names(self) -> list[str]:
         """All tensor names in the checkpoint, in file order."""
-        return list(self._routes())
+        with self._lock:
+            return list(self._routes())
 
     def get(self, name: str) -> torch.Tensor:
         """A float32 copy of one tensor (the file stays memory-mapped, not loaded)."""
@@ -386,8 +581,9 @@ class CheckpointReader:
                 h = self._handles.get(path)
                 if h is None:
                     h = self._handles[path] = safe_open(str(path), framework="pt")
-                t = h.get_tensor(name)
+                t = h[name] if is_torch_file(path) else h.get_tensor(name)
             except (SafetensorError, OSError) as e:
                 raise BadCheckpointError(path, f"cannot read tensor {name!r}: {e}") from e
-        # copy=True: get_tensor returns a view of the memory map, which a rewrite would change.
-        return t.to(torch.float32, copy=True)
+            # copy=True: the tensor is a view of the memory map, which a rewrite would change.
+            # Inside the lock: close() may drop the map of a torch file while another thread reads.
+            return t.to(torch.float32, copy=True)

@@ -10,9 +10,14 @@ Layout (``schema_version`` 1)::
         views        {key: {param, rule, shape, heads, k, sigma_top, routes, info}}  one
                      per matrix view; sigma_top: only the top k σ kept (effective rank is
                      then a bound); routes: the kernel routes that computed it
-        checkpoints  [{name, size, mtime_ns, step, epoch, row, done, [bad]}]  bad: why its
-                     spectra could not be computed (skipped until the file changes)
+        checkpoints  [{name, size, mtime_ns, step, epoch, row, done, [bad], [content],
+                      [duplicate_of]}]  bad: why its spectra could not be computed (skipped
+                     until the file changes); content: what the files hold (runs.content_id);
+                     duplicate_of: the checkpoint of the same content that was decomposed,
+                     whose row this entry shares (docs/ARCHITECTURE.md, "Duplicates")
         bad_files    [{path, reason}]                           skipped at the last ingest
+        run          the checkpoints' folder (absolute), so a store kept elsewhere
+                     (``ingest --store``) still finds run.json and metrics.jsonl
       step                  int64   [T]                  dims (checkpoint,)
       views/<key>/sigma     float32 [T, (H,) R]           dims (checkpoint, (head,) rank)
       views/<key>/U         float32 [T, (H,) m, k]        dims (checkpoint, (head,) row, component)
@@ -23,6 +28,8 @@ Layout (``schema_version`` 1)::
 
 Rows are in ingestion order and are never moved: appending a checkpoint resizes the arrays and
 writes only the new row's chunks. ``step`` says which step a row holds; readers sort by it.
+A duplicate checkpoint has no row of its own: its entry points at its original's row, so the
+``step`` array holds the original's step there, and readers go by the entries.
 A row counts only once its checkpoint entry has ``done: true``, which is written after all its
 arrays; zarr's LocalStore writes every chunk and every ``zarr.json`` to a temporary name and renames
 it, so a crash leaves the store as it was before the interrupted write. One process writes a store
@@ -62,6 +69,7 @@ __all__ = [
     "open_store",
     "store_path",
     "read_attrs",
+    "run_folder",
     "summary",
 ]
 
@@ -84,7 +92,8 @@ class ViewResult:
 
 
 def store_path(run_root: Path | str) -> Path:
-    """Where the store of a run lives: ``<run>/specan.zarr``.
+    """Where the store of a run lives: ``<run>/specan.zarr``, or ``run_root`` itself when it is a
+    store (one kept away from its checkpoints with ``ingest --store``).
 
     Raises RunNotFoundError when ``run_root`` is missing or is a file, so that every command
     says so instead of failing on a path inside it.
@@ -94,8 +103,30 @@ def store_path(run_root: Path | str) -> Path:
         raise RunNotFoundError(root)
     if not root.is_dir():
         raise RunNotFoundError(root, "not a folder (give the run folder, the one holding "
-                               f"{STORE_NAME} or the checkpoints)")  # fmt: skip
+                               f"{STORE_NAME} or the checkpoints, or the store)")  # fmt: skip
+    if is_store(root):
+        return root
     return root / STORE_NAME
+
+
+def is_store(path: Path | str) -> bool:
+    """True when ``path`` is a specan store (its zarr.json carries a schema_version)."""
+    try:
+        return read_attrs(path) is not None
+    except StoreError:
+        return False
+
+
+def run_folder(path: Path | str) -> Path:
+    """The run folder behind a path given to a command: the path itself, or, for a store, the
+    folder its checkpoints were read from (where run.json and metrics.jsonl live)."""
+    path = Path(path)
+    if not is_store(path):
+        return path
+    run = (read_attrs(path) or {}).get("run")
+    if run and Path(run).is_dir():
+        return Path(run)
+    return path.parent if path.name == STORE_NAME else path  # an older store, or a moved run
 
 
 def read_attrs(path: Path | str) -> dict[str, Any] | None:
@@ -178,15 +209,27 @@ def _zstd() -> list[Any]:
     return [ZstdCodec(level=1)]
 
 
+def _hand_over(ckpts: Sequence[dict[str, Any]], name: str) -> bool:
+    """Make the first duplicate of ``name`` the owner of its row (and the others its duplicates),
+    before ``name`` leaves that row; False when nothing points at ``name``."""
+    heirs = [d for d in ckpts if d.get("duplicate_of") == name]
+    if heirs:
+        heirs[0].pop("duplicate_of")
+        for d in heirs[1:]:
+            d["duplicate_of"] = heirs[0]["name"]
+    return bool(heirs)
+
+
 class Store:
     """An open store. ``mode`` ``"r"`` reads; ``"r+"`` also writes (hold :func:`lock` first).
 
     Arrays are opened lazily and read eagerly into numpy by the ``read_*`` methods.
     """
 
-    def __init__(self, group: zarr.Group, path: Path) -> None:
+    def __init__(self, group: zarr.Group, path: Path, *, dedupe: bool = False) -> None:
         self.group = group
         self.path = path
+        self.dedupe = dedupe  # done_rows() shows identical checkpoints once
         self._arrays: dict[str, zarr.Array] = {}
 
     def _array(self, name: str) -> zarr.Array:
@@ -215,22 +258,29 @@ class Store:
     def reserve(self, entries: Sequence[Mapping[str, Any]]) -> dict[str, int]:
         """Give each new checkpoint entry a row (not yet done); reuse rows of known names.
 
-        ``entries`` carry name, size, mtime_ns, step, epoch. Returns name -> row. Grows every
-        array when rows run out; existing rows and their chunks are untouched.
+        ``entries`` carry name, size, mtime_ns, step, epoch and optionally content. Returns
+        name -> row. Grows every array when rows run out; existing rows and their chunks are
+        untouched. A row shared by duplicates is never rewritten: a duplicate being recomputed
+        gets a new row, and an original being recomputed hands its row to its first duplicate.
         """
         ckpts = self.checkpoints
         by_name = {c["name"]: c for c in ckpts}
+        n_rows = self._array("step").shape[0]
         for e in entries:
-            if e["name"] in by_name:
-                c = by_name[e["name"]]
-                c.update({k: e[k] for k in ("size", "mtime_ns", "step", "epoch")}, done=False)
-                c.pop("bad", None)
-            else:
-                c = {**{k: e[k] for k in ("name", "size", "mtime_ns", "step", "epoch")}}
-                c.update(row=len(ckpts), done=False)
+            c = by_name.get(e["name"])
+            if c is None:
+                c = {"name": e["name"], "row": n_rows}
+                n_rows += 1
                 ckpts.append(c)
                 by_name[c["name"]] = c
-        self._ensure_rows(len(ckpts))
+            elif c.pop("duplicate_of", None) is not None or _hand_over(ckpts, c["name"]):
+                c["row"], n_rows = n_rows, n_rows + 1
+            c.update({k: e[k] for k in ("size", "mtime_ns", "step", "epoch")}, done=False)
+            c.pop("bad", None)
+            c.pop("content", None)
+            if e.get("content"):
+                c["content"] = e["content"]
+        self._ensure_rows(n_rows)
         step = self._array("step")
         values = step[:]  # one read and one write of the small step array, not one per entry
         for e in entries:
@@ -239,6 +289,27 @@ class Store:
         step[:] = values
         self._set_attrs(checkpoints=ckpts)
         return {e["name"]: by_name[e["name"]]["row"] for e in entries}
+
+    def add_duplicates(self, entries: Sequence[Mapping[str, Any]]) -> None:
+        """Record checkpoints identical to done ones: each entry (name, size, mtime_ns, step,
+        epoch, content, duplicate_of) shares its original's row and is done at once, with one
+        write of the attributes. Nothing is decomposed or copied."""
+        ckpts = self.checkpoints
+        by_name = {c["name"]: c for c in ckpts}
+        keys = ("name", "size", "mtime_ns", "step", "epoch", "content", "duplicate_of")
+        for e in entries:
+            original = by_name[e["duplicate_of"]]
+            if not original.get("done") or original.get("duplicate_of"):
+                raise StoreError(f"{self.path}: {e['duplicate_of']!r} is no done original")
+            entry = {k: e[k] for k in keys} | {"row": original["row"], "done": True}
+            if e["name"] in by_name:
+                _hand_over(ckpts, e["name"])
+                by_name[e["name"]].clear()
+                by_name[e["name"]].update(entry)
+            else:
+                ckpts.append(entry)
+                by_name[e["name"]] = entry
+        self._set_attrs(checkpoints=ckpts)
 
     def _ensure_rows(self, n: int) -> None:
         step = self._array("step")
@@ -314,9 +385,14 @@ class Store:
 
     # -- reading ------------------------------------------------------------------------------
     def done_rows(self) -> tuple[list[int], list[dict[str, Any]]]:
-        """Rows of complete checkpoints, ordered by step (then name), with their entries."""
+        """Rows of complete checkpoints, ordered by step (then name), with their entries.
+
+        With ``dedupe`` (given to :func:`open_store`), checkpoints of identical content are
+        shown once, at the largest step that holds it (see ``dedupe``)."""
         done = [c for c in self.checkpoints if c.get("done")]
         done.sort(key=lambda c: (c["step"] is None, c["step"] or 0, c["name"]))
+        if self.dedupe:
+            done = dedupe(done)
         return [c["row"] for c in done], done
 
     def read_sigma(self, key: str) -> np.ndarray:
@@ -356,10 +432,12 @@ def create(
     kernel: Mapping[str, Any],
     settings: Mapping[str, Any],
     overwrite: bool = False,
+    run: Path | str | None = None,
 ) -> Store:
     """Create a new, empty store (no rows) for the given views.
 
-    ``views`` are dicts with key, param, rule, shape (m, n), heads, info. Raises
+    ``views`` are dicts with key, param, rule, shape (m, n), heads, info; ``run`` is the folder
+    of the checkpoints, recorded for commands given the store's path. Raises
     :class:`StoreExistsError` if a store exists and ``overwrite`` is False.
     """
     import shutil
@@ -425,6 +503,7 @@ def create(
             "views": view_attrs,
             "checkpoints": [],
             "bad_files": [],
+            "run": str(Path(run).resolve()) if run is not None else None,
         }
     )
     if path.exists():  # --overwrite: the old store goes only once the new one is complete
@@ -437,19 +516,45 @@ def create(
     return Store(zarr.open_group(path, mode="r+", zarr_format=3), path)
 
 
-def open_store(path: Path | str, *, mode: str = "r") -> Store:
-    """Open an existing store (lazy: arrays are read on demand). ``mode`` is ``"r"`` or ``"r+"``."""
+def dedupe(entries: Sequence[Mapping[str, Any]]) -> list[Any]:
+    """Done entries in step order, each content kept once: at its largest step.
+
+    The largest, not the first: a content served at several steps cannot say which step it
+    belongs to, and the copies Pythia is known for (pythia-2.8b's intermediate revisions serving
+    the final weights) are wrong at the earlier steps; keeping the last also keeps the final
+    checkpoint, the reference of SVA. Entries without a content id (older stores) all stay.
+    """
+    last = {c["content"]: c["name"] for c in entries if c.get("content") and c["step"] is not None}
+    return [c for c in entries if last.get(c.get("content"), c["name"]) == c["name"]]
+
+
+def duplicate_groups(entries: Sequence[Mapping[str, Any]]) -> list[list[str]]:
+    """Names of done checkpoints sharing one content, in step order; groups of two or more."""
+    groups: dict[str, list[str]] = {}
+    ordered = sorted(entries, key=lambda c: (c["step"] is None, c["step"] or 0, c["name"]))
+    for c in ordered:
+        if c.get("done") and c.get("content"):
+            groups.setdefault(c["content"], []).append(c["name"])
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def open_store(path: Path | str, *, mode: str = "r", dedupe: bool = False) -> Store:
+    """Open an existing store (lazy: arrays are read on demand). ``mode`` is ``"r"`` or ``"r+"``;
+    ``dedupe`` makes the readers show identical checkpoints once (:func:`dedupe`)."""
     import zarr
 
     path = Path(path)
     attrs = read_attrs(path)
     if attrs is None:
-        raise StoreError(f"{path}: no specan store here (run `specan ingest` first)")
+        raise StoreError(
+            f"{path}: no specan store here (run `specan ingest` first, or give the path of "
+            "a store made with `ingest --store`)"
+        )
     if attrs.get("schema_version", 0) > SCHEMA_VERSION:
         raise StoreError(
             f"{path}: written by a newer specan (schema {attrs['schema_version']}); upgrade specan"
         )
-    return Store(zarr.open_group(path, mode=mode, zarr_format=3), path)
+    return Store(zarr.open_group(path, mode=mode, zarr_format=3), path, dedupe=dedupe)
 
 
 def _du(path: Path) -> int:
@@ -468,7 +573,10 @@ def summary(path: Path | str) -> dict[str, Any]:
     path = Path(path)
     attrs = read_attrs(path)
     if attrs is None:
-        raise StoreError(f"{path}: no specan store here (run `specan ingest` first)")
+        raise StoreError(
+            f"{path}: no specan store here (run `specan ingest` first, or give the path of "
+            "a store made with `ingest --store`)"
+        )
     ckpts = attrs.get("checkpoints", [])
     done = sorted(
         (c for c in ckpts if c.get("done")), key=lambda c: (c["step"] is None, c["step"] or 0)
@@ -492,6 +600,8 @@ def summary(path: Path | str) -> dict[str, Any]:
             "last_step": done[-1]["step"] if done else None,
             "list": ckpts,
         },
+        "duplicates": duplicate_groups(ckpts),
+        "run": attrs.get("run"),
         "views": views,
         "bad_files": attrs.get("bad_files", []),
         "bytes": _du(path),

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from specan.cli import app
@@ -221,11 +222,13 @@ def test_a_file_instead_of_a_run_folder(tmp_path: Path) -> None:
         assert res.returncode == 2 and "not a folder" in res.stderr, res.stderr
 
 
-def test_a_folder_of_pickles_says_so(tmp_path: Path) -> None:
+def test_a_pickle_that_needs_a_full_unpickle_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "pt").mkdir()
-    (tmp_path / "pt" / "epoch_3.pt").write_bytes(b"\x80\x04")
+    torch.save({"w": torch.ones(2, 2), "f": Path("x")}, tmp_path / "pt" / "epoch_3.pt")
     res = specan("ingest", str(tmp_path / "pt"))
-    assert res.returncode == 2 and "pickled torch file" in res.stderr and "epoch_3.pt" in res.stderr
+    assert res.returncode == 2, res.stderr
+    assert "epoch_3.pt: needs a full unpickle (it holds pathlib" in res.stderr
+    assert "Traceback" not in res.stderr
 
 
 def test_messages_are_one_line_in_a_pipe(tmp_path: Path) -> None:
@@ -293,3 +296,31 @@ def test_train_refuses_a_folder_holding_another_run_naming_the_option(tmp_path: 
     res = specan("train", "grokking", *tiny, "--wd", "0")
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert f"{out} holds a run with --wd 1.0, not 0.0 (use another --out)" in res.stderr
+
+
+def test_hf_cache_to_a_store_elsewhere_with_duplicates(tmp_path: Path, pythia_like) -> None:
+    """The README's Pythia commands, on a tiny HF cache: --store, info's duplicates, --dedupe."""
+    cfg = pythia_like.config("14m", layers=1, vocab=64, positions=8)
+    repo = pythia_like.write_hf_cache(tmp_path / "hub", cfg, [0, 1, 2], name="p", same={1: 0})
+    sp = tmp_path / "stores" / "p.zarr"
+    res = specan("ingest", str(repo), "--store", str(sp))
+    assert res.returncode == 0, res.stderr
+    assert "duplicate: step1 has the content of step0" in res.stdout and f"-> {sp}" in res.stdout
+    assert not (repo / "specan.zarr").exists()
+    res = specan("info", str(sp))
+    assert res.returncode == 0, res.stderr
+    assert "identical checkpoints" in res.stdout and "step0, step1" in res.stdout
+    assert f"checkpoints read from {repo.resolve()}" in res.stdout
+    res = specan("rank", str(sp), "--dedupe", "--format", "json")
+    assert res.returncode == 0, res.stderr
+    assert sorted({r["step"] for r in json.loads(res.stdout)}) == [1, 2]
+    res = specan("rank", str(repo))  # the run folder has no store: the message says where to look
+    assert res.returncode != 0 and "specan ingest" in res.stderr
+
+
+def test_scheduler_option_is_refused_early(tmp_path: Path) -> None:
+    run = write_synthetic_run(tmp_path / "run", checkpoints=1, width=8)
+    res = specan("ingest", str(run), "--scheduler", "local:two")
+    assert res.returncode == 2 and "--scheduler: local:N" in res.stderr, res.stderr
+    res = specan("ingest", str(run), "--scheduler", "local:2", "--workers", "2")
+    assert res.returncode == 2 and "'--workers'" in res.stderr and "'--scheduler'" in res.stderr

@@ -16,9 +16,15 @@ import torch
 from safetensors.numpy import load_file as load_np
 from safetensors.torch import save_file
 
-from specan import pipeline, store
+from specan import analysis, pipeline, runs, store
 from specan.demo import write_synthetic_run
-from specan.errors import BadCheckpointError, EmptyRunError, RunNotFoundError, StoreError
+from specan.errors import (
+    BadCheckpointError,
+    EmptyRunError,
+    OptionError,
+    RunNotFoundError,
+    StoreError,
+)
 from specan.pipeline import IngestOptions, ingest
 
 HEADS = 4
@@ -403,3 +409,180 @@ def test_sigma_top_k_keeps_the_top_k_and_the_exact_tail(tmp_path: Path) -> None:
     flat = np.r_[s[:k], np.full(n - k, np.sqrt(np.sum(s[k:] ** 2) / (n - k)))]
     assert rk.values[0, 0] == pytest.approx(erank(flat), rel=1e-3)
     assert rk.values[0, 0] >= erank(s)  # an upper bound (loose here: the true tail is 32 values)
+
+
+# --- Pythia as the hub serves it: the HF cache, .bin shards, duplicates, a store elsewhere -------
+
+
+def neox_sigma(pythia_like, cfg: dict, seed: int, param: str) -> np.ndarray:
+    """σ of one GPT-NeoX weight as written, by NumPy in float64 (every Pythia weight is 2-D, so
+    its whole view is the matrix as stored)."""
+    w = pythia_like.state_dict(cfg, seed=seed)[param].double().numpy()
+    return np.linalg.svd(w, compute_uv=False)
+
+
+@pytest.mark.parametrize("bin_shards", [0, 3], ids=["safetensors", "bin-shards"])
+def test_hf_cache_with_duplicate_revisions_to_a_store_elsewhere(
+    tmp_path: Path, pythia_like, bin_shards: int
+) -> None:
+    cfg = pythia_like.config("14m", layers=1, vocab=64, positions=8)
+    same = {1: 0}  # pythia's step1 == step0
+    repo = pythia_like.write_hf_cache(
+        tmp_path / "hub", cfg, [0, 1, 2], name="p", same=same, bin_shards=bin_shards
+    )
+    before = sorted(str(p) for p in repo.rglob("*"))
+    sp = tmp_path / "p.zarr"
+    report = ingest(repo, IngestOptions(store=sp))
+    assert report.computed == ["step0", "step2"] and report.duplicates == [("step1", "step0")]
+    assert not report.bad
+    assert sorted(str(p) for p in repo.rglob("*")) == before  # nothing written into the cache
+    st = store.open_store(sp)
+    rows, entries = st.done_rows()
+    assert [e["step"] for e in entries] == [0, 1, 2]
+    assert rows[0] == rows[1] != rows[2] and entries[1]["duplicate_of"] == "step0"
+    whole = [k for k, v in st.views.items() if v["rule"] in ("linear", "embedding", "in_proj")]
+    assert len(whole) == 6  # embed_in, qkv, dense, h_to_4h, 4h_to_h, embed_out
+    for key in whole:
+        param, sigma = st.views[key]["param"], st.read_sigma(key)
+        for t, step in enumerate([0, 1, 2]):
+            ref = neox_sigma(pythia_like, cfg, same.get(step, step), param)
+            np.testing.assert_allclose(sigma[t], ref, rtol=1e-4, atol=1e-4 * ref.max())
+    # every command opens the store by its path; analyses show duplicates or drop them
+    assert list(analysis.rank(sp).steps) == [0, 1, 2]
+    assert list(analysis.rank(sp, dedupe=True).steps) == [1, 2]
+    assert list(analysis.sva(sp, dedupe=True).steps) == [1, 2]
+    assert store.summary(sp)["duplicates"] == [["step0", "step1"]]
+    assert store.run_folder(sp) == repo.resolve()
+    again = ingest(sp)  # the store's path alone finds its run
+    assert again.computed == [] and again.unchanged == 3
+    other = write_synthetic_run(tmp_path / "other", checkpoints=1, width=8)
+    with pytest.raises(StoreError, match="holds the run"):  # never two runs in one store
+        ingest(other, IngestOptions(store=sp))
+
+
+def test_changed_original_hands_its_row_to_its_duplicate(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    w1, w2 = torch.randn(6, 4), torch.randn(6, 4)
+    a, b = (run / "checkpoints" / f"step-{s}.safetensors" for s in (1, 2))
+    a.parent.mkdir(parents=True)
+    save_file({"w": w1}, str(a), {"step": "1"})
+    save_file({"w": w1.clone()}, str(b), {"step": "2"})  # the same tensors, other metadata
+    report = ingest(run)
+    assert report.computed == ["checkpoints/step-1.safetensors"]
+    assert report.duplicates == [("checkpoints/step-2.safetensors", report.computed[0])]
+
+    def sigmas() -> tuple[np.ndarray, list[dict]]:
+        st = store.open_store(store.store_path(run))
+        return st.read_sigma("w"), st.done_rows()[1]
+
+    def ref(w: torch.Tensor) -> np.ndarray:
+        return np.linalg.svd(w.double().numpy(), compute_uv=False)
+
+    time.sleep(0.01)
+    save_file({"w": w2}, str(a), {"step": "1"})  # the original changes; its copy does not
+    assert ingest(run).computed == ["checkpoints/step-1.safetensors"]
+    sigma, entries = sigmas()
+    np.testing.assert_allclose(sigma[0], ref(w2), rtol=1e-5)
+    np.testing.assert_allclose(sigma[1], ref(w1), rtol=1e-5)  # kept: the row changed hands
+    assert entries[0]["row"] != entries[1]["row"] and "duplicate_of" not in entries[1]
+    time.sleep(0.01)
+    save_file({"w": w2.clone()}, str(b), {"step": "2"})  # now the copy follows
+    report = ingest(run)
+    assert report.computed == [] and report.duplicates == [(entries[1]["name"], entries[0]["name"])]
+    sigma, _ = sigmas()
+    np.testing.assert_allclose(sigma[1], ref(w2), rtol=1e-5)
+    w3 = torch.randn(6, 4)
+    c = run / "checkpoints" / "step-3.safetensors"
+    save_file({"w": w3}, str(c), {"step": "3"})
+    ingest(run)
+    time.sleep(0.01)
+    save_file({"w": w3.clone()}, str(a), {"step": "1"})  # the original becomes a copy of c...
+    report = ingest(run)
+    assert report.duplicates == [(entries[0]["name"], "checkpoints/step-3.safetensors")]
+    sigma, entries = sigmas()  # ...and its copy b keeps the row with w2's spectrum
+    np.testing.assert_allclose(sigma, np.stack([ref(w3), ref(w2), ref(w3)]), rtol=1e-5)
+    assert "duplicate_of" not in entries[1] and entries[0]["row"] == entries[2]["row"]
+
+
+def test_a_read_only_run_folder_asks_for_store(
+    small_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pipeline.os, "access", lambda path, mode: False)  # root writes anyway
+    with pytest.raises(StoreError, match=r"read-only, .* pass --store PATH"):
+        ingest(small_run)
+    assert not store.store_path(small_run).exists()
+
+
+def test_content_id_is_computed_once(small_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = runs.content_id
+    monkeypatch.setattr(runs, "content_id", lambda c: calls.append(c.name) or real(c))
+    ingest(small_run)
+    assert len(calls) == 4
+    sp = store.store_path(small_run)  # as after an interrupted ingest: nothing done
+    with store.lock(sp):
+        st = store.open_store(sp, mode="r+")
+        st.group.update_attributes({"checkpoints": [c | {"done": False} for c in st.checkpoints]})
+    assert len(ingest(small_run).computed) == 4 and len(calls) == 4  # ids from the store
+
+
+# --- a dask.distributed cluster --------------------------------------------------------------
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    """Two stores hold the same checkpoints and the same values, bit for bit."""
+    sa, sb = store.open_store(a), store.open_store(b)
+    assert [e["name"] for e in sa.done_rows()[1]] == [e["name"] for e in sb.done_rows()[1]]
+    assert sa.views.keys() == sb.views.keys()
+    for key in sb.views:
+        np.testing.assert_array_equal(sa.read_sigma(key), sb.read_sigma(key))
+        np.testing.assert_array_equal(sa.read_tail(key), sb.read_tail(key))
+        for x, y in zip(sa.read_vectors(key), sb.read_vectors(key), strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_local_cluster_store_equals_the_threaded_one(tmp_path: Path) -> None:
+    import shutil
+
+    run = write_synthetic_run(tmp_path / "run", checkpoints=4, width=32, heads=HEADS)
+    reference = tmp_path / "reference"
+    shutil.copytree(run, reference)
+    ingest(reference)
+    report = ingest(run, IngestOptions(scheduler="local:2"))
+    assert len(report.computed) == 4
+    assert_same_store(store.store_path(run), store.store_path(reference))
+    with pytest.raises(OptionError, match="local:N"):
+        ingest(tmp_path / "reference", IngestOptions(scheduler="local:x", overwrite=True))
+
+
+def test_a_worker_killed_mid_ingest_loses_nothing(tmp_path: Path) -> None:
+    import shutil
+
+    from distributed import Client, LocalCluster
+
+    run = write_synthetic_run(tmp_path / "run", checkpoints=8, width=32, heads=HEADS)
+    reference = tmp_path / "reference"
+    shutil.copytree(run, reference)
+    ingest(reference)
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        pids = sorted(client.run(os.getpid).values())
+        killed = []
+
+        class KillAWorker(pipeline._Silent):
+            def advance(self, checkpoint: str, views: int, nbytes: int) -> None:
+                if not killed:  # after the first row, with the other checkpoints in flight
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed.append(checkpoint)
+
+        opts = IngestOptions(scheduler=cluster.scheduler_address, window=4)
+        try:
+            first = len(ingest(run, opts, KillAWorker()).computed)
+        except pipeline.SchedulerError:  # the cluster may give up on a task: rows stay
+            first = 0
+        assert killed
+        second = ingest(run, opts)  # completes whatever the first left
+        assert first + len(second.computed) == 8
+    assert_same_store(store.store_path(run), store.store_path(reference))

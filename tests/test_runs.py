@@ -165,13 +165,100 @@ def test_pythia_step_folders(tmp_path: Path) -> None:
     assert run.config["hf_config"] == {"num_attention_heads": 12}
 
 
-def test_pythia_bin_only_folder_reported(tmp_path: Path) -> None:
-    save(tmp_path / "step1" / "model.safetensors")
-    (tmp_path / "step2").mkdir()
-    (tmp_path / "step2" / "pytorch_model-00001-of-00003.bin").write_bytes(b"x")
+def test_pythia_bin_shards_with_index(tmp_path: Path, pythia_like) -> None:
+    """pythia-12b's revisions: pytorch_model-0000N-of-00003.bin + pytorch_model.bin.index.json."""
+    cfg = pythia_like.config("14m", layers=2, vocab=64, positions=8)
+    pythia_like.write(tmp_path, cfg, [0, 1000], bin_shards=3)
+    save(tmp_path / "step2000" / "model.safetensors", {"x": torch.ones(1)})  # the other kind
     run = discover(tmp_path)
-    assert steps(run) == [1]
-    assert run.bad[0][0].name == "step2" and ".bin" in run.bad[0][1]
+    assert run.layout == "pythia" and steps(run) == [0, 1000, 2000]
+    c = run.checkpoints[1]
+    assert c.name == "step1000/pytorch_model.bin.index.json"
+    assert [f.name for f in c.files] == [f"pytorch_model-0000{i}-of-00003.bin" for i in (1, 2, 3)]
+    want = pythia_like.state_dict(cfg, seed=1000)
+    header = read_header(c)
+    assert header["gpt_neox.embed_in.weight"] == TensorInfo((64, 128), "F16")
+    assert header["gpt_neox.layers.0.attention.bias"].dtype == "BOOL"
+    assert set(header) == set(want)
+    with CheckpointReader(c) as r:
+        for name in ("gpt_neox.embed_in.weight", "embed_out.weight"):  # first and last shard
+            assert torch.equal(r.get(name), want[name].float())
+        assert r._route is not None
+        assert r._route["embed_out.weight"].name == "pytorch_model-00003-of-00003.bin"
+
+
+def test_torch_files_flat_and_nested(tmp_path: Path) -> None:
+    w = torch.randn(5, 4)
+    torch.save({"w": w}, tmp_path / "epoch_3.pt")
+    torch.save({"state_dict": {"w": w * 2}, "epoch": 4, "note": "x"}, tmp_path / "epoch_4.pt")
+    torch.save({"w": w}, tmp_path / "optimizer.pt")  # a trainer's extra, never a checkpoint
+    run = discover(tmp_path)
+    assert run.layout == "flat" and steps(run) == [3, 4]
+    with CheckpointReader(run.checkpoints[1]) as r:
+        assert torch.equal(r.get("w"), w * 2)
+
+
+class Custom:  # stands for any class a full unpickle would import and run
+    pass
+
+
+def test_torch_file_needing_full_unpickle_is_refused(tmp_path: Path) -> None:
+    torch.save({"w": torch.ones(2, 2), "obj": Custom()}, tmp_path / "step_1.pt")
+    torch.save(
+        {"w": torch.ones(2, 2)}, tmp_path / "step_2.pt", _use_new_zipfile_serialization=False
+    )
+    (tmp_path / "step_3.bin").write_bytes(b"x" * 100)
+    run = discover(tmp_path)  # torch files are opened at ingest, not at discovery
+    for ckpt, words in zip(
+        run.checkpoints,
+        ["needs a full unpickle (it holds test_runs.Custom)", "not a zip-format torch file",
+         "not a zip-format torch file"],
+        strict=True,
+    ):  # fmt: skip
+        with pytest.raises(BadCheckpointError) as e:
+            read_header(ckpt)
+        assert str(e.value).startswith(str(ckpt.files[0])) and words in str(e.value)
+        assert "\n" not in str(e.value)
+
+
+def test_hf_cache_layout(tmp_path: Path, pythia_like) -> None:
+    cfg = pythia_like.config("14m", layers=1, vocab=64, positions=8)
+    repo = pythia_like.write_hf_cache(tmp_path, cfg, [0, 1, 2, 1000], same={1: 0}, name="p14")
+    assert repo.name == "models--EleutherAI--p14"
+    refs = {r.name: r.read_text() for r in (repo / "refs").iterdir()}
+    (repo / "refs" / "main").write_text(refs["step1000"])  # an alias of step1000: left out
+    orphan = repo / "snapshots" / ("f" * 40)  # a snapshot no ref names (downloaded by commit)
+    orphan.mkdir()
+    for f in (repo / "snapshots" / refs["step2"]).iterdir():
+        (orphan / f.name).symlink_to(os.readlink(f))
+    run = discover(repo)
+    assert run.layout == "hf-cache"
+    assert [(c.name, c.step) for c in run.checkpoints] == [
+        ("step0", 0), ("step1", 1), ("step2", 2), ("step1000", 1000), ("f" * 40, None),
+    ]  # fmt: skip
+    assert len(run.notes) == 1 and "f" * 40 in run.notes[0] and "no ref" in run.notes[0]
+    assert run.config["hf_config"]["num_attention_heads"] == 4
+    assert all(f.is_symlink() for c in run.checkpoints for f in c.files)
+    ids = [runs.content_id(c) for c in run.checkpoints]
+    assert ids[0] == ids[1] and ids[2] == ids[4] and len(set(ids)) == 3
+    assert ids[0].startswith("blob:")  # from the symlinks, nothing read
+    with CheckpointReader(run.checkpoints[3]) as r:
+        want = pythia_like.state_dict(cfg, seed=1000)["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"]
+        assert torch.equal(r.get("gpt_neox.layers.0.mlp.dense_h_to_4h.weight"), want.float())
+
+
+def test_content_id_hashes_tensors_not_metadata(tmp_path: Path) -> None:
+    w = torch.randn(4, 3)
+    a = save(tmp_path / "a" / "step-1.safetensors", {"w": w}, step=1)
+    b = save(tmp_path / "b" / "step-2.safetensors", {"w": w.clone()}, step=2)
+    c = save(tmp_path / "c" / "step-3.safetensors", {"w": w + 1e-3}, step=3)
+    (tmp_path / "pt").mkdir()
+    torch.save({"w": w}, tmp_path / "pt" / "d.pt")
+    torch.save({"w": w.clone()}, tmp_path / "pt" / "e.pt")
+    ids = [runs.content_id(discover(p.parent).checkpoints[0]) for p in (a, b, c)]
+    assert ids[0] == ids[1] != ids[2] and ids[0].startswith("sha256:")
+    d, e = discover(tmp_path / "pt").checkpoints
+    assert runs.content_id(d) == runs.content_id(e) != ids[0]
 
 
 def test_single_model_root(tmp_path: Path) -> None:

@@ -59,7 +59,9 @@ RunArg = Annotated[
     Path,
     typer.Argument(
         help="A run folder: specan's own (run.json + checkpoints/), a flat folder of "
-        "*.safetensors, Hugging Face checkpoint-N/ folders, or Pythia-style stepN/ folders.",
+        "*.safetensors or torch files, Hugging Face checkpoint-N/ folders, Pythia-style stepN/ "
+        "folders, or a Hugging Face cache folder (models--org--name); or a store made with "
+        "`ingest --store`.",
         show_default=False,
     ),
 ]
@@ -72,6 +74,14 @@ LayersOpt = Annotated[
     ),
 ]
 FormatOpt = Annotated[Format, typer.Option("--format", help="table for people, json for scripts.")]
+DedupeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--dedupe",
+        help="Show checkpoints of identical content once, at the largest step that holds it "
+        "(`specan info` lists them).",
+    ),
+]
 
 
 # -- analyses ---------------------------------------------------------------------------------

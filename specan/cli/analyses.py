@@ -10,6 +10,7 @@ from rich.table import Table
 
 from specan.cli._app import (
     By,
+    DedupeOpt,
     LayersOpt,
     OutFormat,
     OutFormatOpt,
@@ -38,6 +39,7 @@ def rank(
     layers: LayersOpt = None,
     steps: StepsOpt = None,
     format: OutFormatOpt = OutFormat.table,
+    dedupe: DedupeOpt = False,
 ) -> None:
     """Normalized effective rank (Eqn 1-2) of every view at every checkpoint, with the run's
     losses and accuracies beside it.
@@ -49,7 +51,7 @@ def rank(
 
     import specan
 
-    opened = specan.open(run)
+    opened = specan.open(run, dedupe=dedupe)
     e = opened.rank()
     keys, params, rules = (e[c].values.tolist() for c in ("view", "param", "rule"))
     steps_, whole, bound = e.step.values, e.in_mean.values, e.bound.values.tolist()
@@ -130,6 +132,7 @@ def align(
         ),
     ] = False,
     format: OutFormatOpt = OutFormat.table,
+    dedupe: DedupeOpt = False,
 ) -> None:
     """Alignment of consecutive layers: the diagonal |V_next' U_prev|_ii (Eqn 3) and its
     score, the mean of the first 10 (Eqn 4), per pair of layers and checkpoint.
@@ -140,7 +143,7 @@ def align(
     import specan
     from specan.views import select
 
-    a = specan.open(run).align(vo_per_head=vo_per_head)
+    a = specan.open(run, dedupe=dedupe).align(vo_per_head=vo_per_head)
     params = sorted(set(a.prev.values.tolist()) | set(a.next.values.tolist()))
     keep = set(select(params, layers)) if params else set()
     results = [i for i, (p, n) in enumerate(zip(a.prev.values, a.next.values, strict=True))
@@ -195,6 +198,7 @@ def sva(
     layers: LayersOpt = None,
     steps: StepsOpt = None,
     format: OutFormatOpt = OutFormat.table,
+    dedupe: DedupeOpt = False,
 ) -> None:
     """Singular vector agreement (Eqn 5) of each checkpoint with the final one (the largest
     step) or with another run's checkpoint at the same step: the diagonal S_ii and the score
@@ -207,7 +211,7 @@ def sva(
 
     if against is None and by is not By.step:
         raise typer.BadParameter("'--by' needs '--against'.")
-    g = specan.open(run).sva(against, by=by.value)
+    g = specan.open(run, dedupe=dedupe).sva(against, by=by.value)
     keys, params, length = (g[c].values for c in ("view", "param", "length"))
     rows, cols = _filters(params.tolist(), g.step.values, layers, steps)
     err.print(f"reference: {_e(g.attrs['reference'])}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -32,6 +33,9 @@ Examples:
 - `specan ingest runs/lstm --no-vectors` : singular values only (smallest store)
 
 - `specan ingest ckpts/ --heads 12 --rule blocks.0.up.weight=conv_transpose`
+
+- `specan ingest ~/.cache/huggingface/hub/models--EleutherAI--pythia-160m --store pythia-160m.zarr
+  --scheduler local:4` : the HF cache left untouched, four worker processes
 """
 
 
@@ -100,6 +104,23 @@ def ingest(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Delete the existing store and compute it anew.")
     ] = False,
+    store: Annotated[
+        Path | None,
+        typer.Option(
+            "--store",
+            help="Where the store goes (default RUN/specan.zarr), e.g. away from a read-only "
+            "checkpoint folder or the Hugging Face cache. Other commands take this path as RUN.",
+        ),
+    ] = None,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(
+            "--scheduler",
+            help="Run the SVDs on a Dask cluster: `tcp://host:8786` (its workers must see RUN at "
+            "the same path) or `local:N` (N worker processes here). This process still writes "
+            "the store, as results come back. Default: threads in this process.",
+        ),
+    ] = None,
 ) -> None:
     """Decompose every weight matrix of every checkpoint of RUN into RUN/specan.zarr.
 
@@ -116,6 +137,10 @@ def ingest(
         raise typer.BadParameter(
             "'--sigma top-k' keeps the top-k vectors: not with '--no-vectors'."
         )
+    if workers and scheduler:
+        raise typer.BadParameter(
+            "'--workers' sets this process's threads: not with '--scheduler' (size the cluster)."
+        )
     if vector_dtype not in (None, "float32", "float16"):
         raise typer.BadParameter(f"'--vector-dtype' must be float32 or float16, not {vector_dtype}")
     rules = {}
@@ -128,11 +153,13 @@ def ingest(
         run, top_k=top_k, vectors=False if no_vectors else None,
         sigma=sigma.value if sigma else None, family=family.value if family else None,
         layers=layers, heads=heads, rules=rules or None, strict=strict, backend=backend,
-        vector_dtype=vector_dtype, overwrite=overwrite, workers=workers,
-        progress=for_console(err),
+        vector_dtype=vector_dtype, overwrite=overwrite, workers=workers, store=store,
+        scheduler=scheduler, progress=for_console(err),
     )  # fmt: skip
     for path, reason in report.bad:
         err.print(f"[yellow]skipped[/] {_e(path)}: {_e(reason)}")
+    for name, original in report.duplicates:
+        out.print(f"duplicate: {_e(name)} has the content of {_e(original)} (decomposed once)")
     if report.computed:
         out.print(
             f"{_e(run)}: {len(report.computed)} checkpoint(s) ingested "
@@ -191,3 +218,8 @@ def info(run: RunArg, format: FormatOpt = Format.table) -> None:
     out.print(table)
     for b in s["bad_files"]:
         out.print(f"[yellow]bad file[/] {_e(b['path'])}: {_e(b['reason'])}")
+    for group in s["duplicates"]:
+        out.print(f"identical checkpoints (one decomposition, `--dedupe` keeps the last): "
+                  f"{_e(', '.join(group))}")  # fmt: skip
+    if s["run"] and Path(s["run"]) != Path(s["path"]).parent:
+        out.print(f"checkpoints read from {_e(s['run'])}")
