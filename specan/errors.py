@@ -89,3 +89,9 @@ class StoreExistsError(StoreError):
 
 class StoreLockedError(StoreError):
     """Another live process is writing this store."""
+
+
+class PruneError(SpecanError):
+    """Singular-value pruning asked for singular triplets that are not there (a top-k store)."""
+
+    exit_code = 4

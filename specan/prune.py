@@ -1,0 +1,111 @@
+"""Singular-value pruning (SPEC §2, Fig. 4): weights rebuilt from half their singular triplets.
+
+For every ≥2-D parameter but the last one in model order (the output layer), on its whole matrix
+view (`specan.views.WHOLE_RULES`: conv reshaped, transposed conv swapped, LSTM 4h x in and fused
+Q/K/V 3d x d whole, embeddings as stored), keep the top ``num = ⌈R/2⌉`` singular triplets
+("top-half") or the other ``R - num`` ("bottom-half") and put the product back in the parameter's
+own shape (`specan.views.restore`). "full" is the checkpoint as it is.
+
+The bottom half needs every singular vector, which a store rarely holds (ingest keeps the top k,
+128 by default, in float32). So `prune_state` recomputes the SVD of each view from the
+checkpoint's own weights, in float64; `rebuild` works on given triplets and refuses, in one line,
+triplets that do not reach the half asked for. Only the standard library is imported at module
+level; torch inside the functions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from specan.errors import PruneError
+from specan.views import WHOLE_RULES, ViewSpec, extract, plan_views, restore
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["KEEPS", "kept", "prunable", "prune_param", "prune_state", "rebuild"]
+
+KEEPS = ("full", "top-half", "bottom-half")
+
+
+def kept(rank: int, keep: str) -> slice:
+    """The singular triplets (0-based, descending σ) that `keep` keeps out of `rank`."""
+    num = math.ceil(rank / 2)
+    slices = {"full": slice(0, rank), "top-half": slice(0, num), "bottom-half": slice(num, rank)}
+    if keep not in slices:
+        raise ValueError(f"keep {keep!r}: expected one of {', '.join(KEEPS)}")
+    return slices[keep]
+
+
+def rebuild(
+    spec: ViewSpec, sigma: torch.Tensor, U: torch.Tensor, V: torch.Tensor, *, keep: str
+) -> torch.Tensor:
+    """The parameter of the whole view `spec` rebuilt from the kept triplets of its SVD.
+
+    Parameters
+    ----------
+    spec : ViewSpec
+        A whole view (`WHOLE_RULES`) of shape (m, n), R = min(m, n).
+    sigma, U, V : torch.Tensor
+        ``[r]``, ``[m, k]``, ``[n, k]``: singular values (descending) and left and right vectors
+        as columns; r, k ≤ R (a top-k store holds only the first k).
+    keep : str
+        One of `KEEPS`.
+
+    Returns
+    -------
+    torch.Tensor
+        ``Σ_{i kept} σ_i u_i v_iᵀ`` in the parameter's stored shape, in the dtype of `U`.
+
+    Raises PruneError when the triplets given stop before the last one `keep` needs.
+    """
+    rank = min(spec.shape)
+    want = kept(rank, keep)
+    have = min(int(sigma.shape[0]), int(U.shape[1]), int(V.shape[1]))
+    if want.stop > have:
+        raise PruneError(
+            f"{spec.key}: only the top {have} of {rank} singular triplets are stored, so the "
+            f"{keep} (triplets {want.start + 1}..{want.stop}) is not available"
+        )
+    matrix = (U[:, want] * sigma[want].to(U.dtype)) @ V[:, want].T
+    return restore(spec, matrix)
+
+
+def prune_param(spec: ViewSpec, tensor: torch.Tensor, *, keep: str) -> torch.Tensor:
+    """`tensor` (the raw parameter of `spec`) rebuilt from the `keep` half of its view's SVD,
+    computed here in float64 (every triplet); returned in the tensor's own dtype."""
+    import torch
+
+    matrix = extract(spec, tensor, dtype=torch.float64)
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return rebuild(spec, s, u, vh.T, keep=keep).to(tensor.dtype)
+
+
+def prunable(shapes: Mapping[str, object], *, family: str = "auto") -> list[ViewSpec]:
+    """The whole views that pruning rebuilds: one per ≥2-D float parameter, in model order,
+    the last one (the output layer) left out."""
+    seen: set[str] = set()
+    whole = []
+    for spec in plan_views(shapes, family=family):
+        if spec.rule in WHOLE_RULES and spec.param not in seen:
+            seen.add(spec.param)
+            whole.append(spec)
+    return whole[:-1]
+
+
+def prune_state(
+    state: Mapping[str, torch.Tensor], *, keep: str, family: str = "auto"
+) -> dict[str, torch.Tensor]:
+    """A copy of the state dict with every prunable parameter (`prunable`) rebuilt from the `keep`
+    half of its singular triplets; everything else (biases, norms, buffers, the output layer) as
+    it was. ``keep="full"`` returns the entries unchanged."""
+    out = dict(state)
+    if keep == "full":
+        return out
+    kept(1, keep)  # an unknown keep fails before any SVD
+    shapes = {k: v for k, v in state.items() if v.is_floating_point()}
+    for spec in prunable(shapes, family=family):
+        out[spec.param] = prune_param(spec, state[spec.param], keep=keep)
+    return out
