@@ -16,16 +16,18 @@ level; torch inside the functions.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from specan.errors import PruneError
 from specan.views import WHOLE_RULES, ViewSpec, extract, plan_views, restore
 
 if TYPE_CHECKING:
     import torch
+    import xarray as xr
 
-__all__ = ["KEEPS", "kept", "prunable", "prune_param", "prune_state", "rebuild"]
+__all__ = ["KEEPS", "kept", "prunable", "prune_losses", "prune_param", "prune_state", "rebuild"]
 
 KEEPS = ("full", "top-half", "bottom-half")
 
@@ -109,3 +111,88 @@ def prune_state(
     for spec in prunable(shapes, family=family):
         out[spec.param] = prune_param(spec, state[spec.param], keep=keep)
     return out
+
+
+def prune_losses(
+    run: Path | str,
+    *,
+    keeps: Sequence[str] = KEEPS,
+    steps: Collection[int] | None = None,
+    device: str = "cpu",
+    progress: Any = None,
+) -> xr.Dataset:
+    """Train and validation loss of the SV-pruned model at every checkpoint of a trainer's run.
+
+    Each checkpoint is loaded into the run's model (`specan.losses.load`: the trainer's
+    ``build_model`` and ``eval_data``); for each of `keeps` its parameters are pruned
+    (`prune_state`, on the model's parameters only, buffers untouched), batch-norm statistics are
+    re-estimated on the training data (not for "full", which keeps the checkpoint's own), and the
+    trainer's ``evaluate`` gives the losses, in batches, on `device`.
+
+    The SVD is always recomputed from the checkpoint's weights in float64, never read from the
+    store: the bottom half needs every singular vector, and ingest keeps only the top k (128 by
+    default, ``--top-k``) in float32, so even the top half of a view wider than 2k would be
+    missing. Eager; reads the checkpoints, not the store.
+
+    Parameters
+    ----------
+    run : path
+        A run folder written by `specan train` (run.json names the trainer).
+    keeps : sequence of str
+        Which of `KEEPS` to evaluate.
+    steps : collection of int, optional
+        Only the checkpoints at these steps (default: all).
+    device : str
+        Where the model is evaluated ("cpu", "cuda", ...).
+    progress : optional
+        Told ``start(checkpoints, variants, 0)``, ``advance(name, variants, 0)`` and ``finish()``.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``value`` (the training loss) and ``train_loss``, ``val_loss`` and whatever else the
+        trainer reports (accuracies), each ``(keep, step)``; ``epoch`` on ``step``.
+    """
+    import numpy as np
+    import xarray as xr
+
+    from specan import losses, runs
+
+    for keep in keeps:
+        kept(1, keep)
+    rm = losses.load(run, device=device)
+    found = runs.discover(run)
+    ckpts = [c for c in found.checkpoints if steps is None or c.step in set(steps)]
+    params = {n for n, _ in rm.model.named_parameters()}
+    records: list[list[dict[str, float]]] = []
+    if progress is not None:
+        progress.start(len(ckpts), len(keeps), 0)
+    try:
+        for ck in ckpts:
+            with runs.CheckpointReader(ck) as reader:
+                state = losses.state_of(reader, rm.model)
+            weights = {k: v for k, v in state.items() if k in params}
+            row = []
+            for keep in keeps:
+                pruned = {**state, **prune_state(weights, keep=keep, family=rm.family)}
+                row.append(rm.evaluate(pruned, bn=keep != "full"))
+            records.append(row)
+            if progress is not None:
+                progress.advance(ck.name, len(keeps), 0)
+    finally:
+        if progress is not None:
+            progress.finish()
+    names = [n for n in (records[0][0] if records else {}) if isinstance(records[0][0][n], float)]
+    data = {
+        n: (("keep", "step"), np.array([[r[j][n] for r in records] for j in range(len(keeps))]))
+        for n in names
+    }
+    if "train_loss" in data:
+        data["value"] = data["train_loss"]
+    step = np.array([-1 if c.step is None else c.step for c in ckpts], dtype=np.int64)
+    epoch = np.array([np.nan if c.epoch is None else c.epoch for c in ckpts], dtype=float)
+    return xr.Dataset(
+        data,
+        coords={"keep": list(keeps), "step": step, "epoch": ("step", epoch)},
+        attrs={"run": str(run), "svd": "float64, recomputed from the checkpoints"},
+    )

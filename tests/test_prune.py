@@ -155,3 +155,57 @@ def test_float32_weights_stay_float32():
     got = prune_param(spec, w, keep="top-half")
     assert got.dtype == torch.float32
     np.testing.assert_allclose(got.numpy(), np_half(w.double().numpy(), "top-half"), atol=1e-5)
+
+
+# -- losses of pruned models per checkpoint --------------------------------------------------
+def _np_mlp_loss(weights: dict, x: np.ndarray, y: np.ndarray, depth: int) -> float:
+    h = x.reshape(len(x), -1).astype(np.float64)
+    for i in range(depth):
+        h = h @ weights[f"layers.{i}.weight"].T + weights[f"layers.{i}.bias"]
+        if i < depth - 1:
+            h = np.maximum(h, 0)
+    return float(((h - np.eye(10)[y]) ** 2).mean())
+
+
+def test_prune_losses_of_an_mlp_match_numpy(tmp_path):
+    from safetensors.numpy import load_file
+
+    from specan.prune import prune_losses
+    from specan_trainers import deep_mlp
+
+    out = tmp_path / "mlp"
+    args = ["--depth", "3", "--width", "16", "--n-train", "100", "--batch-size", "50"]
+    deep_mlp.main(
+        [*args, "--max-steps", "2", "--save-at", "0,2", "--save-log", "0", "--out", str(out)]
+    )
+    calls = []
+
+    class Progress:
+        def start(self, *a):
+            calls.append(("start", a))
+
+        def advance(self, *a):
+            calls.append(("advance", a))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    ds = prune_losses(out, progress=Progress())
+    assert list(ds["keep"].values) == ["full", "top-half", "bottom-half"]
+    assert list(ds["step"].values) == [0, 2]
+    assert calls[0] == ("start", (2, 3, 0)) and calls[-1] == ("finish",) and len(calls) == 4
+    data = deep_mlp.eval_data({"data": "", "n_train": 100})
+    for j, step in enumerate([0, 2]):
+        raw = load_file(str(out / f"checkpoints/step-{step:08d}.safetensors"))
+        raw = {k: v.astype(np.float64) for k, v in raw.items()}
+        for i, keep in enumerate(["full", "top-half", "bottom-half"]):
+            w = dict(raw)
+            if keep != "full":
+                for layer in (0, 1):  # layers.2 is the output layer: spared
+                    w[f"layers.{layer}.weight"] = np_half(raw[f"layers.{layer}.weight"], keep)
+            for split in ("train", "val"):
+                x, y = data[f"x_{split}"].numpy(), data[f"y_{split}"].numpy()
+                expected = _np_mlp_loss(w, x, y, depth=3)
+                got = float(ds[f"{split}_loss"].values[i, j])
+                assert got == pytest.approx(expected, rel=1e-5), (keep, step, split)
+    np.testing.assert_array_equal(ds["value"].values, ds["train_loss"].values)
