@@ -1,0 +1,155 @@
+"""Linear mode connectivity (SPEC §2 Eqn 6): the loss along the straight path between two models.
+
+For branch endpoints ``W¹, W²`` and ``L(α) = L((1−α)W¹ + αW²)`` on evenly spaced α in [0, 1]
+(11 by default), the barrier is ``b = max_{α interior} [L(α) − ((1−α)L(0) + αL(1))]``: the max over
+interior points only, so b can be slightly negative (a convex loss gives b ≤ 0). L is the training
+loss. Every floating state entry is interpolated, buffers included (integer counters such as
+``num_batches_tracked`` are taken from W¹); then batch-norm statistics are recomputed on the
+training data, at every α, endpoints included, so that the chord and the path are measured alike.
+Only the standard library is imported at module level.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    import xarray as xr
+
+__all__ = ["ALPHAS", "alphas", "barrier", "endpoint_losses", "interpolate", "loss_path"]
+
+ALPHAS = 11  # evenly spaced α in [0, 1], the paper's path
+
+
+def alphas(n: int = ALPHAS) -> np.ndarray:
+    """``n`` evenly spaced α from 0 to 1, both ends included (at least 3: one interior point)."""
+    import numpy as np
+
+    if isinstance(n, bool) or not isinstance(n, int) or n < 3:
+        raise ValueError(f"an LMC path needs at least 3 points (one interior α), not {n!r}")
+    return np.linspace(0.0, 1.0, n)
+
+
+def interpolate(
+    a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], alpha: float
+) -> dict[str, torch.Tensor]:
+    """``(1 − α)a + αb`` for every floating entry of two state dicts with the same entries;
+    other entries (integer counters) are `a`'s."""
+    if set(a) != set(b):
+        only = sorted(set(a) ^ set(b))
+        raise ValueError(f"the two states differ in entries: {', '.join(only[:5])}")
+    out = {}
+    for k, va in a.items():
+        vb = b[k]
+        if tuple(va.shape) != tuple(vb.shape):
+            raise ValueError(f"{k}: shapes {tuple(va.shape)} and {tuple(vb.shape)} differ")
+        out[k] = (1.0 - alpha) * va + alpha * vb if va.is_floating_point() else va.clone()
+    return out
+
+
+def barrier(alpha: Sequence[float], losses: Sequence[float]) -> float:
+    """Eqn 6: the largest excess of the loss over the chord between the endpoints, over the
+    interior α (the first and last α are the endpoints)."""
+    import numpy as np
+
+    x, y = np.asarray(alpha, dtype=float), np.asarray(losses, dtype=float)
+    if x.shape != y.shape or len(x) < 3:
+        raise ValueError("barrier needs as many losses as α, and at least 3 of each")
+    if x[0] != 0.0 or x[-1] != 1.0:
+        raise ValueError("the path's α must start at 0 and end at 1")
+    chord = (1.0 - x) * y[0] + x * y[-1]
+    return float(np.max((y - chord)[1:-1]))
+
+
+def loss_path(
+    model: torch.nn.Module,
+    a: Mapping[str, torch.Tensor],
+    b: Mapping[str, torch.Tensor],
+    loss: Callable[[torch.nn.Module], Mapping[str, float] | float],
+    *,
+    alpha: Sequence[float] | None = None,
+    bn_data: torch.Tensor | None = None,
+    progress: Any = None,
+) -> list[Any]:
+    """Evaluate ``loss(model)`` with the model at each interpolated state.
+
+    `bn_data` (training inputs): batch-norm statistics are re-estimated on it after each
+    interpolation (`specan.losses.reestimate_bn`). `progress` is told ``start(len(alpha), 1, 0)``,
+    ``advance("α=…", 1, 0)`` per point and ``finish()``. Returns what `loss` returned, per α.
+    """
+    import torch
+
+    from specan.losses import reestimate_bn
+
+    alpha = list(alphas() if alpha is None else alpha)
+    out = []
+    if progress is not None:
+        progress.start(len(alpha), 1, 0)
+    try:
+        for x in alpha:
+            model.load_state_dict(interpolate(a, b, float(x)))
+            if bn_data is not None:
+                reestimate_bn(model, bn_data)
+            with torch.no_grad():
+                out.append(loss(model.eval()))
+            if progress is not None:
+                progress.advance(f"α={float(x):.2f}", 1, 0)
+    finally:
+        if progress is not None:
+            progress.finish()
+    return out
+
+
+def endpoint_losses(
+    run: Path | str,
+    first: Path | str,
+    second: Path | str,
+    *,
+    n: int = ALPHAS,
+    device: str = "cpu",
+    progress: Any = None,
+) -> xr.Dataset:
+    """The LMC path between two checkpoint files of one architecture, the model and data those of
+    the trainer-written run folder `run` (its ``build_model``/``eval_data``/``evaluate``).
+
+    Returns a Dataset with ``train_loss``, ``val_loss`` (and the trainer's other numbers) on
+    ``alpha``, and the barrier of the training loss (Eqn 6) as attribute ``barrier``.
+    """
+    import numpy as np
+    import xarray as xr
+
+    from specan import losses, runs
+
+    rm = losses.load(run, device=device)
+    states = []
+    for path in (first, second):
+        ck = runs.Checkpoint(str(path), (Path(path),), None, None, 0, 0)
+        with runs.CheckpointReader(ck) as reader:
+            states.append(losses.state_of(reader, rm.model))
+    grid = alphas(n)
+    bn = rm.data["x_train"] if _batch_norms(rm.model) else None
+    rows = loss_path(
+        rm.model,
+        states[0],
+        states[1],
+        lambda m: rm.trainer.evaluate(m, rm.data),
+        alpha=grid,
+        bn_data=bn,
+        progress=progress,
+    )
+    names = [k for k, v in rows[0].items() if isinstance(v, float)]
+    ds = xr.Dataset(
+        {k: ("alpha", np.array([r[k] for r in rows])) for k in names}, coords={"alpha": grid}
+    )
+    ds.attrs["barrier"] = barrier(grid, ds["train_loss"].values)
+    return ds
+
+
+def _batch_norms(model: torch.nn.Module) -> list[torch.nn.Module]:
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    return [m for m in model.modules() if isinstance(m, _BatchNorm)]

@@ -1,0 +1,121 @@
+"""Tests for specan.lmc: interpolation and the barrier (Eqn 6) against NumPy computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from specan.lmc import alphas, barrier, endpoint_losses, interpolate, loss_path
+
+GRID = np.linspace(0, 1, 11)
+
+
+def np_barrier(x: np.ndarray, y: np.ndarray) -> float:
+    return max(y[i] - ((1 - x[i]) * y[0] + x[i] * y[-1]) for i in range(1, len(x) - 1))
+
+
+def mse(x: torch.Tensor, y: torch.Tensor):
+    return lambda model: float(((model(x) - y) ** 2).mean())
+
+
+def test_alphas_are_eleven_even_points_by_default():
+    np.testing.assert_array_equal(alphas(), GRID)
+    assert len(alphas(5)) == 5
+    with pytest.raises(ValueError, match="at least 3"):
+        alphas(2)
+
+
+def test_interpolate_every_float_entry_and_keep_counters():
+    a = {"w": torch.tensor([[1.0, 2.0]]), "n": torch.tensor(3), "m": torch.tensor([4.0])}
+    b = {"w": torch.tensor([[3.0, -2.0]]), "n": torch.tensor(9), "m": torch.tensor([0.0])}
+    out = interpolate(a, b, 0.25)
+    np.testing.assert_allclose(out["w"].numpy(), [[1.5, 1.0]])
+    np.testing.assert_allclose(out["m"].numpy(), [3.0])
+    assert out["n"].item() == 3
+    with pytest.raises(ValueError, match="differ in entries: x"):
+        interpolate(a, {**b, "x": torch.zeros(1)}, 0.5)
+
+
+def test_barrier_is_the_largest_interior_excess_over_the_chord():
+    y = np.array([1.0, 3.0, 0.0, 5.0, 2.0])
+    x = np.linspace(0, 1, 5)
+    assert barrier(x, y) == pytest.approx(np_barrier(x, y))
+    assert barrier(x, y) == pytest.approx(5.0 - (0.25 * 1.0 + 0.75 * 2.0))
+    # the endpoints never count, even when they are the largest
+    assert barrier([0, 0.5, 1], [10.0, 0.0, 10.0]) == -10.0
+
+
+def test_identical_pair_has_barrier_zero_with_batch_norm():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
+    x, y = torch.randn(64, 3), torch.randn(64, 1)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    losses = loss_path(model, state, state, mse(x, y), alpha=GRID, bn_data=x)
+    assert barrier(GRID, losses) == pytest.approx(0.0, abs=1e-6)
+    assert np.ptp(losses) < 1e-6
+
+
+def test_convex_loss_of_a_linear_model_has_no_barrier():
+    rng = np.random.default_rng(1)
+    x, y = rng.standard_normal((50, 4)), rng.standard_normal((50, 1))
+    w1, w2 = rng.standard_normal((2, 1, 4))
+    b1, b2 = rng.standard_normal((2, 1))
+    model = nn.Linear(4, 1).double()
+    t = torch.from_numpy
+    a = {"weight": t(w1), "bias": t(b1)}
+    b = {"weight": t(w2), "bias": t(b2)}
+    losses = loss_path(model, a, b, mse(t(x), t(y)), alpha=GRID)
+    expected = [
+        np.mean((x @ ((1 - s) * w1 + s * w2).T + ((1 - s) * b1 + s * b2) - y) ** 2) for s in GRID
+    ]
+    np.testing.assert_allclose(losses, expected, rtol=1e-12)
+    # L(α) − chord = −α(1−α)·mean((XΔw + Δb)²): largest at α = 0.1 and 0.9
+    c = np.mean((x @ (w2 - w1).T + (b2 - b1)) ** 2)
+    assert barrier(GRID, losses) == pytest.approx(-0.09 * c, rel=1e-9)
+    assert barrier(GRID, losses) <= 0.0
+
+
+def test_a_non_convex_path_has_a_positive_barrier():
+    # f(x) = w2·w1·x fits y = x at (1, 1) and at (−1, −1); the midpoint (0, 0) does not
+    model = nn.Sequential(nn.Linear(1, 1, bias=False), nn.Linear(1, 1, bias=False)).double()
+    a = {"0.weight": torch.tensor([[1.0]]), "1.weight": torch.tensor([[1.0]])}
+    b = {k: -v for k, v in a.items()}
+    a, b = ({k: v.double() for k, v in s.items()} for s in (a, b))
+    x = torch.tensor([[1.0], [2.0]], dtype=torch.float64)
+    losses = loss_path(model, a, b, mse(x, x), alpha=GRID)
+    expected = [((1 - 2 * s) ** 2 - 1) ** 2 * np.mean([1.0, 4.0]) for s in GRID]
+    np.testing.assert_allclose(losses, expected, atol=1e-12)
+    assert barrier(GRID, losses) == pytest.approx(np_barrier(GRID, np.array(expected)))
+    assert barrier(GRID, losses) == pytest.approx(2.5)
+
+
+def test_endpoint_losses_of_a_tiny_vgg(tmp_path):
+    from specan_trainers import vgg
+
+    out = tmp_path / "vgg"
+    args = ["--width-mult", "0.0625", "--limit-train", "64", "--val-frac", "0.05"]
+    vgg.main([*args, "--batch-size", "32", "--epochs", "1", "--out", str(out)])
+    ck = sorted((out / "checkpoints").glob("*.safetensors"))
+    ds = endpoint_losses(out, ck[0], ck[-1], n=5)
+    assert list(ds["alpha"].values) == [0, 0.25, 0.5, 0.75, 1]
+    loss = ds["train_loss"].values
+    assert ds.attrs["barrier"] == pytest.approx(np_barrier(ds["alpha"].values, loss))
+    # α = 1 by hand: the last checkpoint, batch norm recomputed over the whole training set
+    from safetensors.torch import load_file
+
+    import specan_trainers
+
+    model = specan_trainers.build_model(out)
+    model.load_state_dict(load_file(str(ck[-1])))
+    data = specan_trainers.eval_data(out)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    with torch.no_grad():
+        model.train()(data["x_train"])
+        logits = model.eval()(data["x_train"])
+    expected = torch.nn.functional.cross_entropy(logits, data["y_train"]).item()
+    assert loss[-1] == pytest.approx(expected, rel=1e-5)
