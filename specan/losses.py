@@ -60,7 +60,10 @@ def load(run: Path | str, *, device: str = "cpu") -> RunModel:
 
     import specan_trainers
 
-    module = specan_trainers.trainer_module(meta["trainer"])
+    try:
+        module = specan_trainers.trainer_module(meta["trainer"])
+    except ValueError as e:
+        raise ModelError(f"{Path(run) / 'run.json'}: {e}") from None
     config = meta["config"]
     family = (meta.get("model") or {}).get("family", "auto")
     dev = torch.device(device)

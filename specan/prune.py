@@ -21,11 +21,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from specan.errors import PruneError
+from specan.registry import Analysis
 from specan.views import WHOLE_RULES, ViewSpec, extract, plan_views, restore
 
 if TYPE_CHECKING:
     import torch
     import xarray as xr
+
+    from specan.api import Run
 
 __all__ = ["KEEPS", "kept", "prunable", "prune_losses", "prune_param", "prune_state", "rebuild"]
 
@@ -196,3 +199,20 @@ def prune_losses(
         coords={"keep": list(keeps), "step": step, "epoch": ("step", epoch)},
         attrs={"run": str(run), "svd": "float64, recomputed from the checkpoints"},
     )
+
+
+def _compute(run: Run, *, progress: Any = None, device: str = "cpu") -> xr.Dataset:
+    steps = set(run.steps.tolist())
+    return prune_losses(run.path, steps=steps, device=device, progress=progress)
+
+
+ANALYSIS = Analysis(
+    name="prune",
+    title="training loss of SV-pruned models",
+    reads=(),
+    compute=_compute,
+    item="keep",
+    summary="training loss, mean of full, top-half and bottom-half",
+    figure="lines",
+    automatic=False,  # it re-evaluates 3 models per checkpoint: `specan prune` computes it
+)
