@@ -20,7 +20,16 @@ if TYPE_CHECKING:
     import torch
     import xarray as xr
 
-__all__ = ["ALPHAS", "alphas", "barrier", "endpoint_losses", "interpolate", "loss_path"]
+__all__ = [
+    "ALPHAS",
+    "alphas",
+    "barrier",
+    "barriers",
+    "endpoint_losses",
+    "interpolate",
+    "loss_path",
+    "select_splits",
+]
 
 ALPHAS = 11  # evenly spaced α in [0, 1], the paper's path
 
@@ -119,12 +128,17 @@ def endpoint_losses(
     Returns a Dataset with ``train_loss``, ``val_loss`` (and the trainer's other numbers) on
     ``alpha``, and the barrier of the training loss (Eqn 6) as attribute ``barrier``.
     """
+    from specan import losses
+
+    return _path(losses.load(run, device=device), first, second, n=n, progress=progress)
+
+
+def _path(rm: Any, first: Path | str, second: Path | str, *, n: int, progress: Any) -> xr.Dataset:
     import numpy as np
     import xarray as xr
 
     from specan import losses, runs
 
-    rm = losses.load(run, device=device)
     states = []
     for path in (first, second):
         ck = runs.Checkpoint(str(path), (Path(path),), None, None, 0, 0)
@@ -153,3 +167,129 @@ def _batch_norms(model: torch.nn.Module) -> list[torch.nn.Module]:
     from torch.nn.modules.batchnorm import _BatchNorm
 
     return [m for m in model.modules() if isinstance(m, _BatchNorm)]
+
+
+def select_splits(splits: Sequence[int], per_epoch: int, spec: str | None) -> list[int]:
+    """The split steps kept by ``--split-epochs``: ``a..b`` (epochs, inclusive, either end
+    open), or a comma-separated list of epochs; None or "all" keeps every split. A selection
+    that names an epoch with no split, or keeps none, is an error naming the splits there are."""
+    import numpy as np
+
+    epochs = {s: s / per_epoch for s in splits}
+    have = "splits at epochs " + ", ".join(f"{e:g}" for e in epochs.values())
+    if spec is None or spec.strip().lower() == "all":
+        return list(splits)
+    try:
+        if ".." in spec:
+            lo, hi = (x.strip() for x in spec.split("..", 1))
+            low = float(lo) - 1e-9 if lo else -np.inf
+            high = float(hi) + 1e-9 if hi else np.inf
+            keep = [s for s, e in epochs.items() if low <= e <= high]
+        else:
+            wanted = [float(x) for x in spec.split(",") if x.strip()]
+            keep = []
+            for w in wanted:
+                hit = [s for s, e in epochs.items() if abs(e - w) < 1e-9]
+                if not hit:
+                    raise LookupError(f"no split at epoch {w:g}")
+                keep += hit
+    except ValueError:
+        raise ValueError(f"--split-epochs {spec!r}: expected A..B or a list of epochs") from None
+    except LookupError as e:
+        raise ValueError(f"--split-epochs {spec!r}: {e}; {have}") from None
+    if not keep:
+        raise ValueError(f"--split-epochs {spec!r} selects no split; {have}")
+    return sorted(set(keep))
+
+
+def barriers(
+    root: Path | str,
+    *,
+    split_epochs: str | None = None,
+    cross_trunk: bool = False,
+    n: int = ALPHAS,
+    device: str = "cpu",
+    progress: Any = None,
+) -> xr.Dataset:
+    """Eqn 6 for every pair of branch endpoints of an LMC folder (`specan train vgg --lmc`).
+
+    Pairs: the branches of one trunk and split with different seeds (3 seeds: 3 pairs per
+    trunk); with `cross_trunk`, the control: branches of one split and seed on different trunks.
+    Each endpoint is the branch's last checkpoint.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``barrier`` ``(split, pair)``; ``train_loss`` and ``val_loss`` ``(split, pair, alpha)``;
+        coords ``split`` (the split step), ``epoch`` on split, ``pair`` labels
+        (``trunk-0:3-4``, or ``3:trunk-0-trunk-1`` across trunks).
+    """
+    import json
+    from itertools import combinations
+
+    import numpy as np
+    import xarray as xr
+
+    from specan import losses, runs
+    from specan.errors import ModelError, OptionError
+
+    root = Path(root)
+    meta_path = root / "lmc.json"
+    if not meta_path.is_file():
+        raise ModelError(
+            f"{meta_path}: not an LMC folder (write one with `specan train vgg --lmc`)"
+        )
+    meta = json.loads(meta_path.read_text())
+    try:
+        splits = select_splits(meta["splits"], meta["per_epoch"], split_epochs)
+    except ValueError as e:
+        raise OptionError(str(e)) from None
+    trunks, seeds = meta["trunks"], meta["branch_seeds"]
+    if cross_trunk:
+        if len(trunks) < 2:
+            raise OptionError(f"{root}: --cross-trunk needs two trunks; this folder has one")
+        labels = [
+            (f"{s}:{a}-{b}", (a, s), (b, s)) for s in seeds for a, b in combinations(trunks, 2)
+        ]
+    else:
+        labels = [
+            (f"{t}:{a}-{b}", (t, a), (t, b)) for t in trunks for a, b in combinations(seeds, 2)
+        ]
+    first = root / trunks[0] / f"branch-{splits[0]}-{seeds[0]}"
+    rm = losses.load(first, device=device)
+    out: dict[str, list] = {"barrier": [], "train_loss": [], "val_loss": []}
+    if progress is not None:
+        progress.start(len(splits) * len(labels), n, 0)
+    try:
+        for split in splits:
+            row: dict[str, list] = {k: [] for k in out}
+            for label, (ta, sa), (tb, sb) in labels:
+                ends = []
+                for t, seed in ((ta, sa), (tb, sb)):
+                    branch = root / t / f"branch-{split}-{seed}"
+                    ends.append(runs.discover(branch).checkpoints[-1].files[0])
+                ds = _path(rm, ends[0], ends[1], n=n, progress=None)
+                row["barrier"].append(ds.attrs["barrier"])
+                row["train_loss"].append(ds["train_loss"].values)
+                row["val_loss"].append(ds["val_loss"].values)
+                if progress is not None:
+                    progress.advance(f"split {split} {label}", n, 0)
+            for k in out:
+                out[k].append(row[k])
+    finally:
+        if progress is not None:
+            progress.finish()
+    return xr.Dataset(
+        {
+            "barrier": (("split", "pair"), np.array(out["barrier"])),
+            "train_loss": (("split", "pair", "alpha"), np.array(out["train_loss"])),
+            "val_loss": (("split", "pair", "alpha"), np.array(out["val_loss"])),
+        },
+        coords={
+            "split": np.array(splits, dtype=np.int64),
+            "epoch": ("split", np.array(splits) / meta["per_epoch"]),
+            "pair": [x[0] for x in labels],
+            "alpha": alphas(n),
+        },
+        attrs={"cross_trunk": int(cross_trunk)},
+    )

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from specan.errors import ModelError, OptionError
 from specan.lmc import alphas, barrier, endpoint_losses, interpolate, loss_path
 
 GRID = np.linspace(0, 1, 11)
@@ -119,3 +120,81 @@ def test_endpoint_losses_of_a_tiny_vgg(tmp_path):
         logits = model.eval()(data["x_train"])
     expected = torch.nn.functional.cross_entropy(logits, data["y_train"]).item()
     assert loss[-1] == pytest.approx(expected, rel=1e-5)
+
+
+# -- LMC folders (`specan train vgg --lmc`) ----------------------------------------------------
+@pytest.fixture(scope="module")
+def lmc_root(tmp_path_factory):
+    from specan_trainers import vgg
+
+    root = tmp_path_factory.mktemp("lmc") / "vgg-lmc"
+    args = ["--width-mult", "0.0625", "--limit-train", "64", "--val-frac", "0.05"]
+    vgg.main([*args, "--batch-size", "32", "--epochs", "2", "--lmc", "--trunks", "2",
+              "--branches", "2", "--out", str(root)])  # fmt: skip
+    return root
+
+
+def test_select_splits():
+    from specan.lmc import select_splits
+
+    splits = [0, 2, 4, 6, 8, 10, 20]  # 10 steps an epoch
+    assert select_splits(splits, 10, None) == splits
+    assert select_splits(splits, 10, "0..1") == [0, 2, 4, 6, 8, 10]
+    assert select_splits(splits, 10, "0.6..") == [6, 8, 10, 20]
+    assert select_splits(splits, 10, "2,0.2") == [2, 20]
+    with pytest.raises(ValueError, match="no split at epoch 3; splits at epochs 0, 0.2, .* 2$"):
+        select_splits(splits, 10, "0,3")
+    with pytest.raises(ValueError, match="selects no split"):
+        select_splits(splits, 10, "5..9")
+    with pytest.raises(ValueError, match="expected A..B or a list"):
+        select_splits(splits, 10, "one")
+
+
+def test_barriers_of_every_branch_pair(lmc_root):
+    from specan.lmc import barriers
+    from specan.runs import discover
+
+    ds = barriers(lmc_root, n=5)
+    assert list(ds["split"].values) == [0, 1, 2]
+    assert list(ds["epoch"].values) == [0, 0.5, 1]
+    assert list(ds["pair"].values) == ["trunk-0:3-4", "trunk-1:3-4"]
+    assert ds["train_loss"].shape == (3, 2, 5)
+    for i in range(3):
+        for j in range(2):
+            assert ds["barrier"].values[i, j] == pytest.approx(
+                np_barrier(np.linspace(0, 1, 5), ds["train_loss"].values[i, j])
+            )
+    # the path at split 1 of trunk-1, directly
+    t1 = lmc_root / "trunk-1"
+    a, b = (discover(t1 / f"branch-1-{s}").checkpoints[-1].files[0] for s in (3, 4))
+    direct = endpoint_losses(t1 / "branch-1-3", a, b, n=5)
+    np.testing.assert_allclose(ds["train_loss"].values[1, 1], direct["train_loss"].values)
+    cross = barriers(lmc_root, n=3, cross_trunk=True, split_epochs="1")
+    assert list(cross["pair"].values) == ["3:trunk-0-trunk-1", "4:trunk-0-trunk-1"]
+    assert list(cross["split"].values) == [2]
+
+
+def test_specan_lmc_command(lmc_root):
+    import json
+
+    from typer.testing import CliRunner
+
+    from specan.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["lmc", str(lmc_root), "--split-epochs", "0..0.5", "--alphas", "3",
+                              "--format", "json"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout[res.stdout.index("[") :])
+    assert [(r["split_step"], r["pair"]) for r in rows] == [
+        (0, "trunk-0:3-4"), (0, "trunk-1:3-4"), (1, "trunk-0:3-4"), (1, "trunk-1:3-4")
+    ]  # fmt: skip
+    assert all(len(r["train_loss"]) == 3 for r in rows)
+    res = runner.invoke(app, ["lmc", str(lmc_root), "--alphas", "3"])
+    assert res.exit_code == 0 and "barrier mean" in res.stdout
+    res = runner.invoke(app, ["lmc", str(lmc_root), "--split-epochs", "3"])
+    # (main() turns these into one line and the error's exit code)
+    assert isinstance(res.exception, OptionError) and res.exception.exit_code == 2
+    assert "no split at epoch 3; splits at epochs 0, 0.5, 1" in str(res.exception)
+    res = runner.invoke(app, ["lmc", str(lmc_root.parent)])
+    assert isinstance(res.exception, ModelError) and "not an LMC folder" in str(res.exception)

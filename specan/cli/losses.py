@@ -1,7 +1,8 @@
-"""`specan prune`: losses of models rebuilt from a run (its trainer's model and data)."""
+"""`specan prune` and `specan lmc`: losses of models rebuilt through the run's own trainer."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -104,4 +105,81 @@ def prune(
     for t in picks:
         cells = [f"{float(ds[n].sel(keep=k).values[t]):.4g}" for n in shown for k in keeps]
         table.add_row(str(int(ds["step"].values[t])), *cells)
+    out.print(table)
+
+
+LMC_EXAMPLES = "Examples:\n\n" + "\n\n".join(
+    [
+        "- `specan lmc runs/vgg-lmc`",
+        "- `specan lmc runs/vgg-lmc --split-epochs 0..4`",
+        "- `specan lmc runs/vgg-lmc --split-epochs 0..4 --cross-trunk --format csv`",
+    ]
+)
+
+
+@app.command(epilog=LMC_EXAMPLES)
+def lmc(
+    root: Annotated[
+        Path,
+        typer.Argument(
+            help="An LMC folder written by `specan train vgg --lmc` (lmc.json, trunk-<t>/).",
+            show_default=False,
+        ),
+    ],
+    split_epochs: Annotated[
+        str | None,
+        typer.Option(
+            "--split-epochs",
+            help="Which split points, by epoch: `A..B` (inclusive, either end open) or a list "
+            "(`0,0.2,1`). Default: all.",
+        ),
+    ] = None,
+    cross_trunk: Annotated[
+        bool,
+        typer.Option(
+            "--cross-trunk",
+            help="The control: pair branches of one split and seed grown from different trunks.",
+        ),
+    ] = False,
+    alphas: Annotated[
+        int, typer.Option("--alphas", help="Evenly spaced α on each path, ends included.")
+    ] = 11,
+    device: DeviceOpt = "cpu",
+    format: OutFormatOpt = OutFormat.table,
+) -> None:
+    """Linear-mode-connectivity barrier (Eqn 6) of branch endpoints at every split point.
+
+    The training loss along the straight path between the last checkpoints of two branches,
+    batch norm re-estimated on the training data at every α; the barrier is the largest excess
+    over the chord at interior α (slightly negative when there is none), averaged over pairs.
+    """
+    from specan.lmc import barriers
+    from specan.progress import for_console
+
+    if alphas < 3:
+        raise typer.BadParameter(f"'--alphas' needs at least 3 points (one interior), not {alphas}")
+    ds = barriers(
+        root, split_epochs=split_epochs, cross_trunk=cross_trunk, n=alphas,
+        device=_device(device), progress=for_console(err, "lmc"),
+    )  # fmt: skip
+    b = ds["barrier"].values
+    if format is not OutFormat.table:
+        rows = [
+            {"split_step": int(s), "split_epoch": float(ds["epoch"].values[i]), "pair": str(p),
+             "barrier": float(b[i, j]),
+             "train_loss": [float(x) for x in ds["train_loss"].values[i, j]]}
+            for i, s in enumerate(ds["split"].values) for j, p in enumerate(ds["pair"].values)
+        ]  # fmt: skip
+        _emit_long(rows, format, ["split_step", "split_epoch", "pair", "barrier", "train_loss"])
+        return
+    kind = "different trunks" if cross_trunk else "one trunk, different branch seeds"
+    table = Table(title=f"LMC barrier (train loss), {_e(root)}: {kind}", title_justify="left")
+    for col in ("split step", "epoch", "barrier mean", "std", "min", "max", "pairs"):
+        table.add_column(col, justify="right")
+    for i, s in enumerate(ds["split"].values):
+        row = b[i]
+        table.add_row(
+            str(int(s)), f"{float(ds['epoch'].values[i]):g}", f"{row.mean():.4g}",
+            f"{row.std():.2g}", f"{row.min():.4g}", f"{row.max():.4g}", str(len(row)),
+        )  # fmt: skip
     out.print(table)
