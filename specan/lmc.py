@@ -130,10 +130,40 @@ def endpoint_losses(
     """
     from specan import losses
 
-    return _path(losses.load(run, device=device), first, second, n=n, progress=progress)
+    return _path(losses.load(run, device=device), first, second, n=n, progress=progress)[0]
 
 
-def _path(rm: Any, first: Path | str, second: Path | str, *, n: int, progress: Any) -> xr.Dataset:
+def endpoint_sva(
+    a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], *, family: str = "auto",
+    top: int = 10,
+) -> dict[str, float]:  # fmt: skip
+    """Eqn 5 between two endpoints, per parameter: the mean of the first `top` diagonal entries
+    ``S_ii = |u_i(a)ᵀ u_i(b)| · |v_i(a)ᵀ v_i(b)|`` of the whole view of every ≥2-D float
+    parameter (model order), from float64 SVDs of the weights themselves."""
+    import torch
+
+    from specan.metrics import diagonal_score, sva
+    from specan.views import WHOLE_RULES, extract, plan_views
+
+    shapes = {k: v for k, v in a.items() if v.is_floating_point()}
+    out: dict[str, float] = {}
+    for spec in plan_views(shapes, family=family):
+        if spec.rule not in WHOLE_RULES or spec.param in out:
+            continue
+        svds = []
+        for state in (a, b):
+            matrix = extract(spec, state[spec.param].cpu(), dtype=torch.float64)
+            u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+            svds += [u.numpy(), vh.T.numpy()]
+        k = min(min(spec.shape), top)  # only S_ii for i <= top enter the score
+        matrix = sva(svds[0][:, :k], svds[1][:, :k], svds[2][:, :k], svds[3][:, :k])
+        out[spec.param] = float(diagonal_score(matrix, top=top))
+    return out
+
+
+def _path(
+    rm: Any, first: Path | str, second: Path | str, *, n: int, progress: Any
+) -> tuple[xr.Dataset, list[dict[str, torch.Tensor]]]:
     import numpy as np
     import xarray as xr
 
@@ -160,7 +190,7 @@ def _path(rm: Any, first: Path | str, second: Path | str, *, n: int, progress: A
         {k: ("alpha", np.array([r[k] for r in rows])) for k in names}, coords={"alpha": grid}
     )
     ds.attrs["barrier"] = barrier(grid, ds["train_loss"].values)
-    return ds
+    return ds, states
 
 
 def _batch_norms(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -221,6 +251,8 @@ def barriers(
     -------
     xarray.Dataset
         ``barrier`` ``(split, pair)``; ``train_loss`` and ``val_loss`` ``(split, pair, alpha)``;
+        endpoint SVA (`endpoint_sva`): ``sva_view`` ``(split, pair, view)`` per parameter and
+        ``sva`` ``(split, pair)``, its mean over the model's weight matrices;
         coords ``split`` (the split step), ``epoch`` on split, ``pair`` labels
         (``trunk-0:3-4``, or ``3:trunk-0-trunk-1`` across trunks).
     """
@@ -257,7 +289,7 @@ def barriers(
         ]
     first = root / trunks[0] / f"branch-{splits[0]}-{seeds[0]}"
     rm = losses.load(first, device=device)
-    out: dict[str, list] = {"barrier": [], "train_loss": [], "val_loss": []}
+    out: dict[str, list] = {"barrier": [], "train_loss": [], "val_loss": [], "sva_view": []}
     if progress is not None:
         progress.start(len(splits) * len(labels), n, 0)
     try:
@@ -268,7 +300,9 @@ def barriers(
                 for t, seed in ((ta, sa), (tb, sb)):
                     branch = root / t / f"branch-{split}-{seed}"
                     ends.append(runs.discover(branch).checkpoints[-1].files[0])
-                ds = _path(rm, ends[0], ends[1], n=n, progress=None)
+                ds, states = _path(rm, ends[0], ends[1], n=n, progress=None)
+                scores = endpoint_sva(states[0], states[1], family=rm.family)
+                row["sva_view"].append(list(scores.values()))
                 row["barrier"].append(ds.attrs["barrier"])
                 row["train_loss"].append(ds["train_loss"].values)
                 row["val_loss"].append(ds["val_loss"].values)
@@ -284,12 +318,15 @@ def barriers(
             "barrier": (("split", "pair"), np.array(out["barrier"])),
             "train_loss": (("split", "pair", "alpha"), np.array(out["train_loss"])),
             "val_loss": (("split", "pair", "alpha"), np.array(out["val_loss"])),
+            "sva_view": (("split", "pair", "view"), np.array(out["sva_view"])),
+            "sva": (("split", "pair"), np.array(out["sva_view"]).mean(axis=-1)),
         },
         coords={
             "split": np.array(splits, dtype=np.int64),
             "epoch": ("split", np.array(splits) / meta["per_epoch"]),
             "pair": [x[0] for x in labels],
             "alpha": alphas(n),
+            "view": list(scores),
         },
         attrs={"cross_trunk": int(cross_trunk)},
     )

@@ -169,6 +169,19 @@ def test_barriers_of_every_branch_pair(lmc_root):
     a, b = (discover(t1 / f"branch-1-{s}").checkpoints[-1].files[0] for s in (3, 4))
     direct = endpoint_losses(t1 / "branch-1-3", a, b, n=5)
     np.testing.assert_allclose(ds["train_loss"].values[1, 1], direct["train_loss"].values)
+    # endpoint SVA of features.3.weight (the second conv) by hand: NumPy float64 SVDs
+    from safetensors.numpy import load_file
+
+    wa, wb = (load_file(str(p))["features.3.weight"].astype(np.float64) for p in (a, b))
+    (ua, _, vta), (ub, _, vtb) = (np.linalg.svd(w.reshape(len(w), -1)) for w in (wa, wb))
+    r = min(10, len(wa))
+    s_ii = [abs(ua[:, i] @ ub[:, i]) * abs(vta[i] @ vtb[i]) for i in range(r)]
+    assert ds["sva_view"].sel(view="features.3.weight").values[1, 1] == pytest.approx(
+        np.mean(s_ii), rel=1e-9
+    )
+    assert list(ds["view"].values)[-1] == "classifier.weight" and len(ds["view"]) == 14
+    np.testing.assert_allclose(ds["sva"].values, ds["sva_view"].values.mean(axis=-1))
+    assert ((ds["sva"].values > 0) & (ds["sva"].values <= 1)).all()
     cross = barriers(lmc_root, n=3, cross_trunk=True, split_epochs="1")
     assert list(cross["pair"].values) == ["3:trunk-0-trunk-1", "4:trunk-0-trunk-1"]
     assert list(cross["split"].values) == [2]
