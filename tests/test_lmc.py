@@ -202,9 +202,9 @@ def test_specan_lmc_command(lmc_root):
     assert [(r["split_step"], r["pair"]) for r in rows] == [
         (0, "trunk-0:3-4"), (0, "trunk-1:3-4"), (1, "trunk-0:3-4"), (1, "trunk-1:3-4")
     ]  # fmt: skip
-    assert all(len(r["train_loss"]) == 3 for r in rows)
-    res = runner.invoke(app, ["lmc", str(lmc_root), "--alphas", "3"])
-    assert res.exit_code == 0 and "barrier mean" in res.stdout
+    assert all(len(r["train_loss"]) == 3 and 0 < r["sva"] <= 1 for r in rows)
+    res = runner.invoke(app, ["lmc", str(lmc_root), "--alphas", "3", "--split-epochs", "1"])
+    assert res.exit_code == 0 and "barrier mean" in res.stdout and "SVA mean" in res.stdout
     res = runner.invoke(app, ["lmc", str(lmc_root), "--split-epochs", "3"])
     # (main() turns these into one line and the error's exit code)
     assert isinstance(res.exception, OptionError) and res.exception.exit_code == 2

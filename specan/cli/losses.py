@@ -152,6 +152,8 @@ def lmc(
     The training loss along the straight path between the last checkpoints of two branches,
     batch norm re-estimated on the training data at every α; the barrier is the largest excess
     over the chord at interior α (slightly negative when there is none), averaged over pairs.
+    Beside it, the endpoint SVA (Eqn 5, mean of the top 10 S_ii, averaged over the model's
+    weight matrices), from SVDs of the endpoints themselves.
     """
     from specan.lmc import barriers
     from specan.progress import for_console
@@ -166,20 +168,23 @@ def lmc(
     if format is not OutFormat.table:
         rows = [
             {"split_step": int(s), "split_epoch": float(ds["epoch"].values[i]), "pair": str(p),
-             "barrier": float(b[i, j]),
+             "barrier": float(b[i, j]), "sva": float(ds["sva"].values[i, j]),
              "train_loss": [float(x) for x in ds["train_loss"].values[i, j]]}
             for i, s in enumerate(ds["split"].values) for j, p in enumerate(ds["pair"].values)
         ]  # fmt: skip
-        _emit_long(rows, format, ["split_step", "split_epoch", "pair", "barrier", "train_loss"])
+        _emit_long(
+            rows, format, ["split_step", "split_epoch", "pair", "barrier", "sva", "train_loss"]
+        )
         return
     kind = "different trunks" if cross_trunk else "one trunk, different branch seeds"
     table = Table(title=f"LMC barrier (train loss), {_e(root)}: {kind}", title_justify="left")
-    for col in ("split step", "epoch", "barrier mean", "std", "min", "max", "pairs"):
+    for col in ("split step", "epoch", "barrier mean", "std", "min", "max", "SVA mean", "pairs"):
         table.add_column(col, justify="right")
     for i, s in enumerate(ds["split"].values):
         row = b[i]
         table.add_row(
             str(int(s)), f"{float(ds['epoch'].values[i]):g}", f"{row.mean():.4g}",
-            f"{row.std():.2g}", f"{row.min():.4g}", f"{row.max():.4g}", str(len(row)),
+            f"{row.std():.2g}", f"{row.min():.4g}", f"{row.max():.4g}",
+            f"{ds['sva'].values[i].mean():.3f}", str(len(row)),
         )  # fmt: skip
     out.print(table)
