@@ -135,7 +135,7 @@ def endpoint_losses(
 
 def endpoint_sva(
     a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], *, family: str = "auto",
-    top: int = 10,
+    rules: Mapping[str, str] | None = None, top: int = 10,
 ) -> dict[str, float]:  # fmt: skip
     """Eqn 5 between two endpoints, per parameter: the mean of the first `top` diagonal entries
     ``S_ii = |u_i(a)ᵀ u_i(b)| · |v_i(a)ᵀ v_i(b)|`` of the whole view of every ≥2-D float
@@ -147,7 +147,8 @@ def endpoint_sva(
 
     shapes = {k: v for k, v in a.items() if v.is_floating_point()}
     out: dict[str, float] = {}
-    for spec in plan_views(shapes, family=family):
+    rules = {k: v for k, v in (rules or {}).items() if k in shapes}
+    for spec in plan_views(shapes, family=family, rules=rules):
         if spec.rule not in WHOLE_RULES or spec.param in out:
             continue
         svds = []
@@ -301,7 +302,7 @@ def barriers(
                     branch = root / t / f"branch-{split}-{seed}"
                     ends.append(runs.discover(branch).checkpoints[-1].files[0])
                 ds, states = _path(rm, ends[0], ends[1], n=n, progress=None)
-                scores = endpoint_sva(states[0], states[1], family=rm.family)
+                scores = endpoint_sva(states[0], states[1], family=rm.family, rules=rm.rules)
                 row["sva_view"].append(list(scores.values()))
                 row["barrier"].append(ds.attrs["barrier"])
                 row["train_loss"].append(ds["train_loss"].values)

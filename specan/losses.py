@@ -10,7 +10,7 @@ library is imported at module level.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,13 +28,15 @@ BN_BATCH = 500  # examples per forward pass when batch-norm statistics are re-es
 
 @dataclass
 class RunModel:
-    """A run's trainer module, config, a model of its architecture and its evaluation data."""
+    """A run's trainer module, config, a model of its architecture and its evaluation data;
+    `family` and `rules` (run.json's ``view_rules``) plan its views as ingest does."""
 
     trainer: ModuleType
     config: dict[str, Any]
     family: str
     model: torch.nn.Module
     data: dict[str, torch.Tensor]
+    rules: dict[str, str] = field(default_factory=dict)
 
     def evaluate(self, state: dict[str, torch.Tensor], *, bn: bool) -> dict[str, float]:
         """Load `state` into the model, re-estimate batch norm when `bn`, and return the trainer's
@@ -69,7 +71,8 @@ def load(run: Path | str, *, device: str = "cpu") -> RunModel:
     dev = torch.device(device)
     data = {k: v.to(dev) for k, v in module.eval_data(config).items()}
     model = module.build_model(config).to(dev)
-    return RunModel(module, config, family if family in FAMILIES else "auto", model, data)
+    family = family if family in FAMILIES else "auto"
+    return RunModel(module, config, family, model, data, dict(meta.get("view_rules") or {}))
 
 
 def state_of(reader: Any, model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -88,12 +88,16 @@ def prune_param(spec: ViewSpec, tensor: torch.Tensor, *, keep: str) -> torch.Ten
     return rebuild(spec, s, u, vh.T, keep=keep).to(tensor.dtype)
 
 
-def prunable(shapes: Mapping[str, object], *, family: str = "auto") -> list[ViewSpec]:
+def prunable(
+    shapes: Mapping[str, object], *, family: str = "auto", rules: Mapping[str, str] | None = None
+) -> list[ViewSpec]:
     """The whole views that pruning rebuilds: one per ≥2-D float parameter, in model order,
-    the last one (the output layer) left out."""
+    the last one (the output layer) left out. `family` and `rules` as for `plan_views` (a
+    transposed convolution whose name does not say so needs its rule)."""
+    rules = {k: v for k, v in (rules or {}).items() if k in shapes}
     seen: set[str] = set()
     whole = []
-    for spec in plan_views(shapes, family=family):
+    for spec in plan_views(shapes, family=family, rules=rules):
         if spec.rule in WHOLE_RULES and spec.param not in seen:
             seen.add(spec.param)
             whole.append(spec)
@@ -101,7 +105,11 @@ def prunable(shapes: Mapping[str, object], *, family: str = "auto") -> list[View
 
 
 def prune_state(
-    state: Mapping[str, torch.Tensor], *, keep: str, family: str = "auto"
+    state: Mapping[str, torch.Tensor],
+    *,
+    keep: str,
+    family: str = "auto",
+    rules: Mapping[str, str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """A copy of the state dict with every prunable parameter (`prunable`) rebuilt from the `keep`
     half of its singular triplets; everything else (biases, norms, buffers, the output layer) as
@@ -111,7 +119,7 @@ def prune_state(
         return out
     kept(1, keep)  # an unknown keep fails before any SVD
     shapes = {k: v for k, v in state.items() if v.is_floating_point()}
-    for spec in prunable(shapes, family=family):
+    for spec in prunable(shapes, family=family, rules=rules):
         out[spec.param] = prune_param(spec, state[spec.param], keep=keep)
     return out
 
@@ -177,7 +185,10 @@ def prune_losses(
             weights = {k: v for k, v in state.items() if k in params}
             row = []
             for keep in keeps:
-                pruned = {**state, **prune_state(weights, keep=keep, family=rm.family)}
+                pruned = {
+                    **state,
+                    **prune_state(weights, keep=keep, family=rm.family, rules=rm.rules),
+                }
                 row.append(rm.evaluate(pruned, bn=keep != "full"))
             records.append(row)
             if progress is not None:

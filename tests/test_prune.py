@@ -149,6 +149,16 @@ def test_prune_state_spares_the_last_layer_and_one_d_entries():
         prune_state(state, keep="middle")
 
 
+def test_prune_state_follows_view_rules_of_run_json():
+    # a transposed conv whose name does not say so (the UNet trainer writes such rules)
+    w = weight(3, 5, 2, 2)  # (c_in, c_out, kh, kw)
+    state = {"up.0.weight": torch.from_numpy(w), "out.weight": torch.from_numpy(weight(2, 5))}
+    rules = {"up.0.weight": "conv_transpose", "elsewhere.weight": "conv_transpose"}
+    got = prune_state(state, keep="top-half", rules=rules)["up.0.weight"].numpy()
+    half = np_half(w.transpose(1, 0, 2, 3).reshape(5, 12), "top-half")
+    np.testing.assert_allclose(got, half.reshape(5, 3, 2, 2).transpose(1, 0, 2, 3), atol=1e-12)
+
+
 def test_float32_weights_stay_float32():
     w = torch.from_numpy(weight(5, 7)).float()
     spec = whole("fc.weight", (5, 7))
