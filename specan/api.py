@@ -174,7 +174,9 @@ class Run:
                    "top_k_only": bool(info.get("sigma_top"))},
         )  # fmt: skip
 
-    def analyse(self, name: str, *, cache: bool = True) -> xr.Dataset:
+    def analyse(
+        self, name: str, *, cache: bool = True, compute: bool = True, **options: Any
+    ) -> xr.Dataset | None:
         """Any registered analysis by name (`specan.registry`), as a Dataset whose ``value`` is
         ``(view or pair, step)``.
 
@@ -184,6 +186,11 @@ class Run:
             ``rank``, ``align``, ``sva``, or another registered name.
         cache : bool
             Read and write the store's ``derived/<name>``.
+        compute : bool
+            False: return the cached result of a cached analysis, or None when there is none.
+        **options
+            Keywords for the analysis's compute, for those that take them (``prune``:
+            ``progress``, ``device``); they must not change the result, which is cached alike.
 
         Examples
         --------
@@ -199,10 +206,12 @@ class Run:
         if not a.cached:
             return a.compute(self, cache=cache)  # type: ignore[call-arg]
         key = store.fingerprint(name, a.version, *analysis._inputs(self._store))
-        hit = store.read_derived(self.store_path, name, key) if cache else None
+        hit = store.read_derived(self.store_path, name, key) if cache or not compute else None
         if hit is not None:
             return _from_cache(*hit)
-        ds = a.compute(self)
+        if not compute:
+            return None
+        ds = a.compute(self, **options)
         if cache:
             arrays, info, dims = _to_cache(ds)
             store.write_derived(self.store_path, name, key, arrays, info, dims=dims)

@@ -95,3 +95,15 @@ class SchedulerError(SpecanError):
     """The Dask cluster failed a task or could not be used; what was written is kept."""
 
     exit_code = 6
+
+
+class PruneError(SpecanError):
+    """Singular-value pruning asked for singular triplets that are not there (a top-k store)."""
+
+    exit_code = 4
+
+
+class ModelError(SpecanError):
+    """A run cannot be rebuilt as a model (no run.json written by specan's trainers)."""
+
+    exit_code = 2

@@ -324,10 +324,29 @@ def analyse(run: Path | str) -> Analyses:
         if a.figure is None:  # the built-ins above, drawn by their own figures
             continue
         try:
-            out.extra[name] = opened.analyse(name)
+            ds = opened.analyse(name, compute=a.automatic)
         except StoreError as e:
             out.notes.append(f"{a.title} skipped: {e}")
+            continue
+        if ds is None:
+            out.notes.append(f"{a.title}: not computed yet (run `specan {name}` first)")
+        else:
+            out.extra[name] = ds
     return out
+
+
+def registered_lines(ds: Any, *, title: str, item: str, label: str) -> Figure:
+    """A registered analysis's ``value`` ``(item, step)``: one line per item over checkpoints."""
+    fig = _figure(7.5, 4.8)
+    ax = fig.add_subplot()
+    steps = np.asarray(ds["step"].values)
+    for name, row in zip(ds[item].values, np.asarray(ds["value"].values, dtype=float), strict=True):
+        ax.plot(steps, row, marker="o", ms=3, label=str(name))
+    ax.set_xlabel("step")
+    ax.set_ylabel(label)
+    ax.set_title(title)
+    ax.legend(title=item)
+    return fig
 
 
 def registered_heatmap(ds: Any, *, title: str, item: str, label: str, bounds: Any) -> Figure:
@@ -430,12 +449,13 @@ def figures(
 
     for name, ds in an.extra.items():
         a = registry.get(name)
+        title = f"{an.name}: {a.title}"
+        if a.figure == "lines":
+            fig = registered_lines(ds, title=title, item=a.item, label=a.title)
+        else:
+            fig = registered_heatmap(ds, title=title, item=a.item, label=a.title, bounds=a.bounds)
         yield Plot(
-            name,
-            f"{a.title[:1].upper()}{a.title[1:]} of every {a.item} over training.",
-            registered_heatmap(
-                ds, title=f"{an.name}: {a.title}", item=a.item, label=a.title, bounds=a.bounds
-            ),
+            name, f"{a.title[:1].upper()}{a.title[1:]} of every {a.item} over training.", fig
         )
     if views is None:
         _note_cut(an, len(an.views), limit, "singular-value figures (the largest views)")

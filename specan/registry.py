@@ -27,6 +27,7 @@ ANALYSES = {
     "align": "specan.api:ALIGN",
     "sva": "specan.api:SVA",
     "stable_rank": "specan.stable_rank:ANALYSIS",
+    "prune": "specan.prune:ANALYSIS",
 }
 
 
@@ -41,7 +42,11 @@ class Analysis:
     on. ``summary`` is the row label of its first -> last table line; ``bounds`` the figure's
     value range (None: from the data). ``cached``: `Run.analyse` keeps the result in
     ``derived/<name>`` (the built-ins cache themselves); ``figure``: how `specan plot` and the
-    report draw it.
+    report draw it ("heatmap": items x checkpoints; "lines": one line per item over steps).
+    ``automatic``: False for an analysis too costly to run unasked (one that re-evaluates
+    models): plot and report then draw only a result already cached by its own command or
+    `Run.analyse`. ``compute`` may take keywords that leave its result alone (``progress``,
+    ``device``), passed through `Run.analyse`.
     """
 
     name: str
@@ -54,6 +59,7 @@ class Analysis:
     cached: bool = True
     figure: str | None = "heatmap"  # None: drawn by specan.plots' own figures (the built-ins)
     version: int = 1  # bump when compute changes: cached results are then recomputed
+    automatic: bool = True  # False: plot and report draw it only from the cache
 
 
 def names() -> list[str]:

@@ -30,6 +30,7 @@ __all__ = [
     "extract",
     "lstm_output",
     "plan_views",
+    "restore",
     "safe_key",
     "select",
 ]
@@ -495,12 +496,15 @@ def _stored_shape(spec: ViewSpec) -> tuple[int, ...]:
     return (m, n)
 
 
-def extract(spec: ViewSpec, tensor: torch.Tensor) -> torch.Tensor:
+def extract(
+    spec: ViewSpec, tensor: torch.Tensor, *, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Cut the view `spec` out of the raw stored `tensor` (any float dtype).
 
-    Returns a contiguous float32 tensor of shape ``spec.shape``, or ``(spec.heads, *spec.shape)``
-    for a per-head stack. It may share memory with a float32 contiguous input (no copy is made).
-    Raises ViewRuleError when the tensor's shape is not what the plan expects.
+    Returns a contiguous tensor of shape ``spec.shape``, or ``(spec.heads, *spec.shape)`` for a
+    per-head stack, in `dtype` (float32 when None). It may share memory with a contiguous input
+    of that dtype (no copy is made). Raises ViewRuleError when the tensor's shape is not what the
+    plan expects.
     """
     import torch
 
@@ -554,4 +558,31 @@ def extract(spec: ViewSpec, tensor: torch.Tensor) -> torch.Tensor:
         out = t
     if tuple(out.shape) != want:  # a hand-built spec whose shape disagrees with its own info
         raise ViewRuleError(f"{where}: view has shape {tuple(out.shape)}, the spec says {want}")
-    return out.to(torch.float32).contiguous()
+    return out.to(torch.float32 if dtype is None else dtype).contiguous()
+
+
+def restore(spec: ViewSpec, matrix: torch.Tensor) -> torch.Tensor:
+    """The inverse of `extract` for a whole view (`WHOLE_RULES`): the parameter, in its stored
+    shape, whose view is `matrix` (``spec.shape``, any dtype, which is kept).
+
+    Conv: the rows reshape back to ``(c_in, *k)``; transposed conv: the same, then the first two
+    dimensions swap back; GPT-2's Conv1D and c_attn: transposed back; LSTM, stacked or
+    interleaved fused Q/K/V and embeddings are views as stored. Extra views (per head, W_V, column
+    halves, grouped W_O) cover part of a parameter or sum parts of it, so nothing inverts them:
+    ViewRuleError.
+    """
+    where = f"{spec.param} (view {spec.key}, rule {spec.rule})"
+    if spec.rule not in WHOLE_RULES:
+        raise ViewRuleError(f"{where}: not a whole view of its parameter, so it cannot be restored")
+    if tuple(matrix.shape) != tuple(spec.shape):
+        raise ViewRuleError(f"{where}: restore takes shape {spec.shape}, not {tuple(matrix.shape)}")
+    stored = _stored_shape(spec)
+    if spec.rule == "conv":
+        out = matrix.reshape(stored)
+    elif spec.rule == "conv_transpose":
+        out = matrix.reshape(stored[1], stored[0], *stored[2:]).transpose(0, 1)
+    elif spec.rule == "linear_t" or spec.info.get("layout") == "transposed":
+        out = matrix.T
+    else:
+        out = matrix
+    return out.contiguous()

@@ -324,3 +324,57 @@ def test_scheduler_option_is_refused_early(tmp_path: Path) -> None:
     assert res.returncode == 2 and "--scheduler: local:N" in res.stderr, res.stderr
     res = specan("ingest", str(run), "--scheduler", "local:2", "--workers", "2")
     assert res.returncode == 2 and "'--workers'" in res.stderr and "'--scheduler'" in res.stderr
+
+
+def _tiny_mlp_run(out: Path) -> Path:
+    from specan_trainers import deep_mlp
+
+    args = ["--depth", "3", "--width", "16", "--n-train", "100", "--batch-size", "50"]
+    deep_mlp.main([*args, "--max-steps", "2", "--save-at", "0,2", "--save-log", "0",
+                   "--out", str(out)])  # fmt: skip
+    return out
+
+
+def test_prune_without_a_store_evaluates_the_asked_models(tmp_path: Path) -> None:
+    from specan.prune import prune_losses
+
+    run = _tiny_mlp_run(tmp_path / "mlp")
+    res = runner.invoke(app, ["prune", str(run), "--sv", "top-half", "--format", "json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout[res.stdout.index("[") :])
+    assert [(r["keep"], r["step"]) for r in rows] == [("top-half", 0), ("top-half", 2)]
+    ds = prune_losses(run, keeps=["top-half"])
+    assert [r["train_loss"] for r in rows] == pytest.approx(ds["train_loss"].values[0].tolist())
+    assert not (run / "specan.zarr").exists()
+    res = runner.invoke(app, ["prune", str(run), "--sv", "top,full"])
+    assert res.exit_code == 2 and "'--sv' takes full, top-half, bottom-half" in res.output
+
+
+def test_prune_with_a_store_caches_for_plot(tmp_path: Path) -> None:
+    import specan
+    from specan.plots import analyse
+
+    run = _tiny_mlp_run(tmp_path / "mlp")
+    specan.ingest(run)
+    notes = analyse(run).notes
+    assert any("SV-pruned models: not computed yet (run `specan prune` first)" in n for n in notes)
+    res = runner.invoke(app, ["prune", str(run), "--steps", "2"])
+    assert res.exit_code == 0, res.output
+    assert "train_loss bottom-half" in res.stdout
+    an = analyse(run)
+    assert list(an.extra["prune"]["keep"].values) == ["full", "top-half", "bottom-half"]
+    assert list(an.extra["prune"]["step"].values) == [0, 2]
+    from specan.plots import figures
+
+    (fig,) = [p.figure for p in figures(an) if p.name == "prune"]
+    lines = fig.axes[0].get_lines()
+    assert [ln.get_label() for ln in lines] == ["full", "top-half", "bottom-half"]
+    expected = an.extra["prune"]["train_loss"].sel(keep="bottom-half").values
+    assert list(lines[2].get_ydata()) == pytest.approx(expected.tolist())
+
+
+def test_prune_of_a_run_without_trainer_is_one_line(tmp_path: Path) -> None:
+    run = write_synthetic_run(tmp_path / "syn")
+    res = specan("prune", str(run))
+    assert res.returncode == 2
+    assert "unknown trainer 'synthetic'" in res.stderr and "Traceback" not in res.stderr

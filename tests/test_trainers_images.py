@@ -16,7 +16,7 @@ from specan.pipeline import ingest
 from specan.runs import discover
 from specan_trainers import data as datasets
 from specan_trainers import deep_mlp, random_labels, vgg
-from specan_trainers.checkpoint import RunWriter
+from specan_trainers.checkpoint import OptionValueError, RunWriter
 
 # Tiny settings on the built-in digits: a few steps of a few seconds at most.
 TINY = {
@@ -223,3 +223,44 @@ def test_help_names_the_paper_defaults(
     text = " ".join(capsys.readouterr().out.split())
     for default in [*defaults, "weight decay"]:
         assert default in text, default
+
+
+def test_lmc_split_points_are_the_papers() -> None:
+    # 10 steps an epoch: 0, 1/5 ... 4/5 of epoch 1, the end of epochs 1-5
+    assert vgg.lmc_splits(10, 1000) == [0, 2, 4, 6, 8, 10, 20, 30, 40, 50]
+    assert vgg.lmc_splits(10, 30) == [0, 2, 4, 6, 8, 10, 20]  # only those before the last step
+    assert vgg.lmc_splits(2, 4) == [0, 1, 2]  # tiny: rounded, merged
+
+
+def test_lmc_trunks_and_branches_layout(tmp_path: Path) -> None:
+    out = tmp_path / "lmc"
+    vgg.main([*TINY[vgg], "--epochs", "2", "--lmc", "--trunks", "2", "--branches", "2",
+              "--out", str(out)])  # fmt: skip
+    meta = json.loads((out / "lmc.json").read_text())
+    assert meta["splits"] == [0, 1, 2] and meta["branch_seeds"] == [3, 4]
+    assert meta["trunks"] == ["trunk-0", "trunk-1"]
+    for t in (0, 1):
+        trunk = out / f"trunk-{t}"
+        assert _steps(trunk) == [0, 1, 2]  # saved at every split, trained to the last one
+        assert json.loads((trunk / "run.json").read_text())["config"]["seed"] == t
+        finals = []
+        for split in (0, 1, 2):
+            for seed in (3, 4):
+                branch = trunk / f"branch-{split}-{seed}"
+                run = json.loads((branch / "run.json").read_text())
+                assert run["parent"] == {"run": "..", "trunk": t, "step": split, "epoch": split / 2}
+                assert run["config"]["seed"] == seed
+                assert _steps(branch) == sorted({split, 2, 4})  # its start, epochs, the end
+                with (
+                    safe_open(str(trunk / f"checkpoints/step-{split:08d}.safetensors"), "pt") as a,
+                    safe_open(str(branch / f"checkpoints/step-{split:08d}.safetensors"), "pt") as b,
+                ):
+                    for k in a.keys():  # noqa: SIM118
+                        assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
+                with safe_open(str(branch / "checkpoints/step-00000004.safetensors"), "pt") as f:
+                    finals.append(f.get_tensor("features.0.weight"))
+                assert discover(branch).checkpoints[-1].step == 4
+        assert not torch.equal(finals[0], finals[1])  # two seeds from one split part ways
+        assert [c.step for c in discover(trunk).checkpoints] == [0, 1, 2]  # branches not mixed in
+    with pytest.raises(OptionValueError, match="--branches >= 2"):
+        vgg.main([*TINY[vgg], "--lmc", "--branches", "1", "--out", str(tmp_path / "x")])

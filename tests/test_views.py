@@ -18,6 +18,7 @@ from specan.views import (
     detect_family,
     extract,
     plan_views,
+    restore,
     safe_key,
     select,
 )
@@ -563,3 +564,29 @@ def test_bidirectional_lstm_next_layer_halves():
     assert torch.equal(extract(halves[0], w), w[:, :h])
     assert torch.equal(extract(halves[1], w), w[:, h:])
     assert halves[-1].shape == (5, h) and halves[-1].info["of"] == "linear"
+
+
+@pytest.mark.parametrize(
+    ("shapes", "kw"),
+    [
+        ({"fc.weight": (5, 7), "tok_embed.weight": (11, 4)}, {}),
+        ({"conv.weight": (6, 3, 3, 3), "up.convtranspose.weight": (3, 5, 2, 2)}, {}),
+        ({"rnn.weight_ih_l0": (16, 6), "rnn.weight_hh_l0_reverse": (16, 4)}, {}),
+        ({"attn.in_proj_weight": (24, 8)}, {"heads": 2}),
+        ({"layers.0.attention.query_key_value.weight": (24, 8)}, {"heads": 2}),
+        ({"h.0.attn.c_attn.weight": (8, 24), "h.0.mlp.c_fc.weight": (8, 6)}, {"family": "gpt2"}),
+    ],
+)
+def test_restore_inverts_extract_of_every_whole_view(shapes, kw):
+    specs = plan_views(shapes, **kw)
+    tensors = {p: torch.randn(s, dtype=torch.float64) for p, s in shapes.items()}
+    whole = [s for s in specs if s.rule in WHOLE_RULES]
+    assert sorted(s.param for s in whole) == sorted(shapes)
+    for spec in whole:
+        back = restore(spec, extract(spec, tensors[spec.param], dtype=torch.float64))
+        assert back.dtype == torch.float64
+        assert torch.equal(back, tensors[spec.param])
+    for spec in specs:
+        if spec.rule not in WHOLE_RULES:
+            with pytest.raises(ViewRuleError, match="not a whole view"):
+                restore(spec, torch.zeros(spec.shape))

@@ -149,6 +149,8 @@ class RunWriter:
         The model's alignment pairs (SPEC §3) as ``{"prev", "next", "kind", ...}`` dicts.
     view_rules
         Parameter name -> view rule where names do not say it (e.g. transposed convolutions).
+    parent
+        For a run branched from another run's checkpoint (LMC): ``{"run", "step", ...}``.
     """
 
     def __init__(
@@ -160,6 +162,7 @@ class RunWriter:
         pairs: Iterable[dict[str, Any]] = (),
         view_rules: dict[str, str] | None = None,
         model: dict[str, Any] | None = None,
+        parent: dict[str, Any] | None = None,
     ) -> None:
         self.out = Path(out)
         self.ckpt_dir = self.out / "checkpoints"
@@ -170,6 +173,7 @@ class RunWriter:
             "model": model or {},
             "pairs": list(pairs),
             "view_rules": view_rules or {},
+            **({"parent": parent} if parent else {}),
         }
         run_json = self.out / "run.json"
         if run_json.exists():

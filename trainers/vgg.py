@@ -11,17 +11,27 @@ channel with CIFAR-10's usual means and deviations. Run as
 
     python -m specan_trainers.vgg --data ~/data/cifar-10-batches-bin --out runs/vgg
     python -m specan_trainers.vgg --width-mult 0.0625 --epochs 2 --out runs/vgg-tiny  # digits
+    python -m specan_trainers.vgg --lmc --trunks 3 --branches 3 --out runs/vgg-lmc
+
+With --lmc (SPEC §4, LMC) --out holds trunk-<t>/ (seed t, trained to the last split point and
+saved at every split point: step 0, 1/5 ... 4/5 of epoch 1, the end of epochs 1-5) and, inside
+each, branch-<split step>-<seed>/ (branch seeds 3, 4, ...), each trained to the end from its
+trunk's weights at that step; its run.json names its parent. A branch starts with fresh SGD
+momentum (a checkpoint holds weights only) and the lr of its split epoch; its seed sets its
+batch order. lmc.json in --out lists the trunks, split steps and branch seeds.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +40,7 @@ from torch.nn import functional as F
 
 from specan_trainers import data as datasets
 from specan_trainers.checkpoint import (
+    OptionValueError,
     RunWriter,
     parse_config,
     resolve_device,
@@ -63,6 +74,10 @@ class Config:
     seed: int = 0  # initialisation and batch order
     device: str = "cpu"  # cpu, cuda, cuda:1, ...
     out: str = "runs/vgg"  # the run directory written
+    init_from: str = ""  # start from this checkpoint's weights and step (an LMC branch)
+    lmc: bool = False  # trunk + branch protocol (SPEC §4): --out holds trunks and branches
+    trunks: int = 3  # with --lmc: trunks, seeds 0, 1, ...
+    branches: int = 3  # with --lmc: branches per split point, seeds 3, 4, ...
 
 
 # -- model ------------------------------------------------------------------------------------
@@ -140,6 +155,21 @@ def evaluate(model: nn.Module, data: dict[str, torch.Tensor]) -> dict[str, float
     return out
 
 
+def lmc_splits(per_epoch: int, total: int) -> list[int]:
+    """SPEC §4's split points: step 0, 1/5 ... 4/5 of epoch 1, the end of epochs 1-5, in steps
+    (rounded; duplicates at tiny sizes merged), those before the run's last step."""
+    points = {0, *(round(per_epoch * k / 5) for k in range(1, 5))}
+    points |= {per_epoch * e for e in range(1, 6)}
+    return sorted(s for s in points if s < total)
+
+
+def _schedule(cfg: Config, config: dict[str, Any]) -> tuple[int, int]:
+    n = len(make_data(config)["y_train"])
+    per_epoch = math.ceil(n / cfg.batch_size)
+    total = cfg.epochs * per_epoch
+    return per_epoch, min(total, cfg.max_steps) if cfg.max_steps > 0 else total
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = parse_config(
         Config,
@@ -147,6 +177,46 @@ def main(argv: Sequence[str] | None = None) -> None:
         prog="python -m specan_trainers.vgg",
         description=__doc__.split("\n\n")[0],
     )
+    if cfg.lmc:
+        train_lmc(cfg)
+    else:
+        train(cfg)
+
+
+def train_lmc(cfg: Config) -> None:
+    """The trunks, then every branch of every split of every trunk (see the module docs)."""
+    if cfg.init_from:
+        raise OptionValueError("--lmc branches from its own trunks: not with --init-from")
+    if cfg.trunks < 1 or cfg.branches < 2:
+        raise OptionValueError("--lmc needs --trunks >= 1 and --branches >= 2 (one pair)")
+    per_epoch, total = _schedule(cfg, dataclasses.asdict(cfg))
+    splits = lmc_splits(per_epoch, total)
+    out = Path(cfg.out)
+    seeds = [3 + b for b in range(cfg.branches)]
+    base = dataclasses.replace(cfg, lmc=False)
+    out.mkdir(parents=True, exist_ok=True)
+    trunks = [f"trunk-{t}" for t in range(cfg.trunks)]
+    protocol = {"protocol": "split", "per_epoch": per_epoch, "steps": total, "splits": splits,
+                "trunks": trunks, "branch_seeds": seeds}  # fmt: skip
+    (out / "lmc.json").write_text(json.dumps(protocol, indent=2) + "\n")
+    for t in range(cfg.trunks):
+        trunk = out / f"trunk-{t}"
+        train(dataclasses.replace(
+            base, seed=t, out=str(trunk), max_steps=max(splits[-1], 1), save_every=0,
+            save_log=0, save_per_epoch=False, save_at=",".join(map(str, splits)),
+        ))  # fmt: skip
+        for split in splits:
+            start = trunk / "checkpoints" / f"step-{split:08d}.safetensors"
+            parent = {"run": "..", "trunk": t, "step": split, "epoch": split / per_epoch}
+            for seed in seeds:
+                branch = dataclasses.replace(
+                    base, seed=seed, init_from=str(start), out=str(trunk / f"branch-{split}-{seed}")
+                )
+                train(branch, parent=parent)
+
+
+def train(cfg: Config, parent: dict[str, Any] | None = None) -> None:
+    """One run: from scratch, or from ``cfg.init_from``'s weights and step (a branch)."""
     config = dataclasses.asdict(cfg)
     # -- setup
     torch.manual_seed(cfg.seed)
@@ -163,14 +233,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)
     writer = RunWriter(
         cfg.out, trainer="vgg", config=config, pairs=pairs(config),
-        model={"family": "vgg", "width_mult": cfg.width_mult},
+        model={"family": "vgg", "width_mult": cfg.width_mult}, parent=parent,
     )  # fmt: skip
     saves = save_steps(total, every=cfg.save_every, log=cfg.save_log, at=cfg.save_at)
     if cfg.save_per_epoch:
         saves.update(range(0, total + 1, per_epoch))
     eval_every = cfg.eval_every or per_epoch
     start = writer.resume(model, opt)
-    if start is None:
+    if start is None and cfg.init_from:  # a branch: the trunk's weights at the split, its step
+        from safetensors import safe_open
+
+        with safe_open(cfg.init_from, framework="pt") as f:
+            start = int((f.metadata() or {})["step"])
+            model.load_state_dict({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
+        lr = cfg.lr * cfg.lr_decay ** sum(start // per_epoch >= e for e in decays)
+        metrics = {"step": start, "epoch": start / per_epoch, "lr": lr}
+        writer.log({**metrics, **evaluate(model.eval(), data)})
+        writer.save(model, start, epoch=start / per_epoch, optimizer=opt)
+    elif start is None:
         start = 0
         writer.log({"step": 0, "epoch": 0.0, "lr": cfg.lr, **evaluate(model.eval(), data)})
         writer.save(model, 0, epoch=0.0, optimizer=opt)

@@ -16,7 +16,7 @@ from specan.errors import SpecanError
 
 # isort: off
 # Importing a command group registers its commands on `app`; this order is the order of --help.
-from specan.cli import ingest, analyses, figures, train, bench  # noqa: F401, E402
+from specan.cli import ingest, analyses, losses, figures, train, bench  # noqa: F401, E402
 # isort: on
 
 __all__ = ["app", "main"]

@@ -1,0 +1,333 @@
+"""Linear mode connectivity (SPEC §2 Eqn 6): the loss along the straight path between two models.
+
+For branch endpoints ``W¹, W²`` and ``L(α) = L((1−α)W¹ + αW²)`` on evenly spaced α in [0, 1]
+(11 by default), the barrier is ``b = max_{α interior} [L(α) − ((1−α)L(0) + αL(1))]``: the max over
+interior points only, so b can be slightly negative (a convex loss gives b ≤ 0). L is the training
+loss. Every floating state entry is interpolated, buffers included (integer counters such as
+``num_batches_tracked`` are taken from W¹); then batch-norm statistics are recomputed on the
+training data, at every α, endpoints included, so that the chord and the path are measured alike.
+Only the standard library is imported at module level.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    import xarray as xr
+
+__all__ = [
+    "ALPHAS",
+    "alphas",
+    "barrier",
+    "barriers",
+    "endpoint_losses",
+    "interpolate",
+    "loss_path",
+    "select_splits",
+]
+
+ALPHAS = 11  # evenly spaced α in [0, 1], the paper's path
+
+
+def alphas(n: int = ALPHAS) -> np.ndarray:
+    """``n`` evenly spaced α from 0 to 1, both ends included (at least 3: one interior point)."""
+    import numpy as np
+
+    if isinstance(n, bool) or not isinstance(n, int) or n < 3:
+        raise ValueError(f"an LMC path needs at least 3 points (one interior α), not {n!r}")
+    return np.linspace(0.0, 1.0, n)
+
+
+def interpolate(
+    a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], alpha: float
+) -> dict[str, torch.Tensor]:
+    """``(1 − α)a + αb`` for every floating entry of two state dicts with the same entries;
+    other entries (integer counters) are `a`'s."""
+    if set(a) != set(b):
+        only = sorted(set(a) ^ set(b))
+        raise ValueError(f"the two states differ in entries: {', '.join(only[:5])}")
+    out = {}
+    for k, va in a.items():
+        vb = b[k]
+        if tuple(va.shape) != tuple(vb.shape):
+            raise ValueError(f"{k}: shapes {tuple(va.shape)} and {tuple(vb.shape)} differ")
+        out[k] = (1.0 - alpha) * va + alpha * vb if va.is_floating_point() else va.clone()
+    return out
+
+
+def barrier(alpha: Sequence[float], losses: Sequence[float]) -> float:
+    """Eqn 6: the largest excess of the loss over the chord between the endpoints, over the
+    interior α (the first and last α are the endpoints)."""
+    import numpy as np
+
+    x, y = np.asarray(alpha, dtype=float), np.asarray(losses, dtype=float)
+    if x.shape != y.shape or len(x) < 3:
+        raise ValueError("barrier needs as many losses as α, and at least 3 of each")
+    if x[0] != 0.0 or x[-1] != 1.0:
+        raise ValueError("the path's α must start at 0 and end at 1")
+    chord = (1.0 - x) * y[0] + x * y[-1]
+    return float(np.max((y - chord)[1:-1]))
+
+
+def loss_path(
+    model: torch.nn.Module,
+    a: Mapping[str, torch.Tensor],
+    b: Mapping[str, torch.Tensor],
+    loss: Callable[[torch.nn.Module], Mapping[str, float] | float],
+    *,
+    alpha: Sequence[float] | None = None,
+    bn_data: torch.Tensor | None = None,
+    progress: Any = None,
+) -> list[Any]:
+    """Evaluate ``loss(model)`` with the model at each interpolated state.
+
+    `bn_data` (training inputs): batch-norm statistics are re-estimated on it after each
+    interpolation (`specan.losses.reestimate_bn`). `progress` is told ``start(len(alpha), 1, 0)``,
+    ``advance("α=…", 1, 0)`` per point and ``finish()``. Returns what `loss` returned, per α.
+    """
+    import torch
+
+    from specan.losses import reestimate_bn
+
+    alpha = list(alphas() if alpha is None else alpha)
+    out = []
+    if progress is not None:
+        progress.start(len(alpha), 1, 0)
+    try:
+        for x in alpha:
+            model.load_state_dict(interpolate(a, b, float(x)))
+            if bn_data is not None:
+                reestimate_bn(model, bn_data)
+            with torch.no_grad():
+                out.append(loss(model.eval()))
+            if progress is not None:
+                progress.advance(f"α={float(x):.2f}", 1, 0)
+    finally:
+        if progress is not None:
+            progress.finish()
+    return out
+
+
+def endpoint_losses(
+    run: Path | str,
+    first: Path | str,
+    second: Path | str,
+    *,
+    n: int = ALPHAS,
+    device: str = "cpu",
+    progress: Any = None,
+) -> xr.Dataset:
+    """The LMC path between two checkpoint files of one architecture, the model and data those of
+    the trainer-written run folder `run` (its ``build_model``/``eval_data``/``evaluate``).
+
+    Returns a Dataset with ``train_loss``, ``val_loss`` (and the trainer's other numbers) on
+    ``alpha``, and the barrier of the training loss (Eqn 6) as attribute ``barrier``.
+    """
+    from specan import losses
+
+    return _path(losses.load(run, device=device), first, second, n=n, progress=progress)[0]
+
+
+def endpoint_sva(
+    a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], *, family: str = "auto",
+    rules: Mapping[str, str] | None = None, top: int = 10,
+) -> dict[str, float]:  # fmt: skip
+    """Eqn 5 between two endpoints, per parameter: the mean of the first `top` diagonal entries
+    ``S_ii = |u_i(a)ᵀ u_i(b)| · |v_i(a)ᵀ v_i(b)|`` of the whole view of every ≥2-D float
+    parameter (model order), from float64 SVDs of the weights themselves."""
+    import torch
+
+    from specan.metrics import diagonal_score, sva
+    from specan.views import WHOLE_RULES, extract, plan_views
+
+    shapes = {k: v for k, v in a.items() if v.is_floating_point()}
+    out: dict[str, float] = {}
+    rules = {k: v for k, v in (rules or {}).items() if k in shapes}
+    for spec in plan_views(shapes, family=family, rules=rules):
+        if spec.rule not in WHOLE_RULES or spec.param in out:
+            continue
+        svds = []
+        for state in (a, b):
+            matrix = extract(spec, state[spec.param].cpu(), dtype=torch.float64)
+            u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+            svds += [u.numpy(), vh.T.numpy()]
+        k = min(min(spec.shape), top)  # only S_ii for i <= top enter the score
+        matrix = sva(svds[0][:, :k], svds[1][:, :k], svds[2][:, :k], svds[3][:, :k])
+        out[spec.param] = float(diagonal_score(matrix, top=top))
+    return out
+
+
+def _path(
+    rm: Any, first: Path | str, second: Path | str, *, n: int, progress: Any
+) -> tuple[xr.Dataset, list[dict[str, torch.Tensor]]]:
+    import numpy as np
+    import xarray as xr
+
+    from specan import losses, runs
+
+    states = []
+    for path in (first, second):
+        ck = runs.Checkpoint(str(path), (Path(path),), None, None, 0, 0)
+        with runs.CheckpointReader(ck) as reader:
+            states.append(losses.state_of(reader, rm.model))
+    grid = alphas(n)
+    bn = rm.data["x_train"] if _batch_norms(rm.model) else None
+    rows = loss_path(
+        rm.model,
+        states[0],
+        states[1],
+        lambda m: rm.trainer.evaluate(m, rm.data),
+        alpha=grid,
+        bn_data=bn,
+        progress=progress,
+    )
+    names = [k for k, v in rows[0].items() if isinstance(v, float)]
+    ds = xr.Dataset(
+        {k: ("alpha", np.array([r[k] for r in rows])) for k in names}, coords={"alpha": grid}
+    )
+    ds.attrs["barrier"] = barrier(grid, ds["train_loss"].values)
+    return ds, states
+
+
+def _batch_norms(model: torch.nn.Module) -> list[torch.nn.Module]:
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    return [m for m in model.modules() if isinstance(m, _BatchNorm)]
+
+
+def select_splits(splits: Sequence[int], per_epoch: int, spec: str | None) -> list[int]:
+    """The split steps kept by ``--split-epochs``: ``a..b`` (epochs, inclusive, either end
+    open), or a comma-separated list of epochs; None or "all" keeps every split. A selection
+    that names an epoch with no split, or keeps none, is an error naming the splits there are."""
+    import numpy as np
+
+    epochs = {s: s / per_epoch for s in splits}
+    have = "splits at epochs " + ", ".join(f"{e:g}" for e in epochs.values())
+    if spec is None or spec.strip().lower() == "all":
+        return list(splits)
+    try:
+        if ".." in spec:
+            lo, hi = (x.strip() for x in spec.split("..", 1))
+            low = float(lo) - 1e-9 if lo else -np.inf
+            high = float(hi) + 1e-9 if hi else np.inf
+            keep = [s for s, e in epochs.items() if low <= e <= high]
+        else:
+            wanted = [float(x) for x in spec.split(",") if x.strip()]
+            keep = []
+            for w in wanted:
+                hit = [s for s, e in epochs.items() if abs(e - w) < 1e-9]
+                if not hit:
+                    raise LookupError(f"no split at epoch {w:g}")
+                keep += hit
+    except ValueError:
+        raise ValueError(f"--split-epochs {spec!r}: expected A..B or a list of epochs") from None
+    except LookupError as e:
+        raise ValueError(f"--split-epochs {spec!r}: {e}; {have}") from None
+    if not keep:
+        raise ValueError(f"--split-epochs {spec!r} selects no split; {have}")
+    return sorted(set(keep))
+
+
+def barriers(
+    root: Path | str,
+    *,
+    split_epochs: str | None = None,
+    cross_trunk: bool = False,
+    n: int = ALPHAS,
+    device: str = "cpu",
+    progress: Any = None,
+) -> xr.Dataset:
+    """Eqn 6 for every pair of branch endpoints of an LMC folder (`specan train vgg --lmc`).
+
+    Pairs: the branches of one trunk and split with different seeds (3 seeds: 3 pairs per
+    trunk); with `cross_trunk`, the control: branches of one split and seed on different trunks.
+    Each endpoint is the branch's last checkpoint.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``barrier`` ``(split, pair)``; ``train_loss`` and ``val_loss`` ``(split, pair, alpha)``;
+        endpoint SVA (`endpoint_sva`): ``sva_view`` ``(split, pair, view)`` per parameter and
+        ``sva`` ``(split, pair)``, its mean over the model's weight matrices;
+        coords ``split`` (the split step), ``epoch`` on split, ``pair`` labels
+        (``trunk-0:3-4``, or ``3:trunk-0-trunk-1`` across trunks).
+    """
+    import json
+    from itertools import combinations
+
+    import numpy as np
+    import xarray as xr
+
+    from specan import losses, runs
+    from specan.errors import ModelError, OptionError
+
+    root = Path(root)
+    meta_path = root / "lmc.json"
+    if not meta_path.is_file():
+        raise ModelError(
+            f"{meta_path}: not an LMC folder (write one with `specan train vgg --lmc`)"
+        )
+    meta = json.loads(meta_path.read_text())
+    try:
+        splits = select_splits(meta["splits"], meta["per_epoch"], split_epochs)
+    except ValueError as e:
+        raise OptionError(str(e)) from None
+    trunks, seeds = meta["trunks"], meta["branch_seeds"]
+    if cross_trunk:
+        if len(trunks) < 2:
+            raise OptionError(f"{root}: --cross-trunk needs two trunks; this folder has one")
+        labels = [
+            (f"{s}:{a}-{b}", (a, s), (b, s)) for s in seeds for a, b in combinations(trunks, 2)
+        ]
+    else:
+        labels = [
+            (f"{t}:{a}-{b}", (t, a), (t, b)) for t in trunks for a, b in combinations(seeds, 2)
+        ]
+    first = root / trunks[0] / f"branch-{splits[0]}-{seeds[0]}"
+    rm = losses.load(first, device=device)
+    out: dict[str, list] = {"barrier": [], "train_loss": [], "val_loss": [], "sva_view": []}
+    if progress is not None:
+        progress.start(len(splits) * len(labels), n, 0)
+    try:
+        for split in splits:
+            row: dict[str, list] = {k: [] for k in out}
+            for label, (ta, sa), (tb, sb) in labels:
+                ends = []
+                for t, seed in ((ta, sa), (tb, sb)):
+                    branch = root / t / f"branch-{split}-{seed}"
+                    ends.append(runs.discover(branch).checkpoints[-1].files[0])
+                ds, states = _path(rm, ends[0], ends[1], n=n, progress=None)
+                scores = endpoint_sva(states[0], states[1], family=rm.family, rules=rm.rules)
+                row["sva_view"].append(list(scores.values()))
+                row["barrier"].append(ds.attrs["barrier"])
+                row["train_loss"].append(ds["train_loss"].values)
+                row["val_loss"].append(ds["val_loss"].values)
+                if progress is not None:
+                    progress.advance(f"split {split} {label}", n, 0)
+            for k in out:
+                out[k].append(row[k])
+    finally:
+        if progress is not None:
+            progress.finish()
+    return xr.Dataset(
+        {
+            "barrier": (("split", "pair"), np.array(out["barrier"])),
+            "train_loss": (("split", "pair", "alpha"), np.array(out["train_loss"])),
+            "val_loss": (("split", "pair", "alpha"), np.array(out["val_loss"])),
+            "sva_view": (("split", "pair", "view"), np.array(out["sva_view"])),
+            "sva": (("split", "pair"), np.array(out["sva_view"]).mean(axis=-1)),
+        },
+        coords={
+            "split": np.array(splits, dtype=np.int64),
+            "epoch": ("split", np.array(splits) / meta["per_epoch"]),
+            "pair": [x[0] for x in labels],
+            "alpha": alphas(n),
+            "view": list(scores),
+        },
+        attrs={"cross_trunk": int(cross_trunk)},
+    )
