@@ -50,7 +50,7 @@ class SVDResult:
         Name of the backend that ran, e.g. ``"torch-cpu"``.
     routes
         The route that produced each matrix (``"gesdd"``, ``"gram32"``, ``"gram64"``,
-        ``"gram32-evr"``, ``"gram64-evr"``, ``"randomized"``); a route's fallback for a matrix
+        ``"randomized"``); a route's fallback for a matrix
         it cannot do accurately names the route that redid it.
     k
         Number of vectors (and the k of ``tail``).

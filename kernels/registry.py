@@ -62,11 +62,11 @@ class Backend(ABC):
 #   * tall (m >= 2n): float32 Gram + eigh (gram32), 2-4x gesdd, with its own conditioning check
 #     sending ill-conditioned (trained) matrices to gram64;
 #   * near-square: gram64 (float32 Gram is inaccurate there: random-init σ_min/σ₁ ~ 1/n), whose
-#     float64 eigvalsh is 2x+ faster than svdvals; with vectors gesdd and gram64 are even, and
-#     the top-k eigensolver (syevr) wins once n >= 1024 with k <= n/8;
+#     float64 eigensolver is 2x+ faster than svdvals; with vectors too, since it computes only
+#     the top-k eigenvectors (768 x 768, k = 128, one thread: 0.077 s against gesdd's 0.114 s;
+#     k = n: even; 2048 x 2048, k = 128: 0.87 s against 2.47 s);
 #   * σ top-k only of a very large matrix (n >= RANDOMIZED_MIN_N, k <= n/8): randomized.
 RANDOMIZED_MIN_N = 4096
-EVR_MIN_N = 1024
 TALL_RATIO = 2
 
 
@@ -76,8 +76,7 @@ class TorchBackend(Backend):
     def __init__(self, device_type: str) -> None:
         self.device_type = device_type
         self.name = f"torch-{device_type}"
-        evr = ("gram32-evr", "gram64-evr") if device_type == "cpu" else ()
-        self.routes = tuple(r for r in DENSE_ROUTES if not r.endswith("-evr")) + evr + TOPK_ROUTES
+        self.routes = DENSE_ROUTES + TOPK_ROUTES
 
     def available(self) -> bool:
         return self.device_type == "cpu" or torch.cuda.is_available()
@@ -89,20 +88,12 @@ class TorchBackend(Backend):
             # Unmeasured on a GPU yet: cuSOLVER's batched gesvdj only for tiny matrices, a loop
             # above (DESIGN.md); a batched Gram + eigh is the likely winner once measured.
             return "gesdd"
-        tall = m >= TALL_RATIO * n
-        base = "gram32" if tall else "gram64"
-        if not vectors:
-            return base
-        if n >= EVR_MIN_N and k <= n // 8:
-            return base + "-evr"
-        return base if tall else "gesdd"
+        return "gram32" if m >= TALL_RATIO * n else "gram64"
 
     def decompose(self, tall: torch.Tensor, *, k: int, vectors: bool, route: str) -> Decomposition:
         if route == "randomized":
             dec, _ = randomized_svd(tall, k, vectors)
             return dec
-        if route.endswith("-evr") and self.device_type != "cpu":
-            raise ValueError(f"route {route!r} runs on the CPU only")
         return run_dense(tall, route, k, vectors)
 
 

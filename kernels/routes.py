@@ -16,15 +16,13 @@ a :class:`Decomposition`: all ``n`` singular values, the top-k vectors, the tail
   data on every spectrum. Vectors are the weak point: ``U = A v / σ`` loses accuracy as σ → 0, so
   a matrix whose k-th σ is below ``GRAM_VEC_FLOOR·σ₁`` is redone with ``gesdd`` when vectors are
   asked for.
-* ``gram32-evr`` / ``gram64-evr`` (CPU only): as above, but only the top-k eigenvectors are
-  computed (``dsyevr`` on the top-k index range, beside ``dsyevr`` for all λ), which pays off
-  when k ≪ n and n is large (2048: all vectors cost ~2.5x the values alone).
 
 For torch CPU tensors the Gram matrices come from BLAS ``syrk`` and the eigenproblems from LAPACK
-(``dsyevr``, ``dsyevd``), both through SciPy. Everything else (torch CUDA tensors, CuPy arrays,
-NumPy arrays) runs one array-generic code path (:mod:`specan_kernels.xp`): a batched matrix
-product and the library's batched ``eigh``. NumPy runs it on a CPU, so CI tests the code that
-the GPU backends run; results come back in the input's library.
+(one tridiagonal reduction, then every eigenvalue and only the top-k eigenvectors), both SciPy's,
+called without holding the GIL (:mod:`specan_kernels.lapack`). Everything else (torch CUDA
+tensors, CuPy arrays, NumPy arrays) runs one array-generic code path (:mod:`specan_kernels.xp`):
+a batched matrix product and the library's batched ``eigh``. NumPy runs it on a CPU, so CI tests
+the code that the GPU backends run; results come back in the input's library.
 
 Threads: every route runs on torch's intra-op thread pool and SciPy's BLAS pool, limited to the
 same count; ``specan_kernels.svd(threads=...)`` sets it for one call.
@@ -39,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import xp
+from . import lapack, xp
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +54,7 @@ GRAM32_MIN_RATIO = 2e-2
 # ~1e-3 in angle, inside the |cos| ≥ 0.999 contract.
 GRAM_VEC_FLOOR = 1e-4
 
-DENSE_ROUTES = ("gesdd", "gram32", "gram64", "gram32-evr", "gram64-evr")
+DENSE_ROUTES = ("gesdd", "gram32", "gram64")
 
 
 @dataclass
@@ -104,54 +102,36 @@ def gesdd(a: Array, k: int, vectors: bool) -> Decomposition:
 
 def _gram_cpu(a: torch.Tensor) -> np.ndarray:
     """``AᵀA`` of each CPU matrix with BLAS ``syrk`` in ``a``'s precision (float32 or float64):
-    ``[B, n, n]``, lower triangle only.
+    ``[B, n, n]``, the Fortran lower triangle filled (see :mod:`specan_kernels.lapack`).
 
     syrk computes one triangle, half the flops of ``a.mT @ a`` (0.16 s against 0.31 s for a
-    50304 x 768 float32 embedding on this project's 2-core CPU; float64: 0.75 s against 1.45 s).
-    A C-contiguous (m, n) matrix is the Fortran-ordered (n, m) ``Aᵀ`` that syrk takes without a
-    copy. The eigensolvers below read only the lower triangle.
+    50304 x 768 float32 embedding on this project's 2-core CPU; float64: 0.75 s against 1.45 s),
+    and is called without holding the GIL, so pipeline threads overlap.
     """
-    from scipy.linalg import blas
-
-    syrk = blas.dsyrk if a.dtype == torch.float64 else blas.ssyrk
     data = a.contiguous().numpy()
     n = a.shape[-1]
-    out = np.empty((a.shape[0], n, n), dtype=data.dtype)
+    out = np.zeros((a.shape[0], n, n), dtype=data.dtype)
     for i, m in enumerate(data):
-        out[i] = syrk(1.0, m.T, trans=0, lower=1)
+        lapack.syrk(m, out[i])
     return out
 
 
-def _eig_cpu(g: np.ndarray, k: int, evr: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _eig_cpu(g: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Eigenvalues (descending ``[B, n]``) and top-k eigenvectors (``[B, n, k]``, or None for
-    k = 0) of each lower-filled symmetric matrix in ``g``, in float64.
+    k = 0) of each matrix `_gram_cpu` wrote, in float64, by :func:`specan_kernels.lapack.eigh_top`
+    (one tridiagonal reduction for the values and the top-k vectors, GIL released).
 
-    LAPACK through SciPy: ``dsyevr`` for the values (0.029 s at n = 768 against 0.047 s for
-    torch's ``eigvalsh``), ``dsyevd`` for all vectors (0.080 s against 0.098 s for ``eigh``), or
-    ``dsyevr`` on the top-k index range when ``evr`` (k ≪ n). Always float64: a float32
-    eigensolver's backward error, ≈ 20-30·eps32·σ₁² measured, broke the σ contract of
-    ``gram32`` on clustered spectra above its conditioning threshold.
+    Always float64: a float32 eigensolver's backward error, ≈ 20-30·eps32·σ₁² measured, broke
+    the σ contract of ``gram32`` on clustered spectra above its conditioning threshold.
     """
-    from scipy.linalg import lapack
-
     b, n, _ = g.shape
     lam = np.empty((b, n))
     vecs = np.empty((b, n, k)) if k else None
     for i, gi in enumerate(g):
-        gi = gi.astype(np.float64, copy=False)
-        if k and not evr:
-            w, z, info = lapack.dsyevd(gi, compute_v=1, lower=1)
-            vecs[i] = z[:, ::-1][:, :k]
-        else:
-            w, _, _, _, info = lapack.dsyevr(gi, compute_v=0, range="A", lower=1)
-            if k and info == 0:
-                _, z, _, _, info = lapack.dsyevr(
-                    gi, compute_v=1, range="I", il=n - k + 1, iu=n, lower=1
-                )
-                vecs[i] = z[:, ::-1]
-        if info != 0:
-            raise RuntimeError(f"LAPACK eigensolver failed to converge (info={info})")
-        lam[i] = w[::-1]
+        w, z = lapack.eigh_top(np.ascontiguousarray(gi, dtype=np.float64), k)
+        lam[i] = w
+        if vecs is not None:
+            vecs[i] = z
     return torch.from_numpy(lam), None if vecs is None else torch.from_numpy(vecs)
 
 
@@ -166,13 +146,13 @@ def _eig(g: Array, k: int) -> tuple[Array, Array | None]:
     return ns.flip(lam, (-1,)), ns.flip(vecs, (-1,))[..., :k]
 
 
-def gram(a: Array, k: int, vectors: bool, *, double: bool, evr: bool = False):
+def gram(a: Array, k: int, vectors: bool, *, double: bool):
     """σ (and top-k vectors) from the eigendecomposition of ``AᵀA``, without fallbacks.
 
     The eigenproblem is float64 everywhere. A torch CPU tensor takes BLAS ``syrk`` and LAPACK
-    through SciPy (one matrix at a time, measured fastest there); anything else (torch on CUDA,
-    CuPy, NumPy) a batched matrix product and the library's batched ``eigh``: one code path, so
-    NumPy on a CPU checks what CUDA runs.
+    (:mod:`specan_kernels.lapack`, one matrix at a time, measured fastest there); anything
+    else (torch on CUDA, CuPy, NumPy) a batched matrix product and the library's batched
+    ``eigh``: one code path, so NumPy on a CPU checks what CUDA runs.
 
     Returns
     -------
@@ -182,7 +162,7 @@ def gram(a: Array, k: int, vectors: bool, *, double: bool, evr: bool = False):
     kk = k if vectors else 0
     a64 = xp.as_f64(a) if double else None  # once: the Gram and U = A v both take it
     if xp.is_torch(a) and a.device.type == "cpu":
-        lam, v = _eig_cpu(_gram_cpu(a64 if double else a), kk, evr)
+        lam, v = _eig_cpu(_gram_cpu(a64 if double else a), kk)
     else:
         g = xp.mT(a64) @ a64 if double else xp.as_f64(xp.mT(a) @ a)
         lam, v = _eig(g, kk)
@@ -222,19 +202,18 @@ def needs_redo(sigma: Array, k: int, vectors: bool, *, double: bool) -> Array | 
 def run_dense(a: Array, route: str, k: int, vectors: bool) -> Decomposition:
     """Run one dense route on a tall float32 stack, redoing the matrices it cannot do accurately.
 
-    ``gram32`` hands matrices with ``σ_min < GRAM32_MIN_RATIO·σ₁`` to ``gram64`` (same eigensolver
-    flavour); ``gram64`` hands matrices whose k-th σ is below ``GRAM_VEC_FLOOR·σ₁`` to ``gesdd``
-    when vectors are asked for.
+    ``gram32`` hands matrices with ``σ_min < GRAM32_MIN_RATIO·σ₁`` to ``gram64``; ``gram64``
+    hands matrices whose k-th σ is below ``GRAM_VEC_FLOOR·σ₁`` to ``gesdd`` when vectors are
+    asked for.
     """
     if route == "gesdd":
         return gesdd(a, k, vectors)
     if route not in DENSE_ROUTES:
         raise ValueError(f"unknown dense route {route!r}; choose one of {', '.join(DENSE_ROUTES)}")
-    evr = route.endswith("-evr")
-    double = route.startswith("gram64")
-    sigma, u, v = gram(a, k, vectors, double=double, evr=evr)
+    double = route == "gram64"
+    sigma, u, v = gram(a, k, vectors, double=double)
     bad = needs_redo(sigma, k, vectors, double=double)
-    redo = ("gram64-evr" if evr else "gram64") if not double else "gesdd"
+    redo = "gesdd" if double else "gram64"
     sigma = xp.as_f32(sigma)
     routes = [route] * len(a)
     idx = xp.nonzero(bad) if bad is not None else []

@@ -186,8 +186,6 @@ def bench_shape(
     ]
     for vectors in (True, False):
         for route in ("auto", *routes):
-            if not vectors and route.endswith("-evr"):
-                continue  # σ only: the same as the route without -evr
             runs.append((route, vectors, partial_svd(batch, k=k, vectors=vectors, route=route)))
     rows: list[dict[str, Any]] = []
     base: dict[bool, float] = {}
