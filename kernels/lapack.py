@@ -17,8 +17,8 @@ second reduction. With k above ``n / 2`` the divide-and-conquer ``dsyevd`` is fa
 vectors and is used instead.
 
 Matrices are Fortran-ordered throughout: a C-contiguous ``(m, n)`` array is the Fortran
-``(n, m)`` array ``Aᵀ``, so ``syrk`` reads a weight without a copy and writes ``AᵀA`` into the
-lower triangle (in Fortran terms) that the eigensolver reads.
+``(n, m)`` array ``Aᵀ``, so ``syrk`` reads a weight (or its transpose) without a copy and writes
+``AᵀA`` into the lower triangle (in Fortran terms) that the eigensolver reads.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def _char(c: str) -> ctypes.Array:
     return ctypes.create_string_buffer(c.encode())
 
 
-_L, _N, _V, _I = _char("L"), _char("N"), _char("V"), _char("I")
+_L, _N, _T, _V, _I = _char("L"), _char("N"), _char("T"), _char("V"), _char("I")
 
 
 def _check(info: np.ndarray, name: str) -> None:
@@ -73,27 +73,34 @@ def _check(info: np.ndarray, name: str) -> None:
 
 
 def syrk(a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """``AᵀA`` of a C-contiguous ``(m, n)`` float32 or float64 matrix, in ``a``'s precision.
+    """``AᵀA`` of an ``(m, n)`` float32 or float64 matrix, in ``a``'s precision, read in place
+    when it is C- or Fortran-contiguous (a wide weight's transpose is the latter).
 
     Returns an ``(n, n)`` array whose Fortran lower triangle holds the result (its C upper
     triangle; the other triangle is left as it was): the layout `eigh_top` reads. Half the
     flops of ``a.T @ a``.
     """
     m, n = a.shape
-    if not a.flags.c_contiguous:
-        raise ValueError("syrk needs a C-contiguous matrix")
     if a.dtype == np.float64:
         fn, scalar = _routine("cython_blas", "dsyrk"), np.float64
     elif a.dtype == np.float32:
         fn, scalar = _routine("cython_blas", "ssyrk"), np.float32
     else:
         raise ValueError(f"syrk takes float32 or float64, not {a.dtype}")
+    if a.flags.c_contiguous:
+        # Fortran sees X = Aᵀ (n x m, leading dimension n): C = X Xᵀ
+        trans, lda = _N, n
+    elif a.flags.f_contiguous:
+        # Fortran sees X = A (m x n, leading dimension m): C = Xᵀ X
+        trans, lda = _T, m
+    else:
+        raise ValueError("syrk needs a C- or Fortran-contiguous matrix")
     if out is None:
         out = np.zeros((n, n), dtype=a.dtype)
     alpha, beta = np.ones(1, scalar), np.zeros(1, scalar)
-    dims = _ints(n, m)
-    # Fortran: C (n x n) = alpha * X Xᵀ + beta C with X = Aᵀ, (n x m), leading dimension n
-    fn(_L, _N, _p(dims), _p(dims[1:]), _p(alpha), _p(a), _p(dims), _p(beta), _p(out), _p(dims))
+    dims = _ints(n, m, lda)
+    fn(_L, trans, _p(dims), _p(dims[1:]), _p(alpha), _p(a), _p(dims[2:]), _p(beta), _p(out),
+       _p(dims))  # fmt: skip
     return out
 
 
