@@ -200,8 +200,11 @@ def torch_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, weights_only=True, mmap=True, map_location="cpu")
     except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        what = f"it holds {found.group(1)}" if found else str(e).splitlines()[0][:120]
+        # torch words it "Unsupported global: GLOBAL x" for a class it does not know, and
+        # "unsupported GLOBAL x whose module x is blocked" for os.system, exec and the like; its
+        # first line advises weights_only=False, which is what specan must never do
+        found = re.search(r"unsupported global:?(?: GLOBAL)? (\S+)", str(e), re.IGNORECASE)
+        what = f"it holds {found.group(1)}" if found else "it holds more than tensors"
         raise BadCheckpointError(
             path,
             f"needs a full unpickle ({what}), which specan never does: re-save its tensors with"
