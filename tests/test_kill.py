@@ -160,3 +160,38 @@ def test_ingest_killed_at_many_points_is_completed_by_the_next(
         # nothing beside the run's files and the store but what the crash left half-made
         left = {p.name for p in run.iterdir()} - {*weights, store.STORE_NAME}
         assert all(".partial" in n for n in left), left
+
+
+def test_a_full_disk_during_ingest_is_one_error_and_the_next_run_completes(
+    reference: tuple[Path, dict, int, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store's N-th write fails with ENOSPC: ingest stops with that OSError (one line at
+    the command line), releases the lock, leaves a readable store; freed space, it completes."""
+    import errno
+
+    import zarr.storage._local as local
+
+    pristine, want, writes, weights = reference
+    put = local._put
+    for k in kill_points(writes):
+        calls = [0]
+
+        def full(path, value, exclusive=False, k=k, calls=calls):
+            calls[0] += 1
+            if calls[0] >= k:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            return put(path, value, exclusive=exclusive)
+
+        run = tmp_path / f"run-{k}"
+        shutil.copytree(pristine, run, copy_function=shutil.copy2)
+        spath = run / store.STORE_NAME
+        monkeypatch.setattr(local, "_put", full)
+        with pytest.raises(OSError) as e:
+            ingest(run, IngestOptions(workers=1))
+        monkeypatch.setattr(local, "_put", put)
+        assert e.value.errno == errno.ENOSPC, f"write {k}: {e.value!r}"
+        assert not Path(str(spath) + ".lock").exists()
+        if (spath / "zarr.json").exists():
+            check_against_weights(snapshot(spath), weights)
+        ingest(run, IngestOptions(workers=1))
+        assert snapshot(spath) == want, f"disk full at write {k} of {writes}"
