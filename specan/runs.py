@@ -204,11 +204,14 @@ def torch_tensors(path: Path) -> dict[str, torch.Tensor]:
         # "unsupported GLOBAL x whose module x is blocked" for os.system, exec and the like; its
         # first line advises weights_only=False, which is what specan must never do
         found = re.search(r"unsupported global:?(?: GLOBAL)? (\S+)", str(e), re.IGNORECASE)
-        what = f"it holds {found.group(1)}" if found else "it holds more than tensors"
+        if not found:  # an opcode it does not know: corrupt bytes, or a pickle beyond torch's
+            raise BadCheckpointError(
+                path, "unreadable torch file (its pickle is corrupt or holds more than tensors)"
+            ) from None
         raise BadCheckpointError(
             path,
-            f"needs a full unpickle ({what}), which specan never does: re-save its tensors with"
-            " torch.save(model.state_dict(), ...) or safetensors",
+            f"needs a full unpickle (it holds {found.group(1)}), which specan never does: re-save"
+            " its tensors with torch.save(model.state_dict(), ...) or safetensors",
         ) from None
     except RuntimeError as e:
         if "mmap can only be used" in str(e):
@@ -217,10 +220,15 @@ def torch_tensors(path: Path) -> dict[str, torch.Tensor]:
                 " all): specan memory-maps torch files; re-save it with torch.save"
             )
         else:
-            reason = f"unreadable torch file ({str(e).splitlines()[0][:160]})"
+            reason = f"unreadable torch file ({_line(e)})"
         raise BadCheckpointError(path, reason) from None
     except (OSError, EOFError, ValueError) as e:
-        raise BadCheckpointError(path, f"cannot read: {e}") from None
+        raise BadCheckpointError(path, f"cannot read: {_line(e)}") from None
+    except Exception as e:  # torch's unpickler lets corrupt bytes raise anything
+        # (KeyError and IndexError from its memo and stack, seen on flipped bytes)
+        raise BadCheckpointError(
+            path, f"corrupt torch file ({type(e).__name__}: {_line(e)})"
+        ) from None
     if isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         for key in ("state_dict", "model", "module"):
             if isinstance(obj.get(key), Mapping):
@@ -232,6 +240,11 @@ def torch_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not out:
         raise BadCheckpointError(path, "holds no tensors")
     return out
+
+
+def _line(e: BaseException) -> str:
+    """An exception's first line, cut short: a bad file's reason is one line."""
+    return (str(e).splitlines() or [""])[0][:160]
 
 
 _TORCH_CODES = {

@@ -341,6 +341,45 @@ def test_mangled_checkpoints_at_ingest(tmp_path: Path, seed: int, count: int) ->
     check_store(run, good)
 
 
+def make_torch_run(root: Path, seed: int, count: int) -> tuple[Path, dict[str, bool], dict]:
+    """As `make_run`, in torch files (torch.save's zip): truncated, bytes flipped or inserted."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True)
+    good = {}
+    for step in (0, 1):
+        good[f"good-{step}.pt"] = arrays = tensors(rng)
+        torch.save({k: torch.from_numpy(a) for k, a in arrays.items()}, root / f"good-{step}.pt")
+    whole = (root / "good-0.pt").read_bytes()
+    cases: dict[str, bool] = {}
+    for i in range(count):
+        raw, kind = bytearray(whole), int(rng.integers(3))
+        if kind == 0:  # the zip's directory is at the end: any cut loses it
+            raw = raw[: int(rng.integers(0, len(raw)))]
+        elif kind == 1:
+            for _ in range(int(rng.integers(1, 6))):
+                raw[int(rng.integers(0, len(raw)))] = int(rng.integers(0, 256))
+        else:
+            at = int(rng.integers(0, len(raw)))
+            raw = raw[:at] + rng.bytes(int(rng.integers(1, 40))) + raw[at:]
+        name = f"m-{1000 + i}-{('truncated', 'flipped', 'inserted')[kind]}.pt"
+        (root / name).write_bytes(bytes(raw))
+        cases[name] = kind == 0
+    return root, cases, good
+
+
+@pytest.mark.parametrize("seed,count", batches()[:2])  # torch.load is slow: fewer cases
+def test_mangled_torch_files_at_ingest(tmp_path: Path, seed: int, count: int) -> None:
+    run, cases, good = make_torch_run(tmp_path / "run", seed, count)
+    report = ingest(run, IngestOptions(workers=1))
+    check_report(run, cases, report)
+    check_store(run, good)
+    with pytest.raises(BadCheckpointError):
+        ingest(run, IngestOptions(strict=True, workers=1))
+    check_store(run, good)
+
+
 def test_mangled_checkpoints_at_the_command_line(tmp_path: Path) -> None:
     """Through the CLI: one `skipped` line per bad checkpoint, and --strict one error line."""
     run, cases, good = make_run(tmp_path / "run", SEED * 1000 + 999, 30)
