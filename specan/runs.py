@@ -36,13 +36,16 @@ BIN_INDEX_SUFFIX = ".bin.index.json"  # pytorch_model.bin.index.json: shards of 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # What a trainer saves beside the model in a checkpoint folder: never weights to analyse.
 _TRAINER_EXTRAS = re.compile(r"^(optimizer|scheduler|rng_state.*|training_args|scaler)\.", re.I)
-# Bytes per element of each safetensors dtype; unknown (future) dtypes skip the size check.
+# Bytes per element of each safetensors dtype. The packed sub-byte ones skip the size check; a
+# dtype named in neither is refused, as safetensors' own parser refuses it.
 _ITEMSIZE = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
+    "F8_E4M3FNUZ": 1, "F8_E5M2FNUZ": 1,
     "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
     "I32": 4, "U32": 4, "F32": 4, "C64": 8,
     "I64": 8, "U64": 8, "F64": 8,
 }  # fmt: skip
+_PACKED = frozenset({"F4", "F6_E2M3", "F6_E3M2"})
 _MAX_HEADER = 100_000_000  # safetensors' own limit
 # Folder names that are clearly one checkpoint, so a root that is itself a model folder takes its
 # step from its name only then (a root like "pythia-70m" or a hub snapshot hash must not).
@@ -123,25 +126,51 @@ def _read_file_header(
     if not isinstance(header, dict):
         raise BadCheckpointError(path, "not a safetensors file (header is not a JSON object)")
     meta = header.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict):
-        raise BadCheckpointError(path, "malformed header (__metadata__ is not an object)")
+    # safetensors itself reads the metadata as strings only: refuse here what it would refuse
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise BadCheckpointError(path, "malformed header (__metadata__ is not strings by name)")
     spans = []
-    try:  # a lean loop: discover() runs it over every tensor of every checkpoint
-        for name, t in header.items():
-            begin, end = t["data_offsets"]
-            item = _ITEMSIZE.get(t["dtype"])
-            if item is not None and end - begin != math.prod(t["shape"]) * item:
-                raise BadCheckpointError(
-                    path, f"tensor {name!r}: {end - begin} data bytes for shape {t['shape']}"
-                )
-            spans.append((begin, end, name))
-        spans.sort()
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise BadCheckpointError(path, f"malformed header entry ({e!r})") from e
+    # a lean loop: discover() runs it over every tensor of every checkpoint
+    for name, t in header.items():
+        try:
+            dtype, shape, (begin, end) = t["dtype"], t["shape"], t["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise BadCheckpointError(
+                path,
+                f"tensor {name!r:.80}: malformed entry (needs dtype, shape and two data_offsets)",
+            ) from None
+        # exact types: JSON's 6.0 or true would pass a numeric check, and safetensors refuses them
+        if (
+            type(dtype) is not str
+            or type(shape) is not list
+            or any(type(d) is not int or d < 0 for d in shape)
+        ):
+            raise BadCheckpointError(
+                path,
+                f"tensor {name!r:.80}: dtype {dtype!r:.40}, shape {shape!r:.80} (want a dtype "
+                "code and non-negative integers)",
+            )
+        if type(begin) is not int or type(end) is not int or not 0 <= begin <= end:
+            raise BadCheckpointError(
+                path,
+                f"tensor {name!r:.80}: data_offsets {[begin, end]!r:.80} are not two ascending "
+                "offsets",
+            )
+        item = _ITEMSIZE.get(dtype)
+        if item is None and dtype not in _PACKED:
+            raise BadCheckpointError(path, f"tensor {name!r:.80}: unknown dtype {dtype!r:.40}")
+        if item is not None and end - begin != math.prod(shape) * item:
+            raise BadCheckpointError(
+                path, f"tensor {name!r:.80}: {end - begin} data bytes for shape {shape}"
+            )
+        spans.append((begin, end, name))
+    spans.sort()
     pos = 0
     for begin, end, name in spans:
         if begin != pos or end < begin:
-            raise BadCheckpointError(path, f"tensor {name!r}: data offsets overlap or leave a gap")
+            raise BadCheckpointError(
+                path, f"tensor {name!r:.80}: data offsets overlap or leave a gap"
+            )
         pos = end
     have = size - 8 - n
     if pos > have:
@@ -171,12 +200,18 @@ def torch_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, weights_only=True, mmap=True, map_location="cpu")
     except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        what = f"it holds {found.group(1)}" if found else str(e).splitlines()[0][:120]
+        # torch words it "Unsupported global: GLOBAL x" for a class it does not know, and
+        # "unsupported GLOBAL x whose module x is blocked" for os.system, exec and the like; its
+        # first line advises weights_only=False, which is what specan must never do
+        found = re.search(r"unsupported global:?(?: GLOBAL)? (\S+)", str(e), re.IGNORECASE)
+        if not found:  # an opcode it does not know: corrupt bytes, or a pickle beyond torch's
+            raise BadCheckpointError(
+                path, "unreadable torch file (its pickle is corrupt or holds more than tensors)"
+            ) from None
         raise BadCheckpointError(
             path,
-            f"needs a full unpickle ({what}), which specan never does: re-save its tensors with"
-            " torch.save(model.state_dict(), ...) or safetensors",
+            f"needs a full unpickle (it holds {found.group(1)}), which specan never does: re-save"
+            " its tensors with torch.save(model.state_dict(), ...) or safetensors",
         ) from None
     except RuntimeError as e:
         if "mmap can only be used" in str(e):
@@ -185,10 +220,15 @@ def torch_tensors(path: Path) -> dict[str, torch.Tensor]:
                 " all): specan memory-maps torch files; re-save it with torch.save"
             )
         else:
-            reason = f"unreadable torch file ({str(e).splitlines()[0][:160]})"
+            reason = f"unreadable torch file ({_line(e)})"
         raise BadCheckpointError(path, reason) from None
     except (OSError, EOFError, ValueError) as e:
-        raise BadCheckpointError(path, f"cannot read: {e}") from None
+        raise BadCheckpointError(path, f"cannot read: {_line(e)}") from None
+    except Exception as e:  # torch's unpickler lets corrupt bytes raise anything
+        # (KeyError and IndexError from its memo and stack, seen on flipped bytes)
+        raise BadCheckpointError(
+            path, f"corrupt torch file ({type(e).__name__}: {_line(e)})"
+        ) from None
     if isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         for key in ("state_dict", "model", "module"):
             if isinstance(obj.get(key), Mapping):
@@ -200,6 +240,11 @@ def torch_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not out:
         raise BadCheckpointError(path, "holds no tensors")
     return out
+
+
+def _line(e: BaseException) -> str:
+    """An exception's first line, cut short: a bad file's reason is one line."""
+    return (str(e).splitlines() or [""])[0][:160]
 
 
 _TORCH_CODES = {
@@ -311,11 +356,25 @@ def _model_files(folder: Path) -> tuple[Path, list[Path]] | str | None:
     if index is not None:
         try:
             wm = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            shards = sorted(set(wm.values()), key=natural_key)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            return f"unreadable index {index.name} ({e!r})"
+        except OSError as e:
+            return f"cannot read index {index.name}: {e.strerror or e}"
+        except UnicodeDecodeError:
+            return f"unreadable index {index.name} (not UTF-8 text)"
+        except (ValueError, KeyError, TypeError) as e:
+            what = "no weight_map" if isinstance(e, (KeyError, TypeError)) else f"not JSON: {e}"
+            return f"unreadable index {index.name} ({what})"
+        if not isinstance(wm, dict):
+            return f"unreadable index {index.name} (its weight_map is not an object)"
+        try:
+            shards = sorted(set(wm.values()), key=lambda s: natural_key(str(s)))
+        except TypeError:  # a list or object where a file name should be
+            return f"index {index.name} names a shard that is not a file name"
+        if not shards:
+            return f"index {index.name} names no shards"
         for s in shards:
-            if "/" in s or "\\" in s or not (folder / s).is_file():
+            if not isinstance(s, str) or not s or "/" in s or "\\" in s or "\0" in s:
+                return f"index {index.name} names a shard that is not a file name: {s!r}"
+            if not (folder / s).is_file():
                 return f"index {index.name} names missing shard {s!r}"
         return index, [folder / s for s in shards]
     for single in ("model.safetensors", "pytorch_model.bin"):

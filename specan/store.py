@@ -110,9 +110,10 @@ def store_path(run_root: Path | str) -> Path:
 
 
 def is_store(path: Path | str) -> bool:
-    """True when ``path`` is a specan store (its zarr.json carries a schema_version)."""
+    """True when ``path`` is a specan store (its zarr.json carries a schema_version), of any
+    schema: a store this specan cannot read is still one, refused by `read_attrs` with why."""
     try:
-        return read_attrs(path) is not None
+        return _attrs(path) is not None
     except StoreError:
         return False
 
@@ -133,8 +134,33 @@ def read_attrs(path: Path | str) -> dict[str, Any] | None:
     """The store's attributes read straight from its ``zarr.json``, or None if there is none.
 
     Cheap on purpose (no zarr import): a re-ingest of an unchanged run decides from this alone
-    that there is nothing to do.
+    that there is nothing to do. Every reader and writer comes through here, so a store of
+    another schema version is refused here, never misread: a newer one asks for a newer specan,
+    an older one names the command that rebuilds it.
     """
+    attrs = _attrs(path)
+    if attrs is None:
+        return None
+    version = attrs["schema_version"]
+    if type(version) is not int:
+        raise StoreError(f"{path}: unreadable schema_version {version!r:.40} in its zarr.json")
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"{path}: written by specan {attrs.get('specan_version', '?')} with store schema "
+            f"{version}; this specan {__version__} reads schema {SCHEMA_VERSION}: upgrade specan"
+        )
+    if version < SCHEMA_VERSION:
+        run = Path(attrs.get("run") or Path(path).parent)
+        where = "" if Path(path) == run / STORE_NAME else f" --store {path}"
+        raise StoreError(
+            f"{path}: store schema {version} is older than this specan's {SCHEMA_VERSION} and "
+            f"cannot be upgraded in place; rebuild it: specan ingest {run}{where} --overwrite"
+        )
+    return attrs
+
+
+def _attrs(path: Path | str) -> dict[str, Any] | None:
+    """`read_attrs` without the version check."""
     meta = Path(path) / "zarr.json"
     try:
         text = meta.read_text()
@@ -549,10 +575,6 @@ def open_store(path: Path | str, *, mode: str = "r", dedupe: bool = False) -> St
         raise StoreError(
             f"{path}: no specan store here (run `specan ingest` first, or give the path of "
             "a store made with `ingest --store`)"
-        )
-    if attrs.get("schema_version", 0) > SCHEMA_VERSION:
-        raise StoreError(
-            f"{path}: written by a newer specan (schema {attrs['schema_version']}); upgrade specan"
         )
     return Store(zarr.open_group(path, mode=mode, zarr_format=3), path, dedupe=dedupe)
 

@@ -1,0 +1,99 @@
+"""Parameter names that try to escape: every command that writes keeps inside its own place
+(the store, --out) and no two names share a file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+from typer.testing import CliRunner
+
+import specan
+from specan import plots, store
+from specan.cli import app
+
+# Each pair after the first lines collides once made safe: "/" and "_", case, a cut at the
+# length limit that keeps the same prefix.
+NAMES = [
+    "../../escape.weight", "/abs/w", "a/b", "a_b", "A_B", "nul\x00name", "..",
+    "n" * 10_000, "n" * 9_999 + "m",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int, dict]]:
+    """A run of two checkpoints of 6x4 matrices under the names above, and its weights."""
+    base = tmp_path_factory.mktemp("names")
+    run = base / "run"
+    run.mkdir()
+    rng = np.random.default_rng(0)
+    weights = {}
+    for step in (0, 1):
+        weights[step] = {n: rng.standard_normal((6, 4)).astype(np.float32) for n in NAMES}
+        save_file(weights[step], str(run / f"s{step}.safetensors"), {"step": str(step)})
+    return run, weights
+
+
+def files(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_file()}
+
+
+def test_every_command_that_writes_stays_inside(
+    hostile: tuple[Path, dict[int, dict]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run, weights = hostile
+    base = run.parent
+    before = files(base)
+    runner = CliRunner()
+    res = runner.invoke(app, ["ingest", str(run), "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    spath = store.store_path(run)
+
+    # every name has its own view, holding its own matrix's spectrum (none overwrote another)
+    st = store.open_store(spath)
+    by_param = {v["param"]: k for k, v in st.views.items()}
+    assert sorted(by_param) == sorted(NAMES)
+    keys = list(by_param.values())
+    assert len({k.lower() for k in keys}) == len(keys)
+    for name, key in by_param.items():
+        for row, step in enumerate((0, 1)):
+            want = np.linalg.svd(weights[step][name].astype(np.float64), compute_uv=False)
+            np.testing.assert_allclose(st.read_sigma(key)[row], want, rtol=1e-5, atol=1e-6)
+        assert (spath / "views" / key / "zarr.json").is_file()  # its own folder, in the store
+
+    # derived results: cached inside the store, one entry per name
+    for command in ("rank", "align", "sva"):
+        res = runner.invoke(app, [command, str(run), "--format", "json"])
+        assert res.exit_code == 0, res.output
+    assert (spath / "derived" / "rank").is_dir()
+    rank = specan.open(run).rank()  # read back from the cache
+    assert sorted(map(str, rank.coords["param"].values)) == sorted(NAMES)
+    for param, row in zip(rank.coords["param"].values, rank.values, strict=True):
+        for col, step in enumerate((0, 1)):
+            s = np.linalg.svd(weights[step][str(param)].astype(np.float64), compute_uv=False)
+            p = s / s.sum()
+            assert row[col] == pytest.approx(np.exp(-(p * np.log(p)).sum()) / 4, rel=1e-5)
+
+    # figures: all in --out, one file per view (a collision would leave fewer)
+    figs = base / "figs"
+    res = runner.invoke(app, ["plot", str(run), "--out", str(figs), "--max-figures", "0"])
+    assert res.exit_code == 0, res.output
+    drawn = files(figs)
+    assert all(p.parent == figs for p in drawn)
+    sigma = [p for p in drawn if p.name.startswith("sigma_")]
+    assert len(sigma) == len(NAMES), sorted(p.name for p in sigma)
+
+    # the report: one file, where it was asked to go (one figure of each kind: rendering is slow)
+    monkeypatch.setattr(plots, "MAX_FIGURES", 1)
+    page = base / "page.html"
+    res = runner.invoke(app, ["report", str(run), "--out", str(page)])
+    assert res.exit_code == 0, res.output
+    text = page.read_text()
+    assert "../../escape.weight" in text
+
+    made = files(base) - before
+    inside = {p for p in made if spath in p.parents or p.parent == figs or p == page}
+    assert made == inside, sorted(map(str, made - inside))
+    assert not (base.parent / "escape.weight").exists() and not Path("/abs/w").exists()
