@@ -40,6 +40,9 @@ pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; }
 """
 
 
+TABLED = ("rank", "align", "sva")  # the analyses with tables of their own on the page
+
+
 def _num(x: float | None, fmt: str = ".3f") -> str:
     return "—" if x is None or not np.isfinite(x) else format(float(x), fmt)
 
@@ -66,24 +69,27 @@ def _table(head: Sequence[str], rows: Sequence[Sequence[str]], numeric: int = 0)
 
 
 def summary_html(an: plots.Analyses) -> str:
-    """Summary tables: views (rank first -> last, SVA at the start), pairs, metrics."""
-    rk = an.rank
+    """Summary tables: views (rank first -> last, SVA at the start), pairs, metrics, and the
+    first -> last mean of every other registered analysis."""
+    rk = an.results["rank"]
+    agreement, alignment = an.results.get("sva"), an.results.get("align")
     sva_start = {}
-    if an.agreement is not None:
-        sva_start = {r.key: float(r.score[0]) for r in an.agreement.results if r.score.size}
+    if agreement is not None and agreement.sizes["step"]:
+        sva_start = dict(zip(agreement["view"].values.tolist(),
+                             agreement["value"].values[:, 0].tolist(), strict=True))  # fmt: skip
     rows = []
-    for i, key in enumerate(rk.keys):
+    for i, key in enumerate(rk["view"].values.tolist()):
         v = an.views.get(key, {})
         shape = "×".join(str(d) for d in v.get("shape", ()))
         if v.get("heads"):
             shape += f" ×{v['heads']} heads"
-        first, last = _first_last(rk.values[i])
+        first, last = _first_last(rk["value"].values[i])
         change = None if first is None or last is None else last - first
         rows.append(
             [
                 key,
-                rk.params[i],
-                rk.rules[i],
+                str(rk["param"].values[i]),
+                str(rk["rule"].values[i]),
                 shape,
                 _num(first),
                 _num(last),
@@ -109,26 +115,31 @@ def summary_html(an: plots.Analyses) -> str:
         ),
         "<p>erank: normalised effective rank (Eqn 1-2); SVA at start: s(t) at the first "
         "checkpoint against "
-        + escape(an.agreement.reference if an.agreement else "the final checkpoint")
+        + escape(agreement.attrs["reference"] if agreement else "the final checkpoint")
         + ".</p>",
     ]
-    if an.alignment is not None and an.alignment.results:
-        pairs = [[r.pair.label, *map(_num, _first_last(r.score))] for r in an.alignment.results]
+    if alignment is not None and alignment.sizes["pair"]:
+        pairs = [
+            [str(label), *map(_num, _first_last(score))]
+            for label, score in zip(alignment["pair"].values, alignment["value"].values,
+                                    strict=True)
+        ]  # fmt: skip
         parts += [
             "<h3>Alignment of consecutive layers (Eqn 4)</h3>",
             _table(["pair", "score first", "score last"], pairs, numeric=2),
-            f"<p>{escape(an.alignment.rule)}.</p>",
+            f"<p>{escape(alignment.attrs['rule'])}.</p>",
         ]
-    if rk.metrics:
+    if an.metrics:
         mrows = [
-            [n, *(_num(x, ".4g") for x in _first_last(v))] for n, v in sorted(rk.metrics.items())
+            [n, *(_num(x, ".4g") for x in _first_last(v))] for n, v in sorted(an.metrics.items())
         ]
         parts += ["<h3>Metrics</h3>", _table(["metric", "first", "last"], mrows, numeric=2)]
-    if an.extra:
+    others = {n: ds for n, ds in an.results.items() if n not in TABLED}
+    if others:
         from specan import registry
 
         xrows = []
-        for name, ds in an.extra.items():
+        for name, ds in others.items():
             a = registry.get(name)
             mean = ds["value"].mean(dim=a.item).values
             xrows.append([a.summary or a.title, *map(_num, _first_last(mean))])
@@ -263,7 +274,7 @@ def write_comparison(runs: Sequence[Path | str], out: Path | str, *, by: str = "
     notes = "".join(f"<li>{escape(n)}</li>" for n in c.dropped)
     summaries = []
     for name, run in zip(c.names, c.runs, strict=True):
-        an = plots.analyse(run.path)
+        an = plots.analyse(run)
         summaries.append(f"<div><h2>{escape(name)}</h2>{summary_html(an)}</div>")
     body = (
         _table(cols, head, numeric=0)

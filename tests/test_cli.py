@@ -362,14 +362,14 @@ def test_prune_with_a_store_caches_for_plot(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert "train_loss bottom-half" in res.stdout
     an = analyse(run)
-    assert list(an.extra["prune"]["keep"].values) == ["full", "top-half", "bottom-half"]
-    assert list(an.extra["prune"]["step"].values) == [0, 2]
+    assert list(an.results["prune"]["keep"].values) == ["full", "top-half", "bottom-half"]
+    assert list(an.results["prune"]["step"].values) == [0, 2]
     from specan.plots import figures
 
     (fig,) = [p.figure for p in figures(an) if p.name == "prune"]
     lines = fig.axes[0].get_lines()
     assert [ln.get_label() for ln in lines] == ["full", "top-half", "bottom-half"]
-    expected = an.extra["prune"]["train_loss"].sel(keep="bottom-half").values
+    expected = an.results["prune"]["train_loss"].sel(keep="bottom-half").values
     assert list(lines[2].get_ydata()) == pytest.approx(expected.tolist())
 
 

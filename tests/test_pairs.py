@@ -178,7 +178,7 @@ def lstm_state(seed: int = 0) -> Tensors:
 
 
 def test_bidirectional_forward_score_ignores_the_reverse_half(tmp_path: Path) -> None:
-    from specan import analysis
+    import specan
 
     h = 4
     base = lstm_state()
@@ -190,9 +190,9 @@ def test_bidirectional_forward_score_ignores_the_reverse_half(tmp_path: Path) ->
         states.append(s)
     run = write_run(tmp_path / "run", states)
     ingest(run, IngestOptions(workers=1))
-    a = analysis.align(run)
-    scores = {r.pair: r.score for r in a.results}
-    assert not a.skipped
+    a = specan.open(run).align()
+    scores = dict(zip(a.pair.values.tolist(), a.score.values, strict=True))
+    assert not a.attrs["skipped"]
 
     def numpy_score(state: Tensors, prev: str, nxt: str, half: slice) -> float:
         # independent: the g block of U of the previous weight's SVD against V of the SVD of
@@ -208,14 +208,14 @@ def test_bidirectional_forward_score_ignores_the_reverse_half(tmp_path: Path) ->
         ("lstm.weight_ih_l1", "out.weight"),  # its own weight is scaled: its U moves
     ]
     for prev, nxt in forward:
-        score = scores[Pair(prev, nxt, "lstm", direction="forward")]
+        score = scores[Pair(prev, nxt, "lstm", direction="forward").label]
         for t, state in enumerate(states):
             assert score[t] == pytest.approx(numpy_score(state, prev, nxt, slice(0, h)), abs=1e-5)
         if prev != "lstm.weight_ih_l1":
             np.testing.assert_allclose(score, score[0], atol=1e-6)  # the same at every scale
     # the output layer after the last layer: each direction its own half (reverse: h:2h)
     prev = "lstm.weight_ih_l1_reverse"
-    rev = scores[Pair(prev, "out.weight", "lstm", direction="reverse")]
+    rev = scores[Pair(prev, "out.weight", "lstm", direction="reverse").label]
     for t, state in enumerate(states):
         assert rev[t] == pytest.approx(numpy_score(state, prev, "out.weight", slice(h, 2 * h)),
                                        abs=1e-5)  # fmt: skip

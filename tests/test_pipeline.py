@@ -16,7 +16,8 @@ import torch
 from safetensors.numpy import load_file as load_np
 from safetensors.torch import save_file
 
-from specan import analysis, pipeline, runs, store
+import specan
+from specan import pipeline, runs, store
 from specan.demo import write_synthetic_run
 from specan.errors import (
     BadCheckpointError,
@@ -373,8 +374,6 @@ def test_diverged_checkpoint_with_nan_is_skipped_and_named(
 def test_sigma_top_k_keeps_the_top_k_and_the_exact_tail(tmp_path: Path) -> None:
     """A matrix large enough for the randomized route keeps only its top k σ; rank reports the
     bound, checked here against the exact spectrum the test built (rank 64, 4096 x 4096)."""
-    from specan import analysis
-
     rng = np.random.default_rng(0)
     n, r, k = 4096, 64, 32
     s = 2.0 * 0.93 ** np.arange(r)
@@ -398,8 +397,8 @@ def test_sigma_top_k_keeps_the_top_k_and_the_exact_tail(tmp_path: Path) -> None:
     energy = float(np.sum(big.astype(np.float64) ** 2))
     assert tail == pytest.approx(energy - np.sum(s[:k] ** 2), rel=1e-3)
     assert st.read_sigma("small.weight").shape == (1, 32)
-    rk = analysis.rank(run)
-    assert rk.bound == [True, False]
+    rk = specan.open(run).rank()
+    assert rk.bound.values.tolist() == [True, False]
 
     def erank(x: np.ndarray) -> float:
         p = x[x > 0] / x.sum()
@@ -448,9 +447,9 @@ def test_hf_cache_with_duplicate_revisions_to_a_store_elsewhere(
             ref = neox_sigma(pythia_like, cfg, same.get(step, step), param)
             np.testing.assert_allclose(sigma[t], ref, rtol=1e-4, atol=1e-4 * ref.max())
     # every command opens the store by its path; analyses show duplicates or drop them
-    assert list(analysis.rank(sp).steps) == [0, 1, 2]
-    assert list(analysis.rank(sp, dedupe=True).steps) == [1, 2]
-    assert list(analysis.sva(sp, dedupe=True).steps) == [1, 2]
+    assert specan.open(sp).rank().step.values.tolist() == [0, 1, 2]
+    assert specan.open(sp, dedupe=True).rank().step.values.tolist() == [1, 2]
+    assert specan.open(sp, dedupe=True).sva().step.values.tolist() == [1, 2]
     assert store.summary(sp)["duplicates"] == [["step0", "step1"]]
     assert store.run_folder(sp) == repo.resolve()
     again = ingest(sp)  # the store's path alone finds its run

@@ -9,9 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 from safetensors.torch import save_file
 
-from specan import analysis, plots
+import specan
+from specan import plots
 from specan.demo import write_synthetic_run
 from specan.pipeline import IngestOptions, ingest
 
@@ -125,7 +127,8 @@ def test_save_all_without_vectors(tmp_path: Path, caplog: pytest.LogCaptureFixtu
 
 def test_figures_write_nothing(synthetic: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    rk = analysis.rank(synthetic)
+    run = specan.open(synthetic)
+    rk = run.analyse("rank", cache=False)
     fig = plots.rank_heatmap(rk, title="r: rank")
     (im,) = fig.axes[0].images
     assert im.get_clim() == (0.0, 1.0)
@@ -134,13 +137,14 @@ def test_figures_write_nothing(synthetic: Path, tmp_path: Path, monkeypatch) -> 
     assert fig.axes[0].get_title() == "r: rank"
     assert len(fig.axes) == 2  # the colour bar
 
-    fig = plots.loss_under_rank(rk, title="r: loss")
+    metrics = {n: run.metrics[n].reindex(step=run.steps).values for n in run.metrics.data_vars}
+    fig = plots.loss_under_rank(rk, metrics, title="r: loss")
     top = fig.axes[0]
     assert {ln.get_label() for ln in top.get_lines()} == {"train_loss", "val_loss"}
     twin = next(a for a in fig.axes if a.get_ylabel() == "accuracy")
     (acc,) = twin.get_lines()
     assert len(acc.get_xdata()) == 3  # the NaN step is skipped
-    steps, sigma = analysis.sigma(synthetic, "attn.in_proj_weight__q")
+    steps, sigma = run.steps, run.sigma("attn.in_proj_weight__q").values
     assert sigma.ndim == 3
     fig = plots.singular_values(steps, sigma, title="r: q")
     assert len(fig.axes[0].get_lines()) == sigma.shape[-1]
@@ -159,7 +163,9 @@ def test_step_axis_scales() -> None:
 
 
 def test_empty_data_draws_a_placeholder() -> None:
-    empty = analysis.Alignment(np.array([0, 1]), [], [], "none")
+    empty = xr.Dataset(
+        {"value": (("pair", "step"), np.zeros((0, 2)))}, coords={"pair": [], "step": [0, 1]}
+    )
     fig = plots.alignment_scores(empty, title="t")
     assert fig.axes[0].texts[0].get_text() == "no data"
     fig = plots.sva_diagonal(np.array([0, 1]), np.random.default_rng(0).random((2, 7)), title="t")
