@@ -3,8 +3,8 @@ matplotlib.
 
 matplotlib is imported inside the functions, and figures are built as `matplotlib.figure.Figure`
 objects rendered by Agg, without pyplot: drawing here never changes the caller's backend or
-pyplot's list of open figures. Each drawing function draws only what it is given and writes
-nothing; `analyse` gets the results through `Run.analyse` and `save_all` writes the files.
+pyplot's list of open figures. Each drawing function draws only what it is given (results
+`specan.report.analyse` got through `Run.analyse`) and writes nothing.
 """
 
 from __future__ import annotations
@@ -13,26 +13,22 @@ import io
 import logging
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-
-from specan.errors import StoreError
-from specan.order import views_in_model_order
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from specan.api import Run
     from specan.registry import Analysis
+    from specan.report import Analyses
 
 log = logging.getLogger(__name__)
 
 MAX_LINES = 100  # singular values drawn per view (the paper's top 100)
-MAX_FIGURES = 6  # per-pair and per-view figures written by save_all, each kind
+MAX_FIGURES = 6  # per-pair and per-view figures drawn by `figures`, each kind
 MAX_TICKS = 10
 DPI = 110
 
@@ -287,50 +283,6 @@ def loss_under_rank(rank: Any, metrics: Mapping[str, np.ndarray], *, title: str)
     return fig
 
 
-@dataclass
-class Analyses:
-    """One run's registered analyses (name -> Dataset), its metrics at its checkpoints, the
-    store's views, and why any figure will be missing."""
-
-    run: Run
-    name: str
-    views: dict[str, dict[str, Any]]
-    metrics: dict[str, np.ndarray]  # name -> [T] at the run's steps, NaN where not evaluated
-    results: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-
-
-def analyse(run: Path | str | Run) -> Analyses:
-    """Every registered analysis of a run, through `Run.analyse` (so cached in its store);
-    one that cannot be done becomes a note. Those not ``automatic`` come from the cache only."""
-    from specan import registry, runfile
-    from specan.api import Run
-
-    opened = run if isinstance(run, Run) else Run(run)
-    views = views_in_model_order(opened._store.views)
-    values = runfile.metrics_at(opened.path, opened.steps.tolist())
-    out = Analyses(opened, opened.name, dict(views), {n: np.array(v) for n, v in values.items()})
-    if not any(np.isfinite(v).any() for v in out.metrics.values()):
-        out.notes.append("no metrics.jsonl values at the checkpoints' steps: loss figure skipped")
-    for name in registry.names():
-        a = registry.get(name)
-        try:
-            ds = opened.analyse(name, compute=a.automatic)
-        except StoreError as e:
-            out.notes.append(f"{a.title} skipped: {e}")
-            continue
-        if ds is None:
-            out.notes.append(f"{a.title}: not computed yet (run `specan {name}` first)")
-            continue
-        if not ds.sizes[a.item]:
-            why = f" ({ds.attrs['rule']})" if "rule" in ds.attrs else ""
-            out.notes.append(f"{a.title} skipped: no {a.item} could be computed{why}")
-        for why in ds.attrs.get("skipped", []):
-            out.notes.append(f"{a.title}: {a.item} {why} (skipped)")
-        out.results[name] = ds
-    return out
-
-
 def registered_lines(ds: Any, *, title: str, item: str, label: str) -> Figure:
     """A registered analysis's ``value`` ``(item, step)``: one line per item over checkpoints."""
     fig = _figure(7.5, 4.8)
@@ -494,33 +446,6 @@ def png_bytes(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
-
-
-def save_all(
-    run: Path | str,
-    out_dir: Path | str,
-    *,
-    svg: bool = False,
-    views: Sequence[str] | None = None,
-    limit: int | None = None,
-) -> list[Path]:
-    """Run the analyses and write every figure as ``<out_dir>/<name>.png`` (and ``.svg``).
-
-    Figures without data, and those beyond ``limit`` per kind (see `figures`), are skipped,
-    each with a logged reason. Returns the written paths.
-    """
-    an = analyse(run)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for plot in figures(an, views=views, limit=limit):
-        for ext in ("png", "svg") if svg else ("png",):
-            path = out / f"{plot.name}.{ext}"
-            plot.figure.savefig(path, format=ext)
-            paths.append(path)
-    for note in an.notes:
-        log.warning("%s: %s", an.name, note)
-    return paths
 
 
 # -- several runs on shared axes ----------------------------------------------------------------

@@ -352,7 +352,7 @@ def test_prune_without_a_store_evaluates_the_asked_models(tmp_path: Path) -> Non
 
 def test_prune_with_a_store_caches_for_plot(tmp_path: Path) -> None:
     import specan
-    from specan.plots import analyse
+    from specan.report import analyse
 
     run = _tiny_mlp_run(tmp_path / "mlp")
     specan.ingest(run)

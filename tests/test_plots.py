@@ -1,4 +1,5 @@
-"""Figures: each function returns a figure and writes nothing; save_all writes what has data."""
+"""Figures: each function returns a figure and writes nothing; report.save_all writes what has
+data."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import xarray as xr
 from safetensors.torch import save_file
 
 import specan
-from specan import plots
+from specan import plots, report
 from specan.demo import write_synthetic_run
 from specan.pipeline import IngestOptions, ingest
 
@@ -81,7 +82,7 @@ def test_save_all_synthetic_infers_lstm_pairs(
 ) -> None:
     before = files_under(synthetic)
     out = tmp_path / "figs"
-    paths = plots.save_all(synthetic, out)
+    paths = report.save_all(synthetic, out)
     names = [p.name for p in paths]
     assert names[:3] == ["rank.png", "loss_rank.png", "align_scores.png"]
     assert len([n for n in names if n.startswith("align_") and n[6].isdigit()]) == two_each
@@ -96,7 +97,7 @@ def test_save_all_synthetic_infers_lstm_pairs(
 
 
 def test_save_all_alignment_svg_and_views(mlp: Path, tmp_path: Path, two_each: int) -> None:
-    paths = plots.save_all(mlp, tmp_path / "out", svg=True, views=["fc3.weight"])
+    paths = report.save_all(mlp, tmp_path / "out", svg=True, views=["fc3.weight"])
     names = {p.name for p in paths}
     stems = {
         "rank",
@@ -118,8 +119,8 @@ def test_save_all_alignment_svg_and_views(mlp: Path, tmp_path: Path, two_each: i
 
 def test_save_all_without_vectors(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     run = write_mlp_run(tmp_path / "novec", vectors=False)
-    with caplog.at_level(logging.WARNING, logger="specan.plots"):
-        paths = plots.save_all(run, tmp_path / "out", views=["fc1.weight"])
+    with caplog.at_level(logging.WARNING, logger="specan.report"):
+        paths = report.save_all(run, tmp_path / "out", views=["fc1.weight"])
     assert sorted(p.name for p in paths) == ["rank.png", "sigma_fc1.weight.png", "stable_rank.png"]
     check_pngs(paths)
     assert "without vectors" in caplog.text and "SVA" in caplog.text
