@@ -20,7 +20,7 @@ from specan import metrics
 from specan.errors import StoreError
 from specan.pairs import pairs_for, per_head_vo, resolve
 from specan.registry import Analysis
-from specan.views import WHOLE_RULES
+from specan.views import WHOLE_RULES, StoredView
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -54,23 +54,23 @@ def rank(run: Run) -> xr.Dataset:
     rows = []
     for key, v in views.items():
         sigma = run.sigma(key).values
-        if v.get("sigma_top"):  # only the top k σ: the bound their tail energy allows
+        if v.sigma_top:  # only the top k σ: the bound their tail energy allows
             erank = metrics.normalized_effective_rank_bound(
-                sigma, run.tail(key).values, min(v["shape"])
+                sigma, run.tail(key).values, min(v.shape)
             )
         else:
             erank = metrics.normalized_effective_rank(sigma)
         rows.append(erank.mean(axis=1) if erank.ndim == 2 else erank)  # heads: mean
     values = np.array(rows) if rows else np.zeros((0, len(run.steps)))
-    whole = np.array([v["rule"] in WHOLE_RULES for v in views.values()], dtype=bool)
+    whole = np.array([v.rule in WHOLE_RULES for v in views.values()], dtype=bool)
     mean = values[whole].mean(axis=0) if whole.any() else np.full(len(run.steps), np.nan)
     return xr.Dataset(
         {"value": (("view", "step"), values), "model_mean": ("step", mean)},
         coords={**_coords(run), "view": list(views),
-                "param": ("view", [v["param"] for v in views.values()]),
-                "rule": ("view", [v["rule"] for v in views.values()]),
+                "param": ("view", [v.param for v in views.values()]),
+                "rule": ("view", [v.rule for v in views.values()]),
                 "in_mean": ("view", whole),
-                "bound": ("view", np.array([bool(v.get("sigma_top")) for v in views.values()]))},
+                "bound": ("view", np.array([bool(v.sigma_top) for v in views.values()]))},
         attrs={"matrices": int(whole.sum())},
     )  # fmt: skip
 
@@ -185,12 +185,12 @@ def sva(run: Run, *, against: Run | None = None, by: str = "step") -> xr.Dataset
         diag = np.diagonal(s, axis1=-2, axis2=-1)[..., : min(DIAG_TOP, s.shape[-1])]
         diags.append(diag.mean(axis=1) if diag.ndim == 3 else diag)
     return _diagonals(
-        run, "view", list(views), diags, {"param": [v["param"] for v in views.values()]},
+        run, "view", list(views), diags, {"param": [v.param for v in views.values()]},
         {"reference": reference, "dropped": dropped}, index=np.asarray(rows, dtype=np.int64),
     )  # fmt: skip
 
 
-def _views(run: Run) -> dict[str, Any]:
+def _views(run: Run) -> dict[str, StoredView]:
     """The store's views in model order (older stores list them in file order)."""
     return {key: run._view(key) for key in run.views}
 
@@ -254,13 +254,13 @@ def span(values: Any) -> str:
 
 
 def _shared_views(
-    views: dict[str, Mapping[str, Any]], other: Run, here: Path
-) -> tuple[dict[str, Mapping[str, Any]], list[str]]:
+    views: dict[str, StoredView], other: Run, here: Path
+) -> tuple[dict[str, StoredView], list[str]]:
     """The views both runs have, with equal shapes; a shape that differs is an error."""
     theirs = _sva_views(other)
     for key in views.keys() & theirs.keys():
         a, b = views[key], theirs[key]
-        if (list(a["shape"]), a.get("heads")) != (list(b["shape"]), b.get("heads")):
+        if (a.shape, a.heads) != (b.shape, b.heads):
             raise StoreError(
                 f"{other.store_path}: view {key!r} is {_shape(b)} there but {_shape(a)} in "
                 f"{here}: these runs are not the same model"
@@ -278,16 +278,16 @@ def _shared_views(
     return keep, dropped
 
 
-def _shape(view: Mapping[str, Any]) -> str:
-    text = "x".join(str(d) for d in view["shape"])
-    return text + (f" x {view['heads']} heads" if view.get("heads") else "")
+def _shape(view: StoredView) -> str:
+    text = "x".join(str(d) for d in view.shape)
+    return text + (f" x {view.heads} heads" if view.heads else "")
 
 
-def _sva_views(run: Run) -> dict[str, Mapping[str, Any]]:
+def _sva_views(run: Run) -> dict[str, StoredView]:
     """Whole-matrix views with stored vectors (per-head and split views would repeat the whole
     matrix's story); a store without vectors is an error, not an empty result."""
     run._need_vectors("sva")
-    return {k: v for k, v in _views(run).items() if v["rule"] in WHOLE_RULES and v.get("k")}
+    return {k: v for k, v in _views(run).items() if v.rule in WHOLE_RULES and v.k}
 
 
 def select_steps(steps: np.ndarray, spec: str | None) -> np.ndarray:

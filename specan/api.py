@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import xarray as xr
 
     from specan.pipeline import IngestReport, Progress
+    from specan.views import StoredView
 
 __all__ = ["Run", "ingest", "open"]
 
@@ -114,7 +115,7 @@ class Run:
             steps, epochs = steps[list(index)], epochs[list(index)]
         return {"step": steps, "epoch": ("step", epochs)}
 
-    def _view(self, view: str) -> dict[str, Any]:
+    def _view(self, view: str) -> StoredView:
         views = self._store.views
         if view not in views:
             known = ", ".join(self.views[:8]) + (", ..." if len(views) > 8 else "")
@@ -164,14 +165,14 @@ class Run:
             data = data[rows[0] : rows[0] + len(rows)]
         else:
             data = data[np.asarray(rows)]
-        dims = ("step", *(["head"] if info.get("heads") else []), *([last] if last else []))
+        dims = ("step", *(["head"] if info.heads else []), *([last] if last else []))
         return xr.DataArray(
             data,
             dims=dims,
             coords=self._coords(),
             name=view,
-            attrs={"param": info["param"], "rule": info["rule"], "shape": list(info["shape"]),
-                   "top_k_only": bool(info.get("sigma_top"))},
+            attrs={"param": info.param, "rule": info.rule, "shape": list(info.shape),
+                   "top_k_only": bool(info.sigma_top)},
         )  # fmt: skip
 
     def analyse(
@@ -334,7 +335,7 @@ def _inputs(run: Run) -> list[Any]:
     done = [
         [c["name"], c["size"], c["mtime_ns"], c["row"]] for c in st.checkpoints if c.get("done")
     ]
-    return [done, st.views, run.config] + (["dedupe"] if st.dedupe else [])
+    return [done, st.attrs.get("views"), run.config] + (["dedupe"] if st.dedupe else [])
 
 
 def open(path: Path | str, *, dedupe: bool = False) -> Run:  # noqa: A001 - as zarr.open

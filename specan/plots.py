@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
     from specan.registry import Analysis
     from specan.report import Analyses
+    from specan.views import StoredView
 
 log = logging.getLogger(__name__)
 
@@ -324,14 +325,9 @@ def safe_name(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", key)
 
 
-def _largest(keys: Sequence[str], views: dict[str, dict[str, Any]], limit: int | None) -> list[str]:
+def _largest(keys: Sequence[str], views: Mapping[str, StoredView], limit: int | None) -> list[str]:
     """The ``limit`` largest views (all for None), listed in the order given."""
-
-    def size(k: str) -> int:
-        m, n = views[k]["shape"]
-        return m * n * (views[k].get("heads") or 1)
-
-    chosen = set(sorted(keys, key=lambda k: (-size(k), k))[:limit])
+    chosen = set(sorted(keys, key=lambda k: (-views[k].size, k))[:limit])
     return [k for k in keys if k in chosen]
 
 

@@ -27,6 +27,7 @@ from specan.order import views_in_model_order
 if TYPE_CHECKING:
     from specan.api import Run
     from specan.comparison import Comparison
+    from specan.views import StoredView
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class Analyses:
 
     run: Run
     name: str
-    views: dict[str, dict[str, Any]]
+    views: dict[str, StoredView]
     metrics: dict[str, np.ndarray]  # name -> [T] at the run's steps, NaN where not evaluated
     results: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -155,10 +156,8 @@ def summary_html(an: Analyses) -> str:
                              agreement["value"].values[:, 0].tolist(), strict=True))  # fmt: skip
     rows = []
     for i, key in enumerate(rk["view"].values.tolist()):
-        v = an.views.get(key, {})
-        shape = "×".join(str(d) for d in v.get("shape", ()))
-        if v.get("heads"):
-            shape += f" ×{v['heads']} heads"
+        v = an.views[key]
+        shape = "×".join(str(d) for d in v.shape) + (f" ×{v.heads} heads" if v.heads else "")
         first, last = _first_last(rk["value"].values[i])
         change = None if first is None or last is None else last - first
         rows.append(

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FAMILIES",
     "WHOLE_RULES",
+    "StoredView",
     "ViewSpec",
     "detect_family",
     "extract",
@@ -76,6 +77,46 @@ class ViewSpec:
     shape: tuple[int, int]
     heads: int | None = None
     info: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def hidden(self) -> int | None:
+        """LSTM and column-half views: the hidden size h of the LSTM (None for other rules)."""
+        return self.info.get("hidden")
+
+    @property
+    def kernel(self) -> tuple[int, ...] | None:
+        """Convolution views: the kernel's spatial shape (None for other rules)."""
+        kernel = self.info.get("kernel")
+        return tuple(kernel) if kernel else None
+
+    @property
+    def c_in(self) -> int | None:
+        """Convolution views: the input channels (None for other rules)."""
+        return self.info.get("c_in")
+
+    @property
+    def direction(self) -> str | None:
+        """LSTM and column-half views: ``"forward"`` or ``"reverse"`` (None for other rules)."""
+        return self.info.get("direction")
+
+
+@dataclass(frozen=True)
+class StoredView(ViewSpec):
+    """A view as a store holds it: the planned `ViewSpec` and what ingest decided for it.
+
+    `specan.store` alone reads and writes it as JSON (the store's ``views`` attribute); every
+    other module gets this object.
+    """
+
+    k: int = 0  # singular vectors kept per checkpoint (0: none)
+    sigma_top: int | None = None  # only the top k σ are kept (effective rank is then a bound)
+    routes: tuple[str, ...] = ()  # the kernel routes that computed it
+    param_shape: tuple[int, ...] | None = None  # the parameter's shape, checked on every file
+
+    @property
+    def size(self) -> int:
+        """Elements of the view's matrix or matrices (all heads)."""
+        return self.shape[0] * self.shape[1] * (self.heads or 1)
 
 
 def _digest(name: str, width: int) -> str:

@@ -7,6 +7,7 @@ import pytest
 
 from specan import metrics
 from specan.pairs import Pair, pairs_for, per_head_vo, resolve
+from specan.views import ViewSpec
 
 rng = np.random.default_rng(0)
 
@@ -52,8 +53,8 @@ def svd_loader(mats: dict[str, np.ndarray]):
     return load
 
 
-def view(param: str, rule: str, shape, **info) -> dict:
-    return {"param": param, "rule": rule, "shape": list(shape), "heads": None, "info": info}
+def view(param: str, rule: str, shape, heads: int | None = None, **info) -> ViewSpec:
+    return ViewSpec(param, param, rule, tuple(shape), heads, info)
 
 
 def test_linear_pair_next_is_transpose_gives_diagonal_one() -> None:
@@ -100,8 +101,8 @@ def test_qk_pair_is_left_with_left_per_head() -> None:
         q[h] = u @ np.diag([3.0, 2.0, 1.0]) @ orthonormal(d, hd).T
         k[h] = u @ np.diag([5.0, 4.0, 0.5]) @ orthonormal(d, hd).T  # same left vectors
     views = {
-        "q": view("attn", "q_heads", (hd, d)) | {"heads": heads},
-        "k": view("attn", "k_heads", (hd, d)) | {"heads": heads},
+        "q": view("attn", "q_heads", (hd, d), heads=heads),
+        "k": view("attn", "k_heads", (hd, d), heads=heads),
     }
     p, n = resolve(Pair("attn", "attn", "qk"), views, svd_loader({"q": q, "k": k}))
     a = metrics.alignment(p, n)[0]  # [H, hd, hd]
@@ -226,7 +227,7 @@ def test_vo_per_head_slices_the_output_projection_by_head() -> None:
     w_v = rng.standard_normal((heads, hd, d))
     w_o = rng.standard_normal((d, d))
     views = {
-        "vh": view("attn.in_proj", "v_heads", (hd, d)) | {"heads": heads},
+        "vh": view("attn.in_proj", "v_heads", (hd, d), heads=heads),
         "o": view("attn.out_proj", "linear", (d, d)),
     }
     pair = Pair("attn.in_proj", "attn.out_proj", "vo_heads")
