@@ -228,10 +228,10 @@ def per_head_vo(pairs: Sequence[Pair]) -> list[Pair]:
 
 
 _MISSING = {
-    "q_heads": "per-head Q views need the head count at ingest (config.json, or --heads N)",
-    "k_heads": "per-head K views need the head count at ingest (config.json, or --heads N)",
-    "v_heads": "per-head V views need the head count at ingest (config.json, or --heads N)",
-    "v": "GPT-NeoX's W_V is cut out per head: it needs the head count at ingest (--heads N)",
+    "q_heads": "per-head Q views need the head count at ingest (config.json, or heads=N)",
+    "k_heads": "per-head K views need the head count at ingest (config.json, or heads=N)",
+    "v_heads": "per-head V views need the head count at ingest (config.json, or heads=N)",
+    "v": "GPT-NeoX's W_V is cut out per head: it needs the head count at ingest (heads=N)",
 }
 
 
@@ -241,7 +241,7 @@ def _view(views: Mapping[str, ViewSpec], param: str, rules: Sequence[str]) -> st
             return key
     why = _MISSING.get(rules[0], "") if len(rules) == 1 else ""
     if not any(v.param == param for v in views.values()):
-        why = "not in the store (left out by --layers?)"
+        why = "not in the store (left out by the layers selection?)"
     raise KeyError(f"no {'/'.join(rules)} view of {param}" + (f": {why}" if why else ""))
 
 
@@ -315,7 +315,7 @@ def resolve(
     if nxt.shape[-2] == 2 * d and pair.direction in ("forward", "reverse"):
         raise ValueError(
             f"{pair.next} takes both directions ({2 * d} inputs) but the store has no column-half "
-            "views of it (made by an older specan): re-ingest with --overwrite"
+            "views of it (made by an older specan): re-ingest with overwrite=True"
         )
     raise ValueError(
         f"dimensions do not meet: {pair.prev} gives {d}, {pair.next} takes {nxt.shape[-2]}"

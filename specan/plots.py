@@ -333,7 +333,7 @@ def _largest(keys: Sequence[str], views: Mapping[str, StoredView], limit: int | 
 
 def _note_cut(an: Analyses, total: int, limit: int | None, what: str) -> None:
     if limit is not None and total > limit:
-        an.notes.append(f"drew {limit} of {total} {what} (--max-figures 0 draws all)")
+        an.notes.append(f"drew {limit} of {total} {what} (limit=0 draws all)")
 
 
 def _rank_figures(an: Analyses, a: Analysis, ds: Any, limit: int | None) -> Iterator[Plot]:

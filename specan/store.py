@@ -476,7 +476,9 @@ def create(
 
     path = Path(path)
     if path.exists() and not overwrite:
-        raise StoreExistsError(f"{path}: a store exists already (pass --overwrite to replace it)")
+        raise StoreExistsError(
+            f"{path}: a store exists already (pass overwrite=True to replace it)"
+        )
     # Build it under a temporary name and rename it into place: a crash mid-creation must not
     # leave a store without its attributes where the next ingest would find it.
     building = path.with_name(f"{path.name}.partial-{os.getpid()}")
@@ -535,7 +537,7 @@ def create(
             "run": str(Path(run).resolve()) if run is not None else None,
         }
     )
-    if path.exists():  # --overwrite: the old store goes only once the new one is complete
+    if path.exists():  # overwrite=True: the old store goes only once the new one is complete
         old = path.with_name(f"{path.name}.old-{os.getpid()}")
         path.rename(old)
         building.rename(path)

@@ -185,7 +185,7 @@ def detect_family(names: Iterable[str], shapes: Mapping[str, Any] | None = None)
 
 
 def select(names: Iterable[str], layers: str | None) -> list[str]:
-    """Apply the ``--layers`` filter: comma-separated globs (fnmatch) or ``re:<regex>`` (re.search).
+    """Apply the layers selection: comma-separated globs (fnmatch) or ``re:<regex>`` (re.search).
 
     None or "all" keeps every name. A name is kept when any pattern matches it; order is kept.
     A pattern that matches no name is an error (it is most likely a typo).
@@ -195,20 +195,26 @@ def select(names: Iterable[str], layers: str | None) -> list[str]:
         return names
     patterns = [p.strip() for p in layers.split(",") if p.strip()]
     if not patterns:
-        raise ViewRuleError(f"--layers {layers!r}: no pattern (use 'all' for every parameter)")
+        raise ViewRuleError(
+            f"the layers selection {layers!r}: no pattern (use 'all' for every parameter)"
+        )
     keep: set[str] = set()
     for pat in patterns:
         if pat.startswith("re:"):
             try:
                 rx = re.compile(pat[3:])
             except re.error as e:
-                raise ViewRuleError(f"--layers pattern {pat!r}: bad regex ({e})") from e
+                raise ViewRuleError(
+                    f"the layers selection: pattern {pat!r}: bad regex ({e})"
+                ) from e
             hits = {n for n in names if rx.search(n)}
         else:
             hits = {n for n in names if fnmatch.fnmatchcase(n, pat)}
         if not hits:
             sample = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-            raise ViewRuleError(f"--layers pattern {pat!r} matches no parameter (names: {sample})")
+            raise ViewRuleError(
+                f"the layers selection: pattern {pat!r} matches no parameter (names: {sample})"
+            )
         keep |= hits
     return [n for n in names if n in keep]
 
@@ -345,7 +351,7 @@ def plan_views(
         Key/value head count of grouped-query attention (Llama's ``num_key_value_heads``);
         checked against the shapes, which tell it anyway once `heads` is known.
     layers : str, optional
-        The ``--layers`` filter (see `select`), applied to names before planning.
+        The layers selection (see `select`), applied to names before planning.
     rules : mapping, optional
         Parameter name -> one of `OVERRIDES`; beats every name and shape rule.
 

@@ -378,3 +378,15 @@ def test_prune_of_a_run_without_trainer_is_one_line(tmp_path: Path) -> None:
     res = specan("prune", str(run))
     assert res.returncode == 2
     assert "unknown trainer 'synthetic'" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_library_messages_name_arguments_and_the_cli_its_flags(ingested: Path) -> None:
+    from specan.errors import ViewRuleError
+    from specan.views import select
+
+    with pytest.raises(ViewRuleError) as e:
+        select(["fc.weight"], "nope*")
+    assert "--" not in str(e.value) and "layers" in str(e.value)
+    res = specan("align", str(ingested), "--layers", "nope*")
+    assert res.returncode != 0
+    assert "error: --layers: pattern 'nope*' matches no parameter" in res.stderr

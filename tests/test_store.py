@@ -81,7 +81,7 @@ def test_create_never_overwrites_by_default(tmp_path: Path) -> None:
     path = tmp_path / "s.zarr"
     st = store.create(path, views=VIEWS, kernel=KERNEL, settings=SETTINGS)
     fill(st, [("a", 0)])
-    with pytest.raises(StoreExistsError, match="--overwrite"):
+    with pytest.raises(StoreExistsError, match="overwrite=True"):
         store.create(path, views=VIEWS, kernel=KERNEL, settings=SETTINGS)
     assert store.summary(path)["checkpoints"]["done"] == 1
     store.create(path, views=VIEWS, kernel=KERNEL, settings=SETTINGS, overwrite=True)
