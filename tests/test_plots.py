@@ -172,3 +172,24 @@ def test_empty_data_draws_a_placeholder() -> None:
     fig = plots.sva_diagonal(np.array([0, 1]), np.random.default_rng(0).random((2, 7)), title="t")
     assert fig.axes[0].images[0].get_array().shape == (7, 2)  # index rows x checkpoints
     plots.png_bytes(fig)
+
+
+def test_figures_draw_only_the_results_given(
+    mlp: Path, monkeypatch: pytest.MonkeyPatch, two_each: int
+) -> None:
+    from specan.api import Run
+
+    an = report.analyse(mlp)
+    rank = an.results["rank"].copy()
+    rank["value"] = rank["value"] * 0 + 0.25  # a result no analysis would give
+    an.results = {"rank": rank}
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a figure ran an analysis")
+
+    monkeypatch.setattr(Run, "analyse", refuse)
+    plots_ = list(plots.figures(an))
+    assert [p.name for p in plots_][:1] == ["rank"]
+    assert not any(p.name.startswith(("align", "sva")) for p in plots_)  # not given: not drawn
+    (im,) = plots_[0].figure.axes[0].images
+    np.testing.assert_array_equal(im.get_array(), 0.25)
