@@ -10,7 +10,7 @@ checkpoints only).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,13 +30,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DIAG_TOP = 100  # the diagonals plotted (Eqn 3 and 5): top 100 indices
-
-
-def _coords(run: Run, index: Any = None) -> dict[str, Any]:
-    steps, epochs = run.steps, run.epochs
-    if index is not None:
-        steps, epochs = steps[index], epochs[index]
-    return {"step": steps, "epoch": ("step", epochs)}
 
 
 def rank(run: Run) -> xr.Dataset:
@@ -66,7 +59,7 @@ def rank(run: Run) -> xr.Dataset:
     mean = values[whole].mean(axis=0) if whole.any() else np.full(len(run.steps), np.nan)
     return xr.Dataset(
         {"value": (("view", "step"), values), "model_mean": ("step", mean)},
-        coords={**_coords(run), "view": list(views),
+        coords={**run._coords(), "view": list(views),
                 "param": ("view", [v.param for v in views.values()]),
                 "rule": ("view", [v.rule for v in views.values()]),
                 "in_mean": ("view", whole),
@@ -82,14 +75,14 @@ def _diagonals(
     diags: list[np.ndarray],
     item_coords: Mapping[str, list[Any]],
     attrs: dict[str, Any],
-    index: Any = None,
+    index: Sequence[int] | None = None,
 ) -> xr.Dataset:
     """Per-item diagonals ``[T, n_i]``, NaN-padded to one ``index`` length, and their scores
     (the mean of the first `metrics.SCORE_TOP`) as ``value``; ``length`` says how many entries
     of each item's diagonal are real."""
     import xarray as xr
 
-    coords = _coords(run, index)
+    coords = run._coords(index)
     t = len(coords["step"])
     n = max((d.shape[1] for d in diags), default=0)
     diag = np.full((len(diags), t, n), np.nan)
@@ -186,7 +179,7 @@ def sva(run: Run, *, against: Run | None = None, by: str = "step") -> xr.Dataset
         diags.append(diag.mean(axis=1) if diag.ndim == 3 else diag)
     return _diagonals(
         run, "view", list(views), diags, {"param": [v.param for v in views.values()]},
-        {"reference": reference, "dropped": dropped}, index=np.asarray(rows, dtype=np.int64),
+        {"reference": reference, "dropped": dropped}, index=rows,
     )  # fmt: skip
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -112,7 +113,7 @@ MATRICES = ["embed.weight", "block.self_attn.in_proj_weight", "block.self_attn.o
             "block.linear1.weight", "block.linear2.weight", "head.weight"]  # fmt: skip
 
 
-def items(ds, item: str) -> dict:  # type: ignore[no-untyped-def]
+def items(ds: Any, item: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """label -> (diagonal [T, n] without its NaN padding, score [T]) of an align/sva Dataset."""
     return {
         str(label): (ds.diag.values[i, :, : ds.length.values[i]], ds.score.values[i])
