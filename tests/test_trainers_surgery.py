@@ -179,6 +179,41 @@ def test_ticket_masks_rewinding_and_zeros_after_every_step(dense_run: Path, kind
             for k in names:
                 np.testing.assert_array_equal(state[k], rewound[k] * masks[k])
             np.testing.assert_array_equal(state["classifier.weight"], rewound["classifier.weight"])
+    # `specan ticket`: SVA of W_T and m ⊙ W_T per masked matrix, from NumPy float64 SVDs
+    from specan.prune import mask_agreement
+
+    agree = mask_agreement(out)
+    assert list(agree["view"].values) == names
+    for k in names:
+        w = final[k].astype(np.float64).reshape(len(final[k]), -1)
+        m = masks[k].astype(np.float64).reshape(len(w), -1)
+        (u, _, vt), (um, _, vtm) = np.linalg.svd(w), np.linalg.svd(w * m)
+        r = min(10, *w.shape)
+        s_ii = [abs(u[:, i] @ um[:, i]) * abs(vt[i] @ vtm[i]) for i in range(r)]
+        assert agree["score"].sel(view=k).item() == pytest.approx(np.mean(s_ii), abs=1e-9)
+        assert agree["density"].sel(view=k).item() == pytest.approx(masks[k].mean())
+    if kind == "magnitude":  # masked vs unmasked, matched by step (`specan sva --against`)
+        import specan
+        from specan.pipeline import ingest
+
+        ingest(out), ingest(dense_run)
+        sva = specan.open(out).sva(against=dense_run)
+        assert list(sva["step"].values) == [2, 4, 6]  # the steps both runs saved
+        dense = {
+            s: load_file(str(dense_run / f"checkpoints/step-{s:08d}.safetensors"))
+            for s in (2, 4, 6)
+        }
+        for s in (2, 6):
+            mine = load_file(str(out / f"checkpoints/step-{s:08d}.safetensors"))
+            a, b = (
+                x["features.3.weight"].astype(np.float64).reshape(len(x["features.3.weight"]), -1)
+                for x in (mine, dense[s])
+            )
+            (ua, _, vta), (ub, _, vtb) = np.linalg.svd(a), np.linalg.svd(b)
+            r = min(10, *a.shape)
+            s_ii = [abs(ua[:, i] @ ub[:, i]) * abs(vta[i] @ vtb[i]) for i in range(r)]
+            got = sva["score"].sel(view="features.3.weight", step=s).item()
+            assert got == pytest.approx(np.mean(s_ii), abs=2e-3)
 
 
 def test_ticket_refuses_bad_options(dense_run: Path, tmp_path: Path) -> None:

@@ -267,6 +267,12 @@ class RunWriter:
         return step
 
 
+def branch_name(split: int, seed: int, eta: float | None = None) -> str:
+    """The folder of a branch inside its trunk in an LMC folder (DESIGN Contract 1):
+    ``branch-<split step>-<seed>``, and ``-eta<eta>`` for a perturbed branch."""
+    return f"branch-{split}-{seed}" + ("" if eta is None else f"-eta{eta:g}")
+
+
 def mask_path(run: Path | str) -> Path:
     """Where a lottery-ticket run keeps its masks (`RunWriter.save_mask`)."""
     return Path(run) / "mask.safetensors"

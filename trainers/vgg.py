@@ -54,6 +54,7 @@ from specan_trainers import surgery
 from specan_trainers.checkpoint import (
     OptionValueError,
     RunWriter,
+    branch_name,
     parse_config,
     resolve_device,
     run_main,
@@ -247,11 +248,6 @@ def train_lmc(cfg: Config) -> None:
                         eta=-1.0 if eta is None else eta,
                     )  # fmt: skip
                     train(branch, parent=parent)
-
-
-def branch_name(split: int, seed: int, eta: float | None = None) -> str:
-    """The folder of a branch in an LMC folder: ``branch-<split>-<seed>[-eta<eta>]``."""
-    return f"branch-{split}-{seed}" + ("" if eta is None else f"-eta{eta:g}")
 
 
 def _etas(spec: str) -> list[float]:
