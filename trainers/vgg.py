@@ -17,8 +17,9 @@ With --lmc (SPEC §4, LMC) --out holds trunk-<t>/ (seed t, trained to the last s
 saved at every split point: step 0, 1/5 ... 4/5 of epoch 1, the end of epochs 1-5) and, inside
 each, branch-<split step>-<seed>/ (branch seeds 3, 4, ...), each trained to the end from its
 trunk's weights at that step; its run.json names its parent. A branch starts with fresh SGD
-momentum (a checkpoint holds weights only) and the lr of its split epoch; its seed sets its
-batch order. lmc.json in --out lists the trunks, split steps and branch seeds.
+momentum (a checkpoint holds weights only; the paper's code resumes the trunk's optimizer state)
+and the lr of its split epoch; its seed sets its batch order. lmc.json in --out lists the
+trunks, split steps and branch seeds.
 
 With --lmc --perturb 0,0.1,... (SPEC §4, perturbed LMC) there is one split, at the end of epoch
 --perturb-epoch, and each trunk's branches are branch-<split>-<seed>-eta<eta>/: the trunk's
