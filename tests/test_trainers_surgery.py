@@ -192,6 +192,17 @@ def test_ticket_masks_rewinding_and_zeros_after_every_step(dense_run: Path, kind
         s_ii = [abs(u[:, i] @ um[:, i]) * abs(vt[i] @ vtm[i]) for i in range(r)]
         assert agree["score"].sel(view=k).item() == pytest.approx(np.mean(s_ii), abs=1e-9)
         assert agree["density"].sel(view=k).item() == pytest.approx(masks[k].mean())
+    from typer.testing import CliRunner
+
+    from specan.cli import app
+
+    res = CliRunner().invoke(app, ["ticket", str(out), "--format", "json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout[res.stdout.index("[") :])
+    assert [r["view"] for r in rows] == names
+    np.testing.assert_allclose([r["score"] for r in rows], agree["score"].values)
+    res = CliRunner().invoke(app, ["ticket", str(dense_run)])
+    assert "not a lottery-ticket run" in str(res.exception)
     if kind == "magnitude":  # masked vs unmasked, matched by step (`specan sva --against`)
         import specan
         from specan.pipeline import ingest
