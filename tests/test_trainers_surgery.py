@@ -138,6 +138,9 @@ def test_perturbed_lmc_layout_and_start_weights(tmp_path: Path) -> None:
                   "--out", str(tmp_path / "x")])  # fmt: skip
     with pytest.raises(OptionValueError, match="give --lmc too"):
         vgg.main([*TINY, "--perturb", "1", "--out", str(tmp_path / "y")])
+    with pytest.raises(OptionValueError, match="give --init-from too"):
+        vgg.main([*TINY, "--eta", "1", "--out", str(tmp_path / "y")])
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
 @pytest.fixture(scope="module")

@@ -204,6 +204,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         train_ticket(cfg)
     elif cfg.perturb:
         raise OptionValueError("--perturb sets the branches of --lmc: give --lmc too")
+    elif cfg.eta >= 0 and not cfg.init_from:
+        raise OptionValueError("--eta perturbs a branch's start weights: give --init-from too")
     else:
         train(cfg)
 
