@@ -53,7 +53,7 @@ def test_every_command_that_writes_stays_inside(
 
     # every name has its own view, holding its own matrix's spectrum (none overwrote another)
     st = store.open_store(spath)
-    by_param = {v["param"]: k for k, v in st.views.items()}
+    by_param = {v.param: k for k, v in st.views.items()}
     assert sorted(by_param) == sorted(NAMES)
     keys = list(by_param.values())
     assert len({k.lower() for k in keys}) == len(keys)
