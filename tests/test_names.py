@@ -92,6 +92,8 @@ def test_every_command_that_writes_stays_inside(
     assert res.exit_code == 0, res.output
     text = page.read_text()
     assert "../../escape.weight" in text
+    # HTML allows no NUL: the name is shown with U+FFFD in its place
+    assert "\x00" not in text and "nul\ufffdname" in text
 
     made = files(base) - before
     inside = {p for p in made if spath in p.parents or p.parent == figs or p == page}
