@@ -43,12 +43,7 @@ def peak_rss(cmd: list[str]) -> tuple[int, float]:
 
 def largest_batch(views: dict) -> tuple[int, list[str]]:
     """Bytes of the largest float32 stack one task decomposes, and its views."""
-    best = (0, [])
-    for keys in pipeline._groups(views):
-        m, n = views[keys[0]]["shape"]
-        nbytes = sum(4 * m * n * (views[k].get("heads") or 1) for k in keys)
-        best = max(best, (nbytes, keys))
-    return best
+    return max((pipeline._batch_bytes(keys, views), keys) for keys in pipeline._groups(views))
 
 
 def main() -> None:

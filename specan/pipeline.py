@@ -1,12 +1,14 @@
 """`ingest`: checkpoints -> matrix views -> batched SVD -> the store, as a Dask graph.
 
 The graph has one task per (checkpoint, group of same-shaped views): each task reads its tensors
-from the memory-mapped checkpoint, stacks them and calls the kernel, so reading one group overlaps
-the SVDs of another and no task holds more than one batch. Each SVD task's results are written
-by a write task that follows it and the previous write, so exactly one task writes the store at a
-time, in order, while later groups are still being decomposed, and results are dropped once
-written. A row is marked done only after all its arrays are written; an interrupted ingest loses
-at most the rows in flight; the next redoes them.
+one by one from the memory-mapped checkpoint into one stack and calls the kernel, so reading one
+group overlaps the SVDs of another and no task holds more than one batch. Each SVD task's results
+are written by a write task that follows it and the previous write, so exactly one task writes the
+store at a time, in order, while later groups are still being decomposed, and results are dropped
+once written. A task starts only when the stacks of the tasks started and not yet written fit in
+`IN_FLIGHT_BYTES`: peak memory is a constant plus a multiple of that budget (see `_chain`),
+whatever the number of layers. A row is marked done only after all its arrays are written; an
+interrupted ingest loses at most the rows in flight; the next redoes them.
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TOP_K = 128
 BATCH_BYTES = 256 * 2**20  # bound on one task's stacked float32 input
+# Bound on the stacks of the tasks started and not yet written (at least one task per worker):
+# with the threaded scheduler free to run every ready task, results waited for the write chain
+# and peak memory grew with the number of layers.
+IN_FLIGHT_BYTES = 2 * BATCH_BYTES
 # A matrix this large, or with a side this long, is decomposed with every core, one at a time:
 # with one thread per task a lone 50304 x 768 embedding left the other core idle, and two
 # multi-threaded tasks at once ran 2-4x slower than one (oversubscription).
@@ -243,10 +249,14 @@ def _svd_group(
     from specan.views import ViewSpec, extract
     from specan_kernels import svd
 
-    mats, sizes = [], []
+    # Tensor by tensor into one preallocated stack: only one tensor's copies exist beside it
+    # (stacking a list of them with torch.cat held the batch twice).
+    sizes = [views[key].get("heads") or 1 for key in keys]
+    batch = torch.empty((sum(sizes), *views[keys[0]]["shape"]), dtype=torch.float32)
     try:
         with runs.CheckpointReader(ckpt) as reader:
-            for key in keys:
+            start = 0
+            for key, n in zip(keys, sizes, strict=True):
                 v = views[key]
                 spec = ViewSpec(
                     key=key, param=v["param"], rule=v["rule"], shape=tuple(v["shape"]),
@@ -255,11 +265,11 @@ def _svd_group(
                 m = extract(spec, reader.get(v["param"]))
                 if not bool(torch.isfinite(m.sum())):  # NaN and Inf survive a sum
                     raise BadCheckpointError(ckpt.files[0], f"{v['param']} has NaN or Inf values")
-                mats.append(m.reshape(-1, *spec.shape))
-                sizes.append(mats[-1].shape[0])
+                batch[start : start + n] = m.reshape(n, *spec.shape)
+                start += n
+                del m
     except BadCheckpointError as e:
         return _Failed(e)
-    batch = torch.cat(mats) if len(mats) > 1 else mats[0]
     k = max(views[key]["k"] for key in keys)
     top = max(views[key].get("sigma_top") or 0 for key in keys)  # a group shares one shape
     try:
@@ -517,12 +527,13 @@ def _compute(
 ) -> None:
     """Run the Dask graph, a window of checkpoints at a time (on a cluster: `_distributed`).
 
-    Groups of small matrices run side by side, one thread each; then the large matrices (see
-    `BIG_ELEMENTS`) one at a time with every core, so neither a lone large matrix leaves cores
-    idle nor do two multi-threaded decompositions fight over them. Each SVD task's results are
-    written by a task that depends on it and on the previous write, and a checkpoint's `finish`
-    (done) follows its last write: the chain keeps one writer at a time, in order, while the next
-    SVDs run beside it.
+    Per checkpoint, groups of small matrices run side by side, one thread each; then the large
+    matrices (see `BIG_ELEMENTS`) one at a time with every core, so neither a lone large matrix
+    leaves cores idle nor do two multi-threaded decompositions fight over them. Each SVD task's
+    results are written by a task that depends on it and on the previous write, and a
+    checkpoint's `finish` (done) follows its last write: the chain keeps one writer at a time, in
+    order, while the next SVDs run beside it. `_chain` builds the graph and bounds what is in
+    flight.
     """
     import dask
 
@@ -579,23 +590,69 @@ def _compute(
             _distributed(client, ready, small, big, views, opts, write, finish)
             return
         for i in range(0, len(ready), window):
-            batch = ready[i : i + window]
-            # small matrices: one task per group, one thread each, all cores busy at once
-            parts = {c.name: [task(c, g, max(1, cores // workers))() for g in small] for c in batch}
-            # large ones: after the small ones, one at a time, each with every core
-            after = [t for ts in parts.values() for t in ts]
-            for c in batch:
-                for g in big:
-                    parts[c.name].append(task(c, g, cores)(*after))
-                    after = [parts[c.name][-1]]
-            last = None
-            for c in batch:  # the writes: one chain, in order, overlapping the next SVDs
-                for part in parts[c.name]:
-                    last = dask.delayed(partial(write, c))(part, last)
-                last = dask.delayed(partial(finish, c))(last)
+            plan = [(c, g) for c in ready[i : i + window] for g in (*small, *big)]
+            last = _chain(plan, task, write, finish, views, cores, workers)
             dask.compute(last, scheduler="threads", num_workers=workers)
     finally:
         prog.finish()
+
+
+def _batch_bytes(keys: Sequence[str], views: Mapping[str, Mapping[str, Any]]) -> int:
+    """Bytes of the float32 stack one task decomposes."""
+    m, n = views[keys[0]]["shape"]
+    return sum(4 * m * n * (views[k].get("heads") or 1) for k in keys)
+
+
+def _nothing(*_: object) -> None:
+    """A marker that a task has run; it carries no result, so depending on it holds nothing."""
+
+
+def _chain(
+    plan: Sequence[tuple[Checkpoint, Sequence[str]]],
+    task: Callable[[Checkpoint, Sequence[str], int], Callable[..., Any]],
+    write: Callable[..., None],
+    finish: Callable[..., None],
+    views: Mapping[str, Mapping[str, Any]],
+    cores: int,
+    workers: int,
+) -> Any:
+    """The Dask graph of ``plan`` ((checkpoint, group) in write order, a checkpoint's groups
+    together); returns its last task.
+
+    The writes form one chain in plan order. Task j may start only once the write of the last
+    task that keeps it over `IN_FLIGHT_BYTES` is done, so the stacks of the tasks started and not
+    yet written stay within that budget (or `workers` tasks, if more) however many layers and
+    checkpoints the plan holds. A large matrix (`_is_big`) waits until every task before it has
+    computed and the tasks after it wait for it, so it runs alone with every core. Tasks depend
+    on markers (`_nothing`), never on other tasks' results, which would keep those results alive
+    until the dependent ran.
+    """
+    import dask
+
+    nbytes = [_batch_bytes(g, views) for _, g in plan]
+    big = [_is_big(views[g[0]]) for _, g in plan]
+    computed: list[Any] = []
+    writes: list[Any] = []
+    first = 0  # the oldest task that may still be unwritten when task j starts
+    flight = 0  # bytes of tasks first .. j-1
+    last = None
+    for j, (c, g) in enumerate(plan):
+        while first < j and (flight + nbytes[j] > IN_FLIGHT_BYTES and j - first >= workers):
+            flight -= nbytes[first]
+            first += 1
+        after = [writes[first - 1]] if first else []
+        if big[j]:
+            after += computed[first:j]
+        else:
+            after += [computed[i] for i in range(first, j) if big[i]]
+        svd = task(c, g, cores if big[j] else max(1, cores // workers))(*after)
+        computed.append(dask.delayed(_nothing)(svd))
+        last = dask.delayed(partial(write, c))(svd, last)
+        writes.append(last)
+        flight += nbytes[j]
+        if j + 1 == len(plan) or plan[j + 1][0] is not c:  # its last group: the row is done
+            last = dask.delayed(partial(finish, c))(last)
+    return last
 
 
 # -- a dask.distributed cluster ---------------------------------------------------------------
