@@ -91,6 +91,8 @@ class IngestReport:
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
     duplicates: list[tuple[str, str]] = field(default_factory=list)  # (name, same content as)
+    # (name, the checkpoints whose rows it shares files with, views copied from them)
+    shared: list[tuple[str, list[str], int]] = field(default_factory=list)
 
 
 class Progress(Protocol):
@@ -442,7 +444,14 @@ def _ingest_locked(
         )
         st.set_bad_files([{"path": p, "reason": r} for p, r in report.bad])
         if compute:
-            _compute(st, compute, views, opts, prog, report, reject, client, ids)
+            # on a cluster checkpoints finish in any order, so a copy could run before its
+            # original is written: there every checkpoint is decomposed whole
+            reused = _shared_files(run, st, compute, views) if client is None else {}
+            for c in compute:
+                if c.name in reused:
+                    owners = sorted(set(reused[c.name].values()), key=runs.natural_key)
+                    report.shared.append((c.name, owners, len(reused[c.name])))
+            _compute(st, compute, views, opts, prog, report, reject, client, ids, reused)
         _point_duplicates(st, dups, ids, report, reject)
 
 
@@ -524,8 +533,12 @@ def _compute(
     reject: Callable[[BadCheckpointError], None],
     client: Client | None = None,
     ids: Mapping[str, str] | None = None,
+    reused: Mapping[str, Mapping[str, str]] | None = None,
 ) -> None:
     """Run the Dask graph, a window of checkpoints at a time (on a cluster: `_distributed`).
+
+    ``reused`` maps a checkpoint to the views (key -> checkpoint) it takes from another's row
+    (see `_shared_files`): they are copied, not decomposed again.
 
     Per checkpoint, groups of small matrices run side by side, one thread each; then the large
     matrices (see `BIG_ELEMENTS`) one at a time with every core, so neither a lone large matrix
@@ -565,6 +578,27 @@ def _compute(
             return
         st.write_row(rows[ckpt.name], res)
 
+    reused = reused or {}
+
+    def copy(ckpt: Checkpoint, _prev: None) -> None:
+        """Copy the views this checkpoint shares with earlier ones from their rows (written
+        before it in the chain), one view at a time."""
+        keys = reused.get(ckpt.name)
+        if not keys or ckpt.name in failed:
+            return
+        done = {e["name"]: e["row"] for e in st.checkpoints if e.get("done")}
+        lost = sorted({o for o in keys.values() if o not in done})
+        if lost:  # its original failed: left not done, so that the next ingest decomposes it
+            failed.add(ckpt.name)
+            msg = (f"{ckpt.name}: not ingested, it shares files with {', '.join(lost)}, which "
+                   "failed; the next ingest decomposes it whole")  # fmt: skip
+            report.warnings.append(msg)
+            prog.warn(msg)
+            prog.advance(ckpt.name, 0, ckpt.size)
+            return
+        for key, owner in keys.items():
+            st.write_row(rows[ckpt.name], {key: st.read_view(key, done[owner])})
+
     def finish(ckpt: Checkpoint, _prev: None) -> None:
         """All of the checkpoint's views are written: only now is it done."""
         if ckpt.name in failed:
@@ -590,11 +624,58 @@ def _compute(
             _distributed(client, ready, small, big, views, opts, write, finish)
             return
         for i in range(0, len(ready), window):
-            plan = [(c, g) for c in ready[i : i + window] for g in (*small, *big)]
-            last = _chain(plan, task, write, finish, views, cores, workers)
+            plan = [(c, _without(small + big, reused.get(c.name))) for c in ready[i : i + window]]
+            last = _chain(plan, task, write, finish, views, cores, workers, copy)
             dask.compute(last, scheduler="threads", num_workers=workers)
     finally:
         prog.finish()
+
+
+def _without(groups: Sequence[Sequence[str]], keys: Mapping[str, Any] | None) -> list[list[str]]:
+    """``groups`` less the view keys in ``keys``, dropping groups left empty."""
+    out = [[k for k in g if k not in (keys or {})] for g in groups]
+    return [g for g in out if g]
+
+
+def _shared_files(
+    run: Run,
+    st: store.Store,
+    compute: Sequence[Checkpoint],
+    views: Mapping[str, Mapping[str, Any]],
+) -> dict[str, dict[str, str]]:
+    """The views each sharded checkpoint in ``compute`` can copy from another checkpoint's row.
+
+    In the Hugging Face cache a file's blob name is its content hash: a shard two revisions have
+    in common (pythia-12b's step50000 and step58000 serve the final first shard) holds the same
+    tensors, so the views of its parameters are decomposed once, by the first checkpoint (done in
+    the store, else earliest in ``compute``) that has it. Returns name -> {view key: checkpoint}.
+    Files outside the cache are not compared (that would mean hashing every shard of every done
+    checkpoint again); whole identical checkpoints are found by `_deduplicate` either way.
+    """
+    todo = {c.name for c in compute}
+    entries = {e["name"]: e for e in st.checkpoints}
+    owners: dict[str, str] = {}  # blob -> the checkpoint whose row holds its views
+    for c in run.checkpoints:
+        e = entries.get(c.name)
+        if c.name not in todo and e and e.get("done") and not e.get("duplicate_of"):
+            for b in runs.file_blobs(c):
+                if b:
+                    owners.setdefault(b, c.name)
+    out: dict[str, dict[str, str]] = {}
+    for c in compute:
+        blobs = runs.file_blobs(c)
+        shared = {f: owners[b] for f, b in zip(c.files, blobs, strict=True) if b in owners}
+        if shared and len(c.files) > 1:  # one shared file alone: a duplicate, handled before
+            with runs.CheckpointReader(c) as reader:
+                where = reader.files()
+            keys = {k: shared[where[v["param"]]] for k, v in views.items()
+                    if where.get(v["param"]) in shared}  # fmt: skip
+            if keys:
+                out[c.name] = keys
+        for b in blobs:
+            if b:
+                owners.setdefault(b, c.name)
+    return out
 
 
 def _batch_bytes(keys: Sequence[str], views: Mapping[str, Mapping[str, Any]]) -> int:
@@ -608,50 +689,57 @@ def _nothing(*_: object) -> None:
 
 
 def _chain(
-    plan: Sequence[tuple[Checkpoint, Sequence[str]]],
+    plan: Sequence[tuple[Checkpoint, Sequence[Sequence[str]]]],
     task: Callable[[Checkpoint, Sequence[str], int], Callable[..., Any]],
     write: Callable[..., None],
     finish: Callable[..., None],
     views: Mapping[str, Mapping[str, Any]],
     cores: int,
     workers: int,
+    copy: Callable[..., None] | None = None,
 ) -> Any:
-    """The Dask graph of ``plan`` ((checkpoint, group) in write order, a checkpoint's groups
-    together); returns its last task.
+    """The Dask graph of ``plan`` (each checkpoint with its groups, in write order); returns its
+    last task.
 
-    The writes form one chain in plan order. Task j may start only once the write of the last
-    task that keeps it over `IN_FLIGHT_BYTES` is done, so the stacks of the tasks started and not
-    yet written stay within that budget (or `workers` tasks, if more) however many layers and
-    checkpoints the plan holds. A large matrix (`_is_big`) waits until every task before it has
-    computed and the tasks after it wait for it, so it runs alone with every core. Tasks depend
-    on markers (`_nothing`), never on other tasks' results, which would keep those results alive
-    until the dependent ran.
+    The writes form one chain in plan order, each checkpoint's opened by ``copy`` (its views
+    taken from another row) and closed by ``finish``. Task j may start only once the write of the
+    last task that keeps it over `IN_FLIGHT_BYTES` is done, so the stacks of the tasks started
+    and not yet written stay within that budget (or `workers` tasks, if more) however many layers
+    and checkpoints the plan holds. A large matrix (`_is_big`) waits until every task before it
+    has computed and the tasks after it wait for it, so it runs alone with every core. Tasks
+    depend on markers (`_nothing`), never on other tasks' results, which would keep those
+    results alive until the dependent ran.
     """
     import dask
 
-    nbytes = [_batch_bytes(g, views) for _, g in plan]
-    big = [_is_big(views[g[0]]) for _, g in plan]
+    flat = [(c, g) for c, groups in plan for g in groups]
+    nbytes = [_batch_bytes(g, views) for _, g in flat]
+    big = [_is_big(views[g[0]]) for _, g in flat]
     computed: list[Any] = []
     writes: list[Any] = []
     first = 0  # the oldest task that may still be unwritten when task j starts
     flight = 0  # bytes of tasks first .. j-1
     last = None
-    for j, (c, g) in enumerate(plan):
-        while first < j and (flight + nbytes[j] > IN_FLIGHT_BYTES and j - first >= workers):
-            flight -= nbytes[first]
-            first += 1
-        after = [writes[first - 1]] if first else []
-        if big[j]:
-            after += computed[first:j]
-        else:
-            after += [computed[i] for i in range(first, j) if big[i]]
-        svd = task(c, g, cores if big[j] else max(1, cores // workers))(*after)
-        computed.append(dask.delayed(_nothing)(svd))
-        last = dask.delayed(partial(write, c))(svd, last)
-        writes.append(last)
-        flight += nbytes[j]
-        if j + 1 == len(plan) or plan[j + 1][0] is not c:  # its last group: the row is done
-            last = dask.delayed(partial(finish, c))(last)
+    j = 0
+    for c, groups in plan:
+        if copy is not None:
+            last = dask.delayed(partial(copy, c))(last)
+        for g in groups:
+            while first < j and flight + nbytes[j] > IN_FLIGHT_BYTES and j - first >= workers:
+                flight -= nbytes[first]
+                first += 1
+            after = [writes[first - 1]] if first else []
+            if big[j]:
+                after += computed[first:j]
+            else:
+                after += [computed[i] for i in range(first, j) if big[i]]
+            svd = task(c, g, cores if big[j] else max(1, cores // workers))(*after)
+            computed.append(dask.delayed(_nothing)(svd))
+            last = dask.delayed(partial(write, c))(svd, last)
+            writes.append(last)
+            flight += nbytes[j]
+            j += 1
+        last = dask.delayed(partial(finish, c))(last)  # all its views written: the row is done
     return last
 
 
