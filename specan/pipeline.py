@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
@@ -581,8 +581,8 @@ def _compute(
     reused = reused or {}
 
     def copy(ckpt: Checkpoint, _prev: None) -> None:
-        """Copy the views this checkpoint shares with earlier ones from their rows (written
-        before it in the chain), one view at a time."""
+        """Copy the views this checkpoint shares with earlier ones from their rows (done before
+        it in the chain), one view at a time."""
         keys = reused.get(ckpt.name)
         if not keys or ckpt.name in failed:
             return
@@ -624,8 +624,11 @@ def _compute(
             _distributed(client, ready, small, big, views, opts, write, finish)
             return
         for i in range(0, len(ready), window):
-            plan = [(c, _without(small + big, reused.get(c.name))) for c in ready[i : i + window]]
-            last = _chain(plan, task, write, finish, views, cores, workers, copy)
+            batch = ready[i : i + window]
+            # small matrices first, side by side; the large ones after them, one at a time
+            plan = [(c, g) for groups in (small, big) for c in batch
+                    for g in _without(groups, reused.get(c.name))]  # fmt: skip
+            last = _chain(batch, plan, task, write, finish, views, cores, workers, copy, reused)
             dask.compute(last, scheduler="threads", num_workers=workers)
     finally:
         prog.finish()
@@ -689,7 +692,8 @@ def _nothing(*_: object) -> None:
 
 
 def _chain(
-    plan: Sequence[tuple[Checkpoint, Sequence[Sequence[str]]]],
+    ckpts: Sequence[Checkpoint],
+    plan: Sequence[tuple[Checkpoint, Sequence[str]]],
     task: Callable[[Checkpoint, Sequence[str], int], Callable[..., Any]],
     write: Callable[..., None],
     finish: Callable[..., None],
@@ -697,49 +701,58 @@ def _chain(
     cores: int,
     workers: int,
     copy: Callable[..., None] | None = None,
+    copied: Collection[str] = (),
 ) -> Any:
-    """The Dask graph of ``plan`` (each checkpoint with its groups, in write order); returns its
-    last task.
+    """The Dask graph of ``plan`` ((checkpoint, group) tasks of ``ckpts``, in write order);
+    returns its last task.
 
-    The writes form one chain in plan order, each checkpoint's opened by ``copy`` (its views
-    taken from another row) and closed by ``finish``. Task j may start only once the write of the
-    last task that keeps it over `IN_FLIGHT_BYTES` is done, so the stacks of the tasks started
-    and not yet written stay within that budget (or `workers` tasks, if more) however many layers
-    and checkpoints the plan holds. A large matrix (`_is_big`) waits until every task before it
-    has computed and the tasks after it wait for it, so it runs alone with every core. Tasks
-    depend on markers (`_nothing`), never on other tasks' results, which would keep those
-    results alive until the dependent ran.
+    The writes form one chain in plan order, and ``finish`` follows a checkpoint's last write.
+    The checkpoints named in ``copied`` take views from other rows (``copy``): theirs are
+    finished at the end of the chain, in order, after a copy, so that every original
+    decomposed beside them (whose large matrices may come late in the plan) is written by then.
+    Task j may start only once the
+    write of the last task that keeps it over `IN_FLIGHT_BYTES` is done, so the stacks of the
+    tasks started and not yet written stay within that budget (or `workers` tasks, if more)
+    however many layers and checkpoints the plan holds. A large matrix (`_is_big`) waits until
+    every task before it has computed and the tasks after it wait for it, so it runs alone with
+    every core. Tasks depend on markers (`_nothing`), never on other tasks' results, which would
+    keep those results alive until the dependent ran.
     """
     import dask
 
-    flat = [(c, g) for c, groups in plan for g in groups]
-    nbytes = [_batch_bytes(g, views) for _, g in flat]
-    big = [_is_big(views[g[0]]) for _, g in flat]
+    def then(fn: Callable[..., None], c: Checkpoint, *args: Any) -> Any:
+        return dask.delayed(partial(fn, c))(*args)
+
+    last_of = {c.name: j for j, (c, _) in enumerate(plan)}
+    last = None
+    for c in ckpts:  # nothing to decompose and nothing to copy: done at once
+        if c.name not in last_of and c.name not in copied:
+            last = then(finish, c, last)
+    nbytes = [_batch_bytes(g, views) for _, g in plan]
+    big = [_is_big(views[g[0]]) for _, g in plan]
     computed: list[Any] = []
     writes: list[Any] = []
     first = 0  # the oldest task that may still be unwritten when task j starts
     flight = 0  # bytes of tasks first .. j-1
-    last = None
-    j = 0
-    for c, groups in plan:
-        if copy is not None:
-            last = dask.delayed(partial(copy, c))(last)
-        for g in groups:
-            while first < j and flight + nbytes[j] > IN_FLIGHT_BYTES and j - first >= workers:
-                flight -= nbytes[first]
-                first += 1
-            after = [writes[first - 1]] if first else []
-            if big[j]:
-                after += computed[first:j]
-            else:
-                after += [computed[i] for i in range(first, j) if big[i]]
-            svd = task(c, g, cores if big[j] else max(1, cores // workers))(*after)
-            computed.append(dask.delayed(_nothing)(svd))
-            last = dask.delayed(partial(write, c))(svd, last)
-            writes.append(last)
-            flight += nbytes[j]
-            j += 1
-        last = dask.delayed(partial(finish, c))(last)  # all its views written: the row is done
+    for j, (c, g) in enumerate(plan):
+        while first < j and flight + nbytes[j] > IN_FLIGHT_BYTES and j - first >= workers:
+            flight -= nbytes[first]
+            first += 1
+        after = [writes[first - 1]] if first else []
+        if big[j]:
+            after += computed[first:j]
+        else:
+            after += [computed[i] for i in range(first, j) if big[i]]
+        svd = task(c, g, cores if big[j] else max(1, cores // workers))(*after)
+        computed.append(dask.delayed(_nothing)(svd))
+        last = then(write, c, svd, last)
+        writes.append(last)
+        flight += nbytes[j]
+        if last_of[c.name] == j and c.name not in copied:  # all its views written: done
+            last = then(finish, c, last)
+    for c in ckpts:
+        if c.name in copied and copy is not None:
+            last = then(finish, c, then(copy, c, last))
     return last
 
 
