@@ -15,8 +15,11 @@ import pytest
 import torch
 from safetensors.numpy import load_file as load_np
 from safetensors.torch import save_file
+from typer.testing import CliRunner
 
+import specan
 from specan import analysis, pipeline, runs, store
+from specan.cli import app
 from specan.demo import write_synthetic_run
 from specan.errors import (
     BadCheckpointError,
@@ -657,3 +660,13 @@ def test_revisions_sharing_a_shard_decompose_it_once(
             u, vv = st.read_vectors(key)
             np.testing.assert_array_equal(u[t], u[o])
             np.testing.assert_array_equal(vv[t], vv[o])
+
+
+def test_ingest_command_says_which_revisions_share_files(tmp_path: Path, monkeypatch) -> None:
+    run = write_synthetic_run(tmp_path / "run", checkpoints=1, width=8)
+    made = pipeline.IngestReport(store=tmp_path / "s.zarr", computed=["step58000"], views=7)
+    made.shared = [("step58000", ["step50000"], 5)]
+    monkeypatch.setattr(specan, "ingest", lambda *a, **k: made)
+    res = CliRunner().invoke(app, ["ingest", str(run)])
+    assert res.exit_code == 0, res.output
+    assert "shared files: step58000 has shards of step50000; 5 view(s) copied" in res.stdout
