@@ -540,7 +540,7 @@ def _compute(
     ``reused`` maps a checkpoint to the views (key -> checkpoint) it takes from another's row
     (see `_shared_files`): they are copied, not decomposed again.
 
-    Per checkpoint, groups of small matrices run side by side, one thread each; then the large
+    Per window, groups of small matrices run side by side, one thread each; then the large
     matrices (see `BIG_ELEMENTS`) one at a time with every core, so neither a lone large matrix
     leaves cores idle nor do two multi-threaded decompositions fight over them. Each SVD task's
     results are written by a task that depends on it and on the previous write, and a
@@ -700,23 +700,23 @@ def _chain(
     views: Mapping[str, Mapping[str, Any]],
     cores: int,
     workers: int,
-    copy: Callable[..., None] | None = None,
-    copied: Collection[str] = (),
+    copy: Callable[..., None],
+    copied: Collection[str],
 ) -> Any:
     """The Dask graph of ``plan`` ((checkpoint, group) tasks of ``ckpts``, in write order);
     returns its last task.
 
     The writes form one chain in plan order, and ``finish`` follows a checkpoint's last write.
-    The checkpoints named in ``copied`` take views from other rows (``copy``): theirs are
-    finished at the end of the chain, in order, after a copy, so that every original
-    decomposed beside them (whose large matrices may come late in the plan) is written by then.
-    Task j may start only once the
-    write of the last task that keeps it over `IN_FLIGHT_BYTES` is done, so the stacks of the
-    tasks started and not yet written stay within that budget (or `workers` tasks, if more)
-    however many layers and checkpoints the plan holds. A large matrix (`_is_big`) waits until
-    every task before it has computed and the tasks after it wait for it, so it runs alone with
-    every core. Tasks depend on markers (`_nothing`), never on other tasks' results, which would
-    keep those results alive until the dependent ran.
+    The checkpoints named in ``copied`` take views from other rows (``copy``): they are finished
+    at the end of the chain, in order, each after its copy, so that every original decomposed
+    beside them (whose large matrices may come late in the plan) is written by then.
+
+    Task j may start only once the write of the last task that keeps it over `IN_FLIGHT_BYTES`
+    is done, so the stacks of the tasks started and not yet written stay within that budget (or
+    `workers` tasks, if more) however many layers and checkpoints the plan holds. A large matrix
+    (`_is_big`) waits until every task before it has computed and the tasks after it wait for
+    it, so it runs alone with every core. Tasks depend on markers (`_nothing`), never on other
+    tasks' results, which would keep those results alive until the dependent ran.
     """
     import dask
 
@@ -751,7 +751,7 @@ def _chain(
         if last_of[c.name] == j and c.name not in copied:  # all its views written: done
             last = then(finish, c, last)
     for c in ckpts:
-        if c.name in copied and copy is not None:
+        if c.name in copied:
             last = then(finish, c, then(copy, c, last))
     return last
 
