@@ -39,13 +39,18 @@ SIZES = {
     "1b": (2048, 16, 8, torch.bfloat16),
     "1.4b": (2048, 24, 16, torch.float16),
     "2.8b": (2560, 32, 32, torch.float16),
+    "12b": (5120, 36, 40, torch.float16),
 }
 VOCAB = 50304
+VOCABS = {"12b": 50688}  # the sizes whose vocabulary is padded otherwise
 
 
-def config(size: str, layers: int | None = None, vocab: int = VOCAB, positions: int = 2048) -> dict:
+def config(
+    size: str, layers: int | None = None, vocab: int | None = None, positions: int = 2048
+) -> dict:
     """GPT-NeoX's config.json for a size; tests shrink the vocabulary and the context."""
     d, n, heads, dtype = SIZES[size]
+    vocab = vocab or VOCABS.get(size, VOCAB)
     return {
         "architectures": ["GPTNeoXForCausalLM"],
         "model_type": "gpt_neox",
@@ -193,7 +198,7 @@ def main() -> None:
     ap.add_argument("--cache", action="store_true", help="the Hugging Face cache layout")
     ap.add_argument("--bin", type=int, default=0, help="N torch .bin shards, not safetensors")
     ap.add_argument("--same", default="", help="STEP=OTHER,...: STEP repeats OTHER's weights")
-    ap.add_argument("--vocab", type=int, default=VOCAB, help="a smaller vocabulary for tests")
+    ap.add_argument("--vocab", type=int, default=None, help="a smaller vocabulary for tests")
     args = ap.parse_args()
     steps = [int(s) for s in args.steps.split(",") if s.strip()]
     same = dict(tuple(map(int, kv.split("="))) for kv in args.same.split(",") if kv.strip())

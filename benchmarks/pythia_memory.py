@@ -4,10 +4,10 @@
 
 writes ``OUT/step1000/`` with `pythia_like.py`, then runs ``/usr/bin/time -v specan ingest`` twice
 with the store in ``OUT/``: once on one small matrix (``--layers``; the fixed cost: Python, torch,
-dask, zarr, one small task) and once on everything. It prints peak RSS of both beside the largest
-batch a task stacks (float32, ``pipeline.BATCH_BYTES`` bounds it unless one matrix is larger),
-so that the peak reads as ``constant + factor x largest batch``. The checkpoint is deleted at the
-end unless ``--keep``. Takes every core for minutes.
+dask, zarr, one small task) and once on everything. It prints peak RSS of both beside the
+float32 stacks that may be in flight at once, F = max(``pipeline.IN_FLIGHT_BYTES``, the largest
+batch a task stacks), so that the peak reads as ``constant + factor x F``. The checkpoint is
+deleted at the end unless ``--keep``. Takes every core for minutes.
 """
 
 from __future__ import annotations
@@ -43,12 +43,7 @@ def peak_rss(cmd: list[str]) -> tuple[int, float]:
 
 def largest_batch(views: dict) -> tuple[int, list[str]]:
     """Bytes of the largest float32 stack one task decomposes, and its views."""
-    best = (0, [])
-    for keys in pipeline._groups(views):
-        m, n = views[keys[0]]["shape"]
-        nbytes = sum(4 * m * n * (views[k].get("heads") or 1) for k in keys)
-        best = max(best, (nbytes, keys))
-    return best
+    return max((pipeline._batch_bytes(keys, views), keys) for keys in pipeline._groups(views))
 
 
 def main() -> None:
@@ -66,8 +61,8 @@ def main() -> None:
     full, t_full = peak_rss([*specan, "--store", str(args.out / "all.zarr")])
     views = store.open_store(args.out / "all.zarr").views
     batch, keys = largest_batch(views)
-    one_batch = largest_batch(store.open_store(args.out / "one.zarr").views)[0]
-    factor = (full - small) / max(1, batch - one_batch)
+    flight = max(pipeline.IN_FLIGHT_BYTES, batch)
+    factor = (full - small) / flight
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "versions": {"specan": __version__, "torch": torch.__version__},
@@ -75,11 +70,12 @@ def main() -> None:
         "largest_batch_MiB": round(batch / 2**20, 1),
         "largest_batch_views": keys,
         "batch_bytes_bound_MiB": pipeline.BATCH_BYTES / 2**20,
+        "in_flight_MiB": flight / 2**20,
         "peak_rss_one_small_matrix_MiB": round(small / 2**20),
         "peak_rss_full_MiB": round(full / 2**20),
         "seconds_full": round(t_full, 1),
         "seconds_one": round(t_small, 1),
-        "formula": f"peak ~ {small / 2**20:.0f} MiB + {factor:.1f} x largest batch",
+        "formula": f"peak ~ {small / 2**20:.0f} MiB + {factor:.1f} x {flight / 2**20:.0f} MiB",
     }
     print(json.dumps(result, indent=2))
     if not args.keep:

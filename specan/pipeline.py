@@ -1,12 +1,14 @@
 """`ingest`: checkpoints -> matrix views -> batched SVD -> the store, as a Dask graph.
 
 The graph has one task per (checkpoint, group of same-shaped views): each task reads its tensors
-from the memory-mapped checkpoint, stacks them and calls the kernel, so reading one group overlaps
-the SVDs of another and no task holds more than one batch. Each SVD task's results are written
-by a write task that follows it and the previous write, so exactly one task writes the store at a
-time, in order, while later groups are still being decomposed, and results are dropped once
-written. A row is marked done only after all its arrays are written; an interrupted ingest loses
-at most the rows in flight; the next redoes them.
+one by one from the memory-mapped checkpoint into one stack and calls the kernel, so reading one
+group overlaps the SVDs of another and no task holds more than one batch. Each SVD task's results
+are written by a write task that follows it and the previous write, so exactly one task writes the
+store at a time, in order, while later groups are still being decomposed, and results are dropped
+once written. A task starts only when the stacks of the tasks started and not yet written fit in
+`IN_FLIGHT_BYTES`: peak memory is a constant plus a multiple of that budget (see `_chain`),
+whatever the number of layers. A row is marked done only after all its arrays are written; an
+interrupted ingest loses at most the rows in flight; the next redoes them.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
@@ -41,6 +43,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TOP_K = 128
 BATCH_BYTES = 256 * 2**20  # bound on one task's stacked float32 input
+# Bound on the stacks of the tasks started and not yet written (at least one task per worker):
+# with the threaded scheduler free to run every ready task, results waited for the write chain
+# and peak memory grew with the number of layers.
+IN_FLIGHT_BYTES = 2 * BATCH_BYTES
 # A matrix this large, or with a side this long, is decomposed with every core, one at a time:
 # with one thread per task a lone 50304 x 768 embedding left the other core idle, and two
 # multi-threaded tasks at once ran 2-4x slower than one (oversubscription).
@@ -85,6 +91,8 @@ class IngestReport:
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
     duplicates: list[tuple[str, str]] = field(default_factory=list)  # (name, same content as)
+    # (name, the checkpoints whose rows it shares files with, views copied from them)
+    shared: list[tuple[str, list[str], int]] = field(default_factory=list)
 
 
 class Progress(Protocol):
@@ -243,19 +251,23 @@ def _svd_group(
     from specan.views import extract
     from specan_kernels import svd
 
-    mats, sizes = [], []
+    # Tensor by tensor into one preallocated stack: only one tensor's copies exist beside it
+    # (stacking a list of them with torch.cat held the batch twice).
+    sizes = [views[key].heads or 1 for key in keys]
+    batch = torch.empty((sum(sizes), *views[keys[0]].shape), dtype=torch.float32)
     try:
         with runs.CheckpointReader(ckpt) as reader:
-            for key in keys:
+            start = 0
+            for key, n in zip(keys, sizes, strict=True):
                 spec = views[key]
                 m = extract(spec, reader.get(spec.param))
                 if not bool(torch.isfinite(m.sum())):  # NaN and Inf survive a sum
                     raise BadCheckpointError(ckpt.files[0], f"{spec.param} has NaN or Inf values")
-                mats.append(m.reshape(-1, *spec.shape))
-                sizes.append(mats[-1].shape[0])
+                batch[start : start + n] = m.reshape(n, *spec.shape)
+                start += n
+                del m
     except BadCheckpointError as e:
         return _Failed(e)
-    batch = torch.cat(mats) if len(mats) > 1 else mats[0]
     k = max(views[key].k for key in keys)
     top = max(views[key].sigma_top or 0 for key in keys)  # a group shares one shape
     try:
@@ -428,7 +440,14 @@ def _ingest_locked(
         )
         st.set_bad_files([{"path": p, "reason": r} for p, r in report.bad])
         if compute:
-            _compute(st, compute, views, opts, prog, report, reject, client, ids)
+            # on a cluster checkpoints finish in any order, so a copy could run before its
+            # original is written: there every checkpoint is decomposed whole
+            reused = _shared_files(run, st, compute, views) if client is None else {}
+            for c in compute:
+                if c.name in reused:
+                    owners = sorted(set(reused[c.name].values()), key=runs.natural_key)
+                    report.shared.append((c.name, owners, len(reused[c.name])))
+            _compute(st, compute, views, opts, prog, report, reject, client, ids, reused)
         _point_duplicates(st, dups, ids, report, reject)
 
 
@@ -513,15 +532,20 @@ def _compute(
     reject: Callable[[BadCheckpointError], None],
     client: Client | None = None,
     ids: Mapping[str, str] | None = None,
+    reused: Mapping[str, Mapping[str, str]] | None = None,
 ) -> None:
     """Run the Dask graph, a window of checkpoints at a time (on a cluster: `_distributed`).
 
-    Groups of small matrices run side by side, one thread each; then the large matrices (see
-    `BIG_ELEMENTS`) one at a time with every core, so neither a lone large matrix leaves cores
-    idle nor do two multi-threaded decompositions fight over them. Each SVD task's results are
-    written by a task that depends on it and on the previous write, and a checkpoint's `finish`
-    (done) follows its last write: the chain keeps one writer at a time, in order, while the next
-    SVDs run beside it.
+    ``reused`` maps a checkpoint to the views (key -> checkpoint) it takes from another's row
+    (see `_shared_files`): they are copied, not decomposed again.
+
+    Per window, groups of small matrices run side by side, one thread each; then the large
+    matrices (see `BIG_ELEMENTS`) one at a time with every core, so neither a lone large matrix
+    leaves cores idle nor do two multi-threaded decompositions fight over them. Each SVD task's
+    results are written by a task that depends on it and on the previous write, and a
+    checkpoint's `finish` (done) follows its last write: the chain keeps one writer at a time, in
+    order, while the next SVDs run beside it. `_chain` builds the graph and bounds what is in
+    flight.
     """
     import dask
 
@@ -553,6 +577,27 @@ def _compute(
             return
         st.write_row(rows[ckpt.name], res)
 
+    reused = reused or {}
+
+    def copy(ckpt: Checkpoint, _prev: None) -> None:
+        """Copy the views this checkpoint shares with earlier ones from their rows (done before
+        it in the chain), one view at a time."""
+        keys = reused.get(ckpt.name)
+        if not keys or ckpt.name in failed:
+            return
+        done = {e["name"]: e["row"] for e in st.checkpoints if e.get("done")}
+        lost = sorted({o for o in keys.values() if o not in done})
+        if lost:  # its original failed: left not done, so that the next ingest decomposes it
+            failed.add(ckpt.name)
+            msg = (f"{ckpt.name}: not ingested, it shares files with {', '.join(lost)}, which "
+                   "failed; the next ingest decomposes it whole")  # fmt: skip
+            report.warnings.append(msg)
+            prog.warn(msg)
+            prog.advance(ckpt.name, 0, ckpt.size)
+            return
+        for key, owner in keys.items():
+            st.write_row(rows[ckpt.name], {key: st.read_view(key, done[owner])})
+
     def finish(ckpt: Checkpoint, _prev: None) -> None:
         """All of the checkpoint's views are written: only now is it done."""
         if ckpt.name in failed:
@@ -579,22 +624,135 @@ def _compute(
             return
         for i in range(0, len(ready), window):
             batch = ready[i : i + window]
-            # small matrices: one task per group, one thread each, all cores busy at once
-            parts = {c.name: [task(c, g, max(1, cores // workers))() for g in small] for c in batch}
-            # large ones: after the small ones, one at a time, each with every core
-            after = [t for ts in parts.values() for t in ts]
-            for c in batch:
-                for g in big:
-                    parts[c.name].append(task(c, g, cores)(*after))
-                    after = [parts[c.name][-1]]
-            last = None
-            for c in batch:  # the writes: one chain, in order, overlapping the next SVDs
-                for part in parts[c.name]:
-                    last = dask.delayed(partial(write, c))(part, last)
-                last = dask.delayed(partial(finish, c))(last)
+            # small matrices first, side by side; the large ones after them, one at a time
+            plan = [(c, g) for groups in (small, big) for c in batch
+                    for g in _without(groups, reused.get(c.name))]  # fmt: skip
+            last = _chain(batch, plan, task, write, finish, views, cores, workers, copy, reused)
             dask.compute(last, scheduler="threads", num_workers=workers)
     finally:
         prog.finish()
+
+
+def _without(groups: Sequence[Sequence[str]], keys: Mapping[str, Any] | None) -> list[list[str]]:
+    """``groups`` less the view keys in ``keys``, dropping groups left empty."""
+    out = [[k for k in g if k not in (keys or {})] for g in groups]
+    return [g for g in out if g]
+
+
+def _shared_files(
+    run: Run,
+    st: store.Store,
+    compute: Sequence[Checkpoint],
+    views: Mapping[str, StoredView],
+) -> dict[str, dict[str, str]]:
+    """The views each sharded checkpoint in ``compute`` can copy from another checkpoint's row.
+
+    In the Hugging Face cache a file's blob name is its content hash: a shard two revisions have
+    in common (pythia-12b's step50000 and step58000 serve the final first shard) holds the same
+    tensors, so the views of its parameters are decomposed once, by the first checkpoint (done in
+    the store, else earliest in ``compute``) that has it. Returns name -> {view key: checkpoint}.
+    Files outside the cache are not compared (that would mean hashing every shard of every done
+    checkpoint again); whole identical checkpoints are found by `_deduplicate` either way.
+    """
+    todo = {c.name for c in compute}
+    entries = {e["name"]: e for e in st.checkpoints}
+    owners: dict[str, str] = {}  # blob -> the checkpoint whose row holds its views
+    for c in run.checkpoints:
+        e = entries.get(c.name)
+        if c.name not in todo and e and e.get("done") and not e.get("duplicate_of"):
+            for b in runs.file_blobs(c):
+                if b:
+                    owners.setdefault(b, c.name)
+    out: dict[str, dict[str, str]] = {}
+    for c in compute:
+        blobs = runs.file_blobs(c)
+        shared = {f: owners[b] for f, b in zip(c.files, blobs, strict=True) if b in owners}
+        if shared and len(c.files) > 1:  # one shared file alone: a duplicate, handled before
+            with runs.CheckpointReader(c) as reader:
+                where = reader.files()
+            keys = {k: shared[where[v.param]] for k, v in views.items()
+                    if where.get(v.param) in shared}  # fmt: skip
+            if keys:
+                out[c.name] = keys
+        for b in blobs:
+            if b:
+                owners.setdefault(b, c.name)
+    return out
+
+
+def _batch_bytes(keys: Sequence[str], views: Mapping[str, StoredView]) -> int:
+    """Bytes of the float32 stack one task decomposes."""
+    m, n = views[keys[0]].shape
+    return sum(4 * m * n * (views[k].heads or 1) for k in keys)
+
+
+def _nothing(*_: object) -> None:
+    """A marker that a task has run; it carries no result, so depending on it holds nothing."""
+
+
+def _chain(
+    ckpts: Sequence[Checkpoint],
+    plan: Sequence[tuple[Checkpoint, Sequence[str]]],
+    task: Callable[[Checkpoint, Sequence[str], int], Callable[..., Any]],
+    write: Callable[..., None],
+    finish: Callable[..., None],
+    views: Mapping[str, StoredView],
+    cores: int,
+    workers: int,
+    copy: Callable[..., None],
+    copied: Collection[str],
+) -> Any:
+    """The Dask graph of ``plan`` ((checkpoint, group) tasks of ``ckpts``, in write order);
+    returns its last task.
+
+    The writes form one chain in plan order, and ``finish`` follows a checkpoint's last write.
+    The checkpoints named in ``copied`` take views from other rows (``copy``): they are finished
+    at the end of the chain, in order, each after its copy, so that every original decomposed
+    beside them (whose large matrices may come late in the plan) is written by then.
+
+    Task j may start only once the write of the last task that keeps it over `IN_FLIGHT_BYTES`
+    is done, so the stacks of the tasks started and not yet written stay within that budget (or
+    `workers` tasks, if more) however many layers and checkpoints the plan holds. A large matrix
+    (`_is_big`) waits until every task before it has computed and the tasks after it wait for
+    it, so it runs alone with every core. Tasks depend on markers (`_nothing`), never on other
+    tasks' results, which would keep those results alive until the dependent ran.
+    """
+    import dask
+
+    def then(fn: Callable[..., None], c: Checkpoint, *args: Any) -> Any:
+        return dask.delayed(partial(fn, c))(*args)
+
+    last_of = {c.name: j for j, (c, _) in enumerate(plan)}
+    last = None
+    for c in ckpts:  # nothing to decompose and nothing to copy: done at once
+        if c.name not in last_of and c.name not in copied:
+            last = then(finish, c, last)
+    nbytes = [_batch_bytes(g, views) for _, g in plan]
+    big = [_is_big(views[g[0]]) for _, g in plan]
+    computed: list[Any] = []
+    writes: list[Any] = []
+    first = 0  # the oldest task that may still be unwritten when task j starts
+    flight = 0  # bytes of tasks first .. j-1
+    for j, (c, g) in enumerate(plan):
+        while first < j and flight + nbytes[j] > IN_FLIGHT_BYTES and j - first >= workers:
+            flight -= nbytes[first]
+            first += 1
+        after = [writes[first - 1]] if first else []
+        if big[j]:
+            after += computed[first:j]
+        else:
+            after += [computed[i] for i in range(first, j) if big[i]]
+        svd = task(c, g, cores if big[j] else max(1, cores // workers))(*after)
+        computed.append(dask.delayed(_nothing)(svd))
+        last = then(write, c, svd, last)
+        writes.append(last)
+        flight += nbytes[j]
+        if last_of[c.name] == j and c.name not in copied:  # all its views written: done
+            last = then(finish, c, last)
+    for c in ckpts:
+        if c.name in copied:
+            last = then(finish, c, then(copy, c, last))
+    return last
 
 
 # -- a dask.distributed cluster ---------------------------------------------------------------

@@ -278,7 +278,7 @@ def content_id(ckpt: Checkpoint) -> str:
     """
     import hashlib
 
-    blobs = [_blob(f) for f in ckpt.files]
+    blobs = file_blobs(ckpt)
     if all(blobs):
         return "blob:" + "+".join(b for b in blobs if b)
     h = hashlib.sha256()
@@ -306,6 +306,12 @@ def _u8() -> Any:
     import torch
 
     return torch.uint8
+
+
+def file_blobs(ckpt: Checkpoint) -> list[str | None]:
+    """The blob (content hash) behind each of a checkpoint's files in a Hugging Face cache, None
+    for a file elsewhere. Nothing is read."""
+    return [_blob(f) for f in ckpt.files]
 
 
 def _blob(path: Path) -> str | None:
@@ -621,6 +627,11 @@ class CheckpointReader:
                     route.setdefault(name, f)
             self._route = route
         return self._route
+
+    def files(self) -> dict[str, Path]:
+        """Tensor name -> the file (shard) that holds it."""
+        with self._lock:
+            return dict(self._routes())
 
     def names(self) -> list[str]:
         """All tensor names in the checkpoint, in file order."""

@@ -481,6 +481,21 @@ class Store:
             rows = [rows[step_index]]
         return self._take(f"views/{key}/U", rows), self._take(f"views/{key}/V", rows)
 
+    def read_view(self, key: str, row: int) -> ViewResult:
+        """One view's arrays at one row, as :meth:`write_row` takes them (a copy to another
+        row); eager."""
+        vectors = bool(self.attrs.get("kernel", {}).get("vectors", True))
+
+        def get(name: str) -> np.ndarray:
+            return self._array(f"views/{key}/{name}")[row]
+
+        return ViewResult(
+            sigma=get("sigma"),
+            U=get("U") if vectors else None,
+            V=get("V") if vectors else None,
+            tail=get("tail"),
+        )
+
     def _take(self, name: str, rows: Sequence[int]) -> np.ndarray:
         import numpy as np
 

@@ -15,9 +15,11 @@ import pytest
 import torch
 from safetensors.numpy import load_file as load_np
 from safetensors.torch import save_file
+from typer.testing import CliRunner
 
 import specan
 from specan import pipeline, runs, store
+from specan.cli import app
 from specan.demo import write_synthetic_run
 from specan.errors import (
     BadCheckpointError,
@@ -576,9 +578,90 @@ def test_a_worker_killed_mid_ingest_loses_nothing(tmp_path: Path) -> None:
         opts = IngestOptions(scheduler=cluster.scheduler_address, window=4)
         try:
             first = len(ingest(run, opts, KillAWorker()).computed)
-        except pipeline.SchedulerError:  # the cluster may give up on a task: rows stay
-            first = 0
+        except pipeline.SchedulerError:  # the cluster may give up on a task: rows done stay
+            first = len(store.open_store(store.store_path(run)).done_rows()[0])
         assert killed
         second = ingest(run, opts)  # completes whatever the first left
         assert first + len(second.computed) == 8
     assert_same_store(store.store_path(run), store.store_path(reference))
+
+
+def test_revisions_sharing_a_shard_decompose_it_once(
+    tmp_path: Path, pythia_like, monkeypatch
+) -> None:
+    """pythia-12b's step50000 and step58000 serve the final first shard: in the cache two
+    revisions then link one blob, and its views are decomposed for the first revision only,
+    whether that one is in the store already or ingested beside them."""
+    cfg = pythia_like.config("14m", layers=2, vocab=64, positions=8)
+    hub = tmp_path / "hub"
+    repo = pythia_like.write_hf_cache(hub, cfg, [1000], name="p", bin_shards=3)
+    shards = [f"pytorch_model-0000{i}-of-00003.bin" for i in (1, 2, 3)]
+
+    def snapshot(step: int) -> Path:
+        return repo / "snapshots" / (repo / "refs" / f"step{step}").read_text()
+
+    sp = tmp_path / "p.zarr"
+    assert ingest(repo, IngestOptions(store=sp)).shared == []
+    # step2000 and step3000 serve step1000's first shard, step4000 step3000's second
+    links = {2000: (0, 1000), 3000: (0, 1000), 4000: (1, 3000)}
+    for step, (i, of) in links.items():
+        pythia_like.write_hf_cache(hub, cfg, [step], name="p", bin_shards=3)
+        link = snapshot(step) / shards[i]
+        old_blob = link.resolve()
+        link.unlink()
+        link.symlink_to(os.path.relpath((snapshot(of) / shards[i]).resolve(), link.parent))
+        old_blob.unlink()
+    decomposed: dict[str, list[str]] = {}
+    svd_group = pipeline._svd_group
+
+    def counted(ckpt, keys, *args):
+        decomposed.setdefault(ckpt.name, []).extend(keys)
+        return svd_group(ckpt, keys, *args)
+
+    monkeypatch.setattr(pipeline, "_svd_group", counted)
+    # the MLP matrices large: decomposed at the end of the plan, after the others' small ones
+    monkeypatch.setattr(pipeline, "BIG_ELEMENTS", 4 * cfg["hidden_size"] ** 2)
+    report = ingest(sp)
+    assert report.computed == ["step2000", "step3000", "step4000"] and not report.bad
+    st = store.open_store(sp)
+    in_shard = [set(torch.load(snapshot(1000) / f, weights_only=True, mmap=True)) for f in shards]
+    shared = [{k for k, v in st.views.items() if v["param"] in names} for names in in_shard]
+    assert all(shared) and sum(map(len, shared)) == len(st.views)
+    assert report.shared == [
+        ("step2000", ["step1000"], len(shared[0])),
+        ("step3000", ["step1000"], len(shared[0])),
+        ("step4000", ["step3000"], len(shared[1])),
+    ]
+    for step, (i, _) in links.items():
+        assert sorted(decomposed[f"step{step}"]) == sorted(set(st.views) - shared[i])
+    rows, entries = st.done_rows()
+    steps = [1000, 2000, 3000, 4000]
+    assert [e["step"] for e in entries] == steps
+    # every whole view of every step against NumPy on the weights its files hold
+    for key, v in st.views.items():
+        if v["rule"] not in ("linear", "embedding", "in_proj"):
+            continue
+        sigma = st.read_sigma(key)
+        for t, step in enumerate(steps):
+            files = [snapshot(step) / f for f in shards]
+            w = next(sd[v["param"]] for sd in (torch.load(f, weights_only=True) for f in files)
+                     if v["param"] in sd).double().numpy()  # fmt: skip
+            ref = np.linalg.svd(w, compute_uv=False)
+            np.testing.assert_allclose(sigma[t], ref, rtol=1e-4, atol=1e-4 * ref.max())
+    for step, (i, of) in links.items():  # copied: the very values of the original's row
+        for key in shared[i]:
+            t, o = steps.index(step), steps.index(of)
+            np.testing.assert_array_equal(st.read_sigma(key)[t], st.read_sigma(key)[o])
+            u, vv = st.read_vectors(key)
+            np.testing.assert_array_equal(u[t], u[o])
+            np.testing.assert_array_equal(vv[t], vv[o])
+
+
+def test_ingest_command_says_which_revisions_share_files(tmp_path: Path, monkeypatch) -> None:
+    run = write_synthetic_run(tmp_path / "run", checkpoints=1, width=8)
+    made = pipeline.IngestReport(store=tmp_path / "s.zarr", computed=["step58000"], views=7)
+    made.shared = [("step58000", ["step50000"], 5)]
+    monkeypatch.setattr(specan, "ingest", lambda *a, **k: made)
+    res = CliRunner().invoke(app, ["ingest", str(run)])
+    assert res.exit_code == 0, res.output
+    assert "shared files: step58000 has shards of step50000; 5 view(s) copied" in res.stdout

@@ -160,6 +160,11 @@ def ingest(
         err.print(f"[yellow]skipped[/] {_e(path)}: {_e(reason)}")
     for name, original in report.duplicates:
         out.print(f"duplicate: {_e(name)} has the content of {_e(original)} (decomposed once)")
+    for name, owners, n in report.shared:
+        out.print(
+            f"shared files: {_e(name)} has shards of {_e(', '.join(owners))}; {n} view(s) "
+            "copied from there, not decomposed again"
+        )
     if report.computed:
         out.print(
             f"{_e(run)}: {len(report.computed)} checkpoint(s) ingested "
