@@ -40,8 +40,8 @@ def peak_held(tmp_path: Path, pythia_like, layers: int, monkeypatch) -> tuple[in
     svd_group = pipeline._svd_group
 
     def counted(ckpt, keys, views, *args):
-        m, n = views[keys[0]]["shape"]
-        nbytes = sum(4 * m * n * (views[k].get("heads") or 1) for k in keys)
+        m, n = views[keys[0]].shape
+        nbytes = sum(4 * m * n * (views[k].heads or 1) for k in keys)
         with lock:
             alive["inputs"] += nbytes
             sample()

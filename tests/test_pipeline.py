@@ -625,7 +625,7 @@ def test_revisions_sharing_a_shard_decompose_it_once(
     assert report.computed == ["step2000", "step3000", "step4000"] and not report.bad
     st = store.open_store(sp)
     in_shard = [set(torch.load(snapshot(1000) / f, weights_only=True, mmap=True)) for f in shards]
-    shared = [{k for k, v in st.views.items() if v["param"] in names} for names in in_shard]
+    shared = [{k for k, v in st.views.items() if v.param in names} for names in in_shard]
     assert all(shared) and sum(map(len, shared)) == len(st.views)
     assert report.shared == [
         ("step2000", ["step1000"], len(shared[0])),
@@ -639,13 +639,13 @@ def test_revisions_sharing_a_shard_decompose_it_once(
     assert [e["step"] for e in entries] == steps
     # every whole view of every step against NumPy on the weights its files hold
     for key, v in st.views.items():
-        if v["rule"] not in ("linear", "embedding", "in_proj"):
+        if v.rule not in ("linear", "embedding", "in_proj"):
             continue
         sigma = st.read_sigma(key)
         for t, step in enumerate(steps):
             files = [snapshot(step) / f for f in shards]
-            w = next(sd[v["param"]] for sd in (torch.load(f, weights_only=True) for f in files)
-                     if v["param"] in sd).double().numpy()  # fmt: skip
+            w = next(sd[v.param] for sd in (torch.load(f, weights_only=True) for f in files)
+                     if v.param in sd).double().numpy()  # fmt: skip
             ref = np.linalg.svd(w, compute_uv=False)
             np.testing.assert_allclose(sigma[t], ref, rtol=1e-4, atol=1e-4 * ref.max())
     for step, (i, of) in links.items():  # copied: the very values of the original's row
