@@ -43,6 +43,17 @@ def raw(m: torch.nn.Module) -> dict[str, np.ndarray]:
     return {k: v.detach().double().numpy().copy() for k, v in m.state_dict().items() if v.ndim == 2}
 
 
+def started(root: Path) -> tuple[RunWriter, dict[int, dict[str, np.ndarray]]]:
+    """A run whose training has saved steps 0 and 1: its writer, and what it saved."""
+    w = writer(root)
+    saved = {}
+    for step in (0, 1):
+        m = model(step)
+        w.save(m, step)
+        saved[step] = raw(m)
+    return w, saved
+
+
 def check_sigmas(root: Path, saved: dict[int, dict[str, np.ndarray]]) -> None:
     """Every saved step is a done row of the store, its σ NumPy's on the raw weights."""
     st = store.open_store(store.store_path(root))
@@ -125,12 +136,7 @@ def test_report_needs_watch(tmp_path: Path) -> None:
 
 def test_files_still_being_written_wait_for_the_next_ingest(tmp_path: Path) -> None:
     root = tmp_path / "run"
-    w = writer(root)
-    saved = {}
-    for step in (0, 1):
-        m = model(step)
-        w.save(m, step)
-        saved[step] = raw(m)
+    w, saved = started(root)
     m = model(2)
     full = w.save(m, 2).read_bytes()
     target = w.checkpoint_path(2)
@@ -191,12 +197,7 @@ def test_a_file_growing_while_its_header_is_read_waits(
 
 def test_ctrl_c_leaves_the_store_readable_and_unlocked(tmp_path: Path) -> None:
     root = tmp_path / "run"
-    w = writer(root)
-    saved = {}
-    for step in (0, 1):
-        m = model(step)
-        w.save(m, step)
-        saved[step] = raw(m)
+    w, saved = started(root)
     env = {**os.environ, "COLUMNS": "200"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "specan.cli", "ingest", str(root), "--watch", "--interval", "0.1",
