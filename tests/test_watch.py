@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from specan import runs, store
 from specan.cli import app
-from specan.pipeline import ingest
+from specan.pipeline import IngestOptions, ingest
 from specan.watch import watch
 from specan_trainers.checkpoint import FINISHED, RunWriter
 
@@ -244,3 +244,45 @@ def test_trainers_mark_a_run_finished_only_when_training_returns(tmp_path: Path)
     assert json.loads((tmp_path / "a" / FINISHED).read_text()) == {"step": 7}
     writer(tmp_path / "a")  # reopened to train on: no longer finished
     assert not (tmp_path / "a" / FINISHED).exists()
+
+
+def test_readers_never_see_a_half_written_store_while_an_ingest_appends(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    w, saved = started(root)
+    ingest(root, IngestOptions(workers=1))
+    for step in range(2, 10):
+        m = model(step)
+        w.save(m, step)
+        saved[step] = raw(m)
+    sp = store.store_path(root)
+    errors: list[BaseException] = []
+    reads: list[int] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        # what a reader sees mid-ingest: done rows only, each with NumPy's σ
+        while not stop.is_set():
+            try:
+                st = store.open_store(sp)
+                rows, entries = st.done_rows()
+                keys = {v["param"]: k for k, v in st.views.items()}
+                for row, e in zip(rows, entries, strict=True):
+                    for param, a in saved[e["step"]].items():
+                        s = np.linalg.svd(a, compute_uv=False)
+                        got = st.read_sigma(keys[param])[rows.index(row)]
+                        np.testing.assert_allclose(got[: len(s)], s, rtol=1e-5, atol=1e-6)
+                reads.append(len(rows))
+            except BaseException as e:  # noqa: BLE001 - any of them is the failure reported
+                errors.append(e)
+                return
+
+    t = threading.Thread(target=read)
+    t.start()
+    try:
+        wait_for(lambda: reads or errors, "a first read")
+        ingest(root, IngestOptions(workers=1))
+    finally:
+        stop.set()
+        t.join(DEADLINE)
+    assert not errors, repr(errors[0])
+    assert reads and reads[0] >= 2
