@@ -1,323 +1,191 @@
-"""The analyses of a run's store: rank, alignment and SVA over checkpoints, as plain arrays.
+"""The built-in analyses of a run's store: rank, alignment and SVA over checkpoints.
 
-Each function opens the store, reads what it needs, and returns a small dataclass that
-`specan.cli` prints and `specan.plots` draws. Steps are in step order (done checkpoints only).
-Results are cached in the store's ``derived/`` under a fingerprint of their inputs (the done
-checkpoints, the views, the pairs), so they are recomputed only after the store changed.
+Each is an ordinary registration (`specan.registry`): ``compute(run, ...)`` reads what it needs
+from an open `specan.api.Run` and returns a small in-memory Dataset whose ``value`` is
+``(view or pair, step)``. `Run.analyse` caches it in the store's ``derived/`` like any other
+analysis, and `specan.plots` draws it from that Dataset. Steps are in step order (done
+checkpoints only).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from specan import metrics, runfile, store
+from specan import metrics
 from specan.errors import StoreError
-from specan.order import views_in_model_order
-from specan.pairs import Pair, pairs_for, per_head_vo, resolve
-from specan.views import WHOLE_RULES
+from specan.pairs import pairs_for, per_head_vo, resolve
+from specan.registry import Analysis
+from specan.views import WHOLE_RULES, StoredView
+
+if TYPE_CHECKING:
+    import xarray as xr
+
+    from specan.api import Run
 
 log = logging.getLogger(__name__)
 
 DIAG_TOP = 100  # the diagonals plotted (Eqn 3 and 5): top 100 indices
 
 
-@dataclass
-class RankResult:
-    """Normalised effective rank ``values[v, t]`` of view ``keys[v]`` at ``steps[t]``."""
+def rank(run: Run) -> xr.Dataset:
+    """Normalised effective rank (Eqn 1-2) of every view at every checkpoint.
 
-    steps: np.ndarray
-    keys: list[str]
-    params: list[str]
-    rules: list[str]
-    values: np.ndarray  # [V, T]; per-head views: mean over heads
-    metrics: dict[str, np.ndarray] = field(default_factory=dict)  # name -> [T], NaN if missing
-    bound: list[bool] = field(default_factory=list)  # [V] an upper bound (top-k σ), not exact
-
-    @property
-    def whole(self) -> np.ndarray:
-        """[V] bool: the view is its parameter's whole matrix (one per weight matrix)."""
-        return np.array([r in WHOLE_RULES for r in self.rules], dtype=bool)
-
-    @property
-    def mean(self) -> np.ndarray:
-        """[T] the model's mean normalised effective rank (SPEC §3): the mean over its weight
-        matrices, one per parameter; per-head and split views are extra views, not extra weight.
-        """
-        rows = self.values[self.whole]
-        if not rows.size:
-            return np.full(len(self.steps), np.nan)
-        return rows.mean(axis=0)
-
-    @property
-    def matrices(self) -> int:
-        """How many weight matrices `mean` averages."""
-        return int(self.whole.sum())
-
-
-@dataclass
-class AlignResult:
-    pair: Pair
-    diag: np.ndarray  # [T, n]: A_ii for i < n <= 100 (per-head pairs: mean over heads)
-    score: np.ndarray  # [T]: Eqn 4
-
-
-@dataclass
-class SVAResult:
-    key: str
-    param: str
-    diag: np.ndarray  # [T, n]: S_ii
-    score: np.ndarray  # [T]: mean of the first 10
-
-
-@dataclass
-class Alignment:
-    steps: np.ndarray
-    results: list[AlignResult]
-    skipped: list[tuple[Pair, str]]
-    rule: str
-
-
-@dataclass
-class Agreement:
-    steps: np.ndarray
-    results: list[SVAResult]
-    reference: str  # what each checkpoint was compared with, in words
-    dropped: list[str] = field(default_factory=list)  # what was left out of the comparison
-
-
-def _open(run: Path | str, dedupe: bool = False) -> store.Store:
-    return store.open_store(store.store_path(run), dedupe=dedupe)
-
-
-def _views(st: store.Store) -> dict[str, Any]:
-    """The store's views in model order (older stores list them in file order)."""
-    return views_in_model_order(st.views)
-
-
-def _steps(st: store.Store) -> np.ndarray:
-    return _step_array(st.done_rows()[1])
-
-
-def _step_array(entries: list[dict[str, Any]]) -> np.ndarray:
-    """Steps of done checkpoint entries; -1 for a checkpoint without a step."""
-    return np.array([-1 if e["step"] is None else e["step"] for e in entries], dtype=np.int64)
-
-
-def _inputs(st: store.Store) -> list[Any]:
-    """What every analysis of a store depends on: its done checkpoints and its views."""
-    done = [
-        [c["name"], c["size"], c["mtime_ns"], c["row"]] for c in st.checkpoints if c.get("done")
-    ]
-    return [done, st.views] + (["dedupe"] if st.dedupe else [])
-
-
-def _cached(
-    st: store.Store, name: str, key: str, compute: Any, *, cache: bool
-) -> tuple[dict, dict]:
-    """(arrays, info) from ``derived/<name>`` when ``key`` matches, else computed and cached.
-
-    ``cache=False`` neither reads nor writes the cache. Each array's dimension names come from
-    ``DIMS``, and ``step`` (the done checkpoints' steps) goes in beside them, so that
-    ``xarray.open_zarr(<store>/derived/<name>)`` reads a cached result without specan.
+    ``value`` ``(view, step)`` (per-head views: the mean over heads) and ``model_mean``
+    ``(step)``, the mean over the model's weight matrices, one per parameter (SPEC §3: per-head
+    and split views are extra views, not extra weight); on ``view``: ``param``, ``rule``,
+    ``in_mean`` (counted in that mean) and ``bound`` (only the top-k σ are stored: the value is
+    the upper bound their tail energy allows).
     """
-    if cache:
-        hit = store.read_derived(st.path, name, key)
-        if hit is not None:
-            return hit
-    arrays, info = compute()
-    if cache:
-        arrays = {**arrays, "step": _steps(st)} if "step" not in arrays else arrays
-        store.write_derived(st.path, name, key, arrays, info, dims=DIMS)
-    return arrays, info
+    import xarray as xr
+
+    views = _views(run)
+    rows = []
+    for key, v in views.items():
+        sigma = run.sigma(key).values
+        if v.sigma_top:  # only the top k σ: the bound their tail energy allows
+            erank = metrics.normalized_effective_rank_bound(
+                sigma, run.tail(key).values, min(v.shape)
+            )
+        else:
+            erank = metrics.normalized_effective_rank(sigma)
+        rows.append(erank.mean(axis=1) if erank.ndim == 2 else erank)  # heads: mean
+    values = np.array(rows) if rows else np.zeros((0, len(run.steps)))
+    whole = np.array([v.rule in WHOLE_RULES for v in views.values()], dtype=bool)
+    mean = values[whole].mean(axis=0) if whole.any() else np.full(len(run.steps), np.nan)
+    return xr.Dataset(
+        {"value": (("view", "step"), values), "model_mean": ("step", mean)},
+        coords={**run._coords(), "view": list(views),
+                "param": ("view", [v.param for v in views.values()]),
+                "rule": ("view", [v.rule for v in views.values()]),
+                "in_mean": ("view", whole),
+                "bound": ("view", np.array([bool(v.sigma_top) for v in views.values()]))},
+        attrs={"matrices": int(whole.sum())},
+    )  # fmt: skip
 
 
-# Dimension names of the cached arrays (see `_cached`); view and pair names are in the attrs.
-DIMS = {
-    "step": ["step"],
-    "erank": ["view", "step"],
-    "diag": ["item", "step", "index"],  # item: a pair (align) or a view (sva); NaN-padded
-    "length": ["item"],  # how many diagonal entries of each item are real
-}
+def _diagonals(
+    run: Run,
+    item: str,
+    labels: list[str],
+    diags: list[np.ndarray],
+    item_coords: Mapping[str, list[Any]],
+    attrs: dict[str, Any],
+    index: Sequence[int] | None = None,
+) -> xr.Dataset:
+    """Per-item diagonals ``[T, n_i]``, NaN-padded to one ``index`` length, and their scores
+    (the mean of the first `metrics.SCORE_TOP`) as ``value``; ``length`` says how many entries
+    of each item's diagonal are real."""
+    import xarray as xr
 
-
-def _padded(diags: list[np.ndarray], steps: int) -> dict[str, np.ndarray]:
-    """Diagonals ``[T, n_i]`` of different lengths as one NaN-padded ``[I, T, N]`` array."""
+    coords = run._coords(index)
+    t = len(coords["step"])
     n = max((d.shape[1] for d in diags), default=0)
-    out = np.full((len(diags), steps, n), np.nan, dtype=np.float64)
+    diag = np.full((len(diags), t, n), np.nan)
     for i, d in enumerate(diags):
-        out[i, :, : d.shape[1]] = d
-    return {"diag": out, "length": np.array([d.shape[1] for d in diags], dtype=np.int64)}
+        diag[i, :, : d.shape[1]] = d
+    score = np.array([d[:, : metrics.SCORE_TOP].mean(axis=1) for d in diags], dtype=float)
+    return xr.Dataset(
+        {"diag": ((item, "step", "index"), diag),
+         "value": ((item, "step"), score.reshape(len(diags), t))},
+        coords={**coords, item: labels, "index": np.arange(n),
+                "length": (item, np.array([d.shape[1] for d in diags], dtype=np.int64)),
+                **{k: (item, v) for k, v in item_coords.items()}},
+        attrs=attrs,
+    )  # fmt: skip
 
 
-def _unpadded(arrays: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-    return [arrays["diag"][i, :, :n] for i, n in enumerate(arrays["length"].tolist())]
+def align(run: Run, *, vo_per_head: bool = False) -> xr.Dataset:
+    """Alignment of consecutive layers (Eqn 3) and its score (Eqn 4) at every checkpoint.
 
-
-def rank(run: Path | str, *, cache: bool = True, dedupe: bool = False) -> RankResult:
-    """Normalised effective rank (Eqn 1-2) of every view at every checkpoint (cached unless
-    ``cache`` is False). ``dedupe`` shows identical checkpoints once (`store.dedupe`)."""
-    st = _open(run, dedupe)
-    steps = _steps(st)
-    views = _views(st)
-
-    def compute() -> tuple[dict, dict]:
-        rows = []
-        for key, v in views.items():
-            if v.get("sigma_top"):  # only the top k σ: the bound their tail energy allows
-                erank = metrics.normalized_effective_rank_bound(
-                    st.read_sigma(key), st.read_tail(key), min(v["shape"])
-                )
-            else:
-                erank = metrics.normalized_effective_rank(st.read_sigma(key))
-            rows.append(erank.mean(axis=1) if erank.ndim == 2 else erank)  # heads: mean
-        values = np.array(rows) if rows else np.zeros((0, len(steps)))
-        return {"erank": values}, {"views": list(views)}
-
-    key = store.fingerprint("rank", 2, list(views), *_inputs(st))  # rows follow `views`' order
-    arrays, _ = _cached(st, "rank", key, compute, cache=cache)
-    keys = list(views)
-    return RankResult(
-        steps,
-        keys,
-        [views[k]["param"] for k in keys],
-        [views[k]["rule"] for k in keys],
-        arrays["erank"],
-        {
-            n: np.array(v)
-            for n, v in runfile.metrics_at(store.run_folder(run), steps.tolist()).items()
-        },
-        [bool(views[k].get("sigma_top")) for k in keys],
-    )
-
-
-def sigma(run: Path | str, key: str) -> tuple[np.ndarray, np.ndarray]:
-    """Steps and all singular values ``[T, (H,) R]`` of one view."""
-    st = _open(run)
-    if key not in st.views:
-        raise StoreError(f"{st.path}: no view {key!r} (see `specan info`)")
-    return _steps(st), st.read_sigma(key)
-
-
-def _loader(st: store.Store) -> Any:
-    cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-
-    def load(which: str, key: str) -> np.ndarray:
-        if key not in cache:
-            cache[key] = st.read_vectors(key)
-        return cache[key][0 if which == "U" else 1]
-
-    return load
-
-
-def align(
-    run: Path | str, *, vo_per_head: bool = False, cache: bool = True, dedupe: bool = False
-) -> Alignment:
-    """Alignment of consecutive layers (Eqn 3) and its score (Eqn 4) at every checkpoint
-    (cached unless ``cache`` is False). ``vo_per_head`` takes W_V -> W_O per attention head
-    instead of whole."""
-    st = _open(run, dedupe)
-    _need_vectors(st, "alignment")
-    views = _views(st)
-    pairs, rule = pairs_for(runfile.read_config(store.run_folder(run)), views)
+    ``diag`` ``(pair, step, index)`` (A_ii for i < 100; per-head pairs: the mean over heads)
+    and ``value`` ``(pair, step)``, the score; ``prev``, ``next``, ``kind`` on ``pair``; attrs
+    ``rule`` (where the pairs came from) and ``skipped`` (each pair left out, with the reason).
+    ``vo_per_head`` takes W_V -> W_O per attention head instead of whole.
+    """
+    views = _views(run)
+    pairs, rule = pairs_for(run.config, views)
     if vo_per_head:
         pairs = per_head_vo(pairs)
         rule += "; V -> O per head"
+    vectors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
-    def compute() -> tuple[dict, dict]:
-        load = _loader(st)
-        diags, kept, skipped = [], [], []
-        for pair in pairs:
-            try:
-                prev, nxt = resolve(pair, views, load)
-            except (KeyError, ValueError) as e:
-                skipped.append([asdict(pair), str(e).strip("'\"")])
-                continue
-            a = metrics.alignment(prev, nxt)  # [T, (H,) k2, k1]
-            n = min(DIAG_TOP, a.shape[-1], a.shape[-2])
-            diag = np.diagonal(a, axis1=-2, axis2=-1)[..., :n]
-            if diag.ndim == 3:  # per head -> mean over heads, as the paper plots it
-                diag = diag.mean(axis=1)
-            diags.append(diag)
-            kept.append(asdict(pair))
-        return _padded(diags, len(_steps(st))), {"pairs": kept, "skipped": skipped}
+    def load(which: str, key: str) -> np.ndarray:
+        if key not in vectors:
+            vectors[key] = run._store.read_vectors(key)
+        return vectors[key][0 if which == "U" else 1]
 
-    key = store.fingerprint("align", 2, *_inputs(st), [asdict(p) for p in pairs])
-    arrays, info = _cached(st, "align", key, compute, cache=cache)
-    results = []
-    for p, diag in zip(info["pairs"], _unpadded(arrays), strict=True):
-        results.append(AlignResult(Pair(**p), diag, diag[:, : metrics.SCORE_TOP].mean(axis=1)))
-    skipped = [(Pair(**p), reason) for p, reason in info["skipped"]]
-    return Alignment(_steps(st), results, skipped, rule)
+    diags, kept, skipped = [], [], []
+    for pair in pairs:
+        try:
+            prev, nxt = resolve(pair, views, load)
+        except (KeyError, ValueError) as e:
+            skipped.append(f"{pair.label}: {str(e).strip(chr(39) + chr(34))}")
+            continue
+        a = metrics.alignment(prev, nxt)  # [T, (H,) k2, k1]
+        n = min(DIAG_TOP, a.shape[-1], a.shape[-2])
+        diag = np.diagonal(a, axis1=-2, axis2=-1)[..., :n]
+        diags.append(diag.mean(axis=1) if diag.ndim == 3 else diag)  # heads: mean, as plotted
+        kept.append(pair)
+    return _diagonals(
+        run, "pair", [p.label for p in kept], diags,
+        {"prev": [p.prev for p in kept], "next": [p.next for p in kept],
+         "kind": [p.kind for p in kept]},
+        {"rule": rule, "skipped": skipped},
+    )  # fmt: skip
 
 
-def sva(
-    run: Path | str,
-    against: Path | str | None = None,
-    *,
-    by: str = "step",
-    cache: bool = True,
-    dedupe: bool = False,
-) -> Agreement:
-    """Singular vector agreement (Eqn 5) of every whole-matrix view (cached unless ``cache`` is
-    False; ``dedupe`` shows identical checkpoints once).
+def sva(run: Run, *, against: Run | None = None, by: str = "step") -> xr.Dataset:
+    """Singular vector agreement (Eqn 5) of every whole-matrix view.
 
     Without ``against``, each checkpoint is compared with the run's final one: the checkpoint
     with the largest step (checkpoints without a step are compared, never taken as final).
     With ``against``, each checkpoint is compared with the other run's checkpoint at the same
-    step (``by="epoch"``: the same epoch); only shared steps are compared, and
-    ``Agreement.dropped`` says what was left out.
+    step (``by="epoch"``: the same epoch); only shared steps are kept.
+
+    ``diag`` ``(view, step, index)`` (S_ii, i < 100), ``value`` ``(view, step)``, the score;
+    ``param`` on ``view``; attrs ``reference`` (in words) and ``dropped`` (what was left out).
     """
     if by not in ("step", "epoch"):
         raise ValueError(f"by must be 'step' or 'epoch', not {by!r}")
-    st = _open(run, dedupe)
-    _, entries = st.done_rows()
-    views = _sva_views(st)
+    if against is None and by != "step":
+        raise ValueError("by='epoch' needs against=")
+    entries = run._done[1]
+    views = _sva_views(run)
     dropped: list[str] = []
     if against is None:
-        other = None
         ref, reference, note = _final(entries)
         dropped += [note] if note else []
         rows, ref_rows = list(range(len(entries))), [ref]
     else:
-        other = _open(against, dedupe)
-        _, other_entries = other.done_rows()
-        rows, ref_rows, why = _matched(entries, other_entries, by, st.path, other.path)
-        dropped += why
-        views, why = _shared_views(views, other, st.path)
-        dropped += why
-        reference = f"{against} at the same {by}"
-    steps = _step_array(entries)[rows]
-
-    def compute() -> tuple[dict, dict]:
-        diags = []
-        for key in views:
-            u, v = st.read_vectors(key)
-            if other is None:
-                u_ref, v_ref = u[ref_rows], v[ref_rows]
-            else:
-                u_ref, v_ref = (x[ref_rows] for x in other.read_vectors(key))
-            s = metrics.sva(u[rows], v[rows], u_ref, v_ref)
-            diag = np.diagonal(s, axis1=-2, axis2=-1)[..., : min(DIAG_TOP, s.shape[-1])]
-            diags.append(diag.mean(axis=1) if diag.ndim == 3 else diag)
-        out = _padded(diags, len(rows))
-        return {**out, "step": steps}, {"views": list(views), "reference": reference}
-
-    inputs = [*_inputs(st), _inputs(other) if other is not None else None, rows, ref_rows]
-    name = "sva" if other is None else f"sva_vs_{store.fingerprint(str(other.path))}"
-    key = store.fingerprint("sva", 2, list(views), *inputs)
-    arrays, _ = _cached(st, name, key, compute, cache=cache)
-    results = []
-    for key, diag in zip(views, _unpadded(arrays), strict=True):
-        results.append(
-            SVAResult(key, views[key]["param"], diag, diag[:, : metrics.SCORE_TOP].mean(axis=1))
+        rows, ref_rows, why = _matched(
+            entries, against._done[1], by, run.store_path, against.store_path
         )
-    return Agreement(steps, results, reference, dropped)
+        dropped += why
+        views, why = _shared_views(views, against, run.store_path)
+        dropped += why
+        reference = f"{against.label} at the same {by}"
+    diags = []
+    for key in views:
+        u, v = run._store.read_vectors(key)
+        other = run if against is None else against
+        u_ref, v_ref = (x[ref_rows] for x in other._store.read_vectors(key))
+        s = metrics.sva(u[rows], v[rows], u_ref, v_ref)
+        diag = np.diagonal(s, axis1=-2, axis2=-1)[..., : min(DIAG_TOP, s.shape[-1])]
+        diags.append(diag.mean(axis=1) if diag.ndim == 3 else diag)
+    return _diagonals(
+        run, "view", list(views), diags, {"param": [v.param for v in views.values()]},
+        {"reference": reference, "dropped": dropped}, index=rows,
+    )  # fmt: skip
+
+
+def _views(run: Run) -> dict[str, StoredView]:
+    """The store's views in model order (older stores list them in file order)."""
+    return {key: run._view(key) for key in run.views}
 
 
 def _final(entries: list[dict[str, Any]]) -> tuple[int, str, str | None]:
@@ -379,48 +247,40 @@ def span(values: Any) -> str:
 
 
 def _shared_views(
-    views: dict[str, Mapping[str, Any]], other: store.Store, here: Path
-) -> tuple[dict[str, Mapping[str, Any]], list[str]]:
+    views: dict[str, StoredView], other: Run, here: Path
+) -> tuple[dict[str, StoredView], list[str]]:
     """The views both runs have, with equal shapes; a shape that differs is an error."""
     theirs = _sva_views(other)
     for key in views.keys() & theirs.keys():
         a, b = views[key], theirs[key]
-        if (list(a["shape"]), a.get("heads")) != (list(b["shape"]), b.get("heads")):
+        if (a.shape, a.heads) != (b.shape, b.heads):
             raise StoreError(
-                f"{other.path}: view {key!r} is {_shape(b)} there but {_shape(a)} in {here}: "
-                "these runs are not the same model"
+                f"{other.store_path}: view {key!r} is {_shape(b)} there but {_shape(a)} in "
+                f"{here}: these runs are not the same model"
             )
     keep = {k: v for k, v in views.items() if k in theirs}
     if not keep:
-        raise StoreError(f"{here} and {other.path} share no view with singular vectors")
+        raise StoreError(f"{here} and {other.store_path} share no view with singular vectors")
     dropped = []
     for where, only in (
         (here, views.keys() - theirs.keys()),
-        (other.path, theirs.keys() - views.keys()),
+        (other.store_path, theirs.keys() - views.keys()),
     ):
         if only:
             dropped.append(f"views only in {where}: {', '.join(sorted(only))}")
     return keep, dropped
 
 
-def _shape(view: Mapping[str, Any]) -> str:
-    text = "x".join(str(d) for d in view["shape"])
-    return text + (f" x {view['heads']} heads" if view.get("heads") else "")
+def _shape(view: StoredView) -> str:
+    text = "x".join(str(d) for d in view.shape)
+    return text + (f" x {view.heads} heads" if view.heads else "")
 
 
-def _sva_views(st: store.Store) -> dict[str, Mapping[str, Any]]:
+def _sva_views(run: Run) -> dict[str, StoredView]:
     """Whole-matrix views with stored vectors (per-head and split views would repeat the whole
     matrix's story); a store without vectors is an error, not an empty result."""
-    _need_vectors(st, "SVA")
-    return {k: v for k, v in _views(st).items() if v["rule"] in WHOLE_RULES and v.get("k")}
-
-
-def _need_vectors(st: store.Store, what: str) -> None:
-    if not st.attrs.get("kernel", {}).get("vectors", True):
-        raise StoreError(
-            f"{st.path}: holds singular values only (ingested without vectors); {what} needs "
-            "singular vectors: ingest again with --overwrite and without --no-vectors"
-        )
+    run._need_vectors("sva")
+    return {k: v for k, v in _views(run).items() if v.rule in WHOLE_RULES and v.k}
 
 
 def select_steps(steps: np.ndarray, spec: str | None) -> np.ndarray:
@@ -455,3 +315,38 @@ def select_steps(steps: np.ndarray, spec: str | None) -> np.ndarray:
         raise ValueError(f"no checkpoint at step {which}; {have}")
     index = {int(s): i for i, s in enumerate(steps)}
     return np.array(sorted({index[w] for w in wanted}), dtype=np.int64)
+
+
+RANK = Analysis(
+    name="rank",
+    title="normalized effective rank",
+    reads=("sigma", "tail"),
+    compute=rank,
+    summary="mean erank",
+    bounds=(0.0, 1.0),
+    figure="rank",
+    version=3,
+)
+ALIGN = Analysis(
+    name="align",
+    title="alignment score",
+    reads=("U", "V"),
+    compute=align,
+    item="pair",
+    summary="mean alignment score",
+    bounds=(0.0, 1.0),
+    figure="align",
+    version=3,
+    params=("vo_per_head",),
+)
+SVA = Analysis(
+    name="sva",
+    title="SVA score",
+    reads=("U", "V"),
+    compute=sva,
+    summary="mean SVA score",
+    bounds=(0.0, 1.0),
+    figure="sva",
+    version=3,
+    params=("against", "by"),
+)

@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 from specan import runfile, store
 from specan.errors import StoreError, ViewNotFoundError
-from specan.registry import Analysis
 
 if TYPE_CHECKING:
     import numpy as np
     import xarray as xr
 
     from specan.pipeline import IngestReport, Progress
+    from specan.views import StoredView
 
 __all__ = ["Run", "ingest", "open"]
 
@@ -49,6 +49,7 @@ class Run:
 
     def __init__(self, path: Path | str, *, dedupe: bool = False) -> None:
         self.path, self.store_path = _locate(path)
+        self.label = str(path)  # the path as given: how messages name the run
         self.dedupe = dedupe
         self._store = store.open_store(self.store_path, dedupe=dedupe)
         self.name = self.path.resolve().name
@@ -114,7 +115,7 @@ class Run:
             steps, epochs = steps[list(index)], epochs[list(index)]
         return {"step": steps, "epoch": ("step", epochs)}
 
-    def _view(self, view: str) -> dict[str, Any]:
+    def _view(self, view: str) -> StoredView:
         views = self._store.views
         if view not in views:
             known = ", ".join(self.views[:8]) + (", ..." if len(views) > 8 else "")
@@ -164,14 +165,14 @@ class Run:
             data = data[rows[0] : rows[0] + len(rows)]
         else:
             data = data[np.asarray(rows)]
-        dims = ("step", *(["head"] if info.get("heads") else []), *([last] if last else []))
+        dims = ("step", *(["head"] if info.heads else []), *([last] if last else []))
         return xr.DataArray(
             data,
             dims=dims,
             coords=self._coords(),
             name=view,
-            attrs={"param": info["param"], "rule": info["rule"], "shape": list(info["shape"]),
-                   "top_k_only": bool(info.get("sigma_top"))},
+            attrs={"param": info.param, "rule": info.rule, "shape": list(info.shape),
+                   "top_k_only": bool(info.sigma_top)},
         )  # fmt: skip
 
     def analyse(
@@ -185,28 +186,31 @@ class Run:
         name : str
             ``rank``, ``align``, ``sva``, or another registered name.
         cache : bool
-            Read and write the store's ``derived/<name>``.
+            Read and write the store's ``derived/`` (a read-only store is read, never written).
         compute : bool
-            False: return the cached result of a cached analysis, or None when there is none.
+            False: return the cached result, or None when there is none.
         **options
-            Keywords for the analysis's compute, for those that take them (``prune``:
-            ``progress``, ``device``); they must not change the result, which is cached alike.
+            Keywords for the analysis's compute: those it names in ``params`` (``align``:
+            ``vo_per_head``; ``sva``: ``against``, ``by``) select a result, cached apart from
+            the default one; others (``prune``: ``progress``, ``device``) leave it alone.
 
         Examples
         --------
         >>> specan.open("runs/demo/grok-wd1").analyse("rank").value  # doctest: +SKIP
         """
-        from specan import analysis, registry, store
+        import inspect
+
+        from specan import registry
 
         a = registry.get(name)
-        if {"U", "V"} & set(a.reads) and not self._store.attrs.get("kernel", {}).get("vectors"):
-            raise StoreError(
-                f"{self.store_path}: holds singular values only; {name} needs singular vectors"
-            )
-        if not a.cached:
-            return a.compute(self, cache=cache)  # type: ignore[call-arg]
-        key = store.fingerprint(name, a.version, *analysis._inputs(self._store))
-        hit = store.read_derived(self.store_path, name, key) if cache or not compute else None
+        if {"U", "V"} & set(a.reads):
+            self._need_vectors(name)
+        defaults = {k: p.default for k, p in inspect.signature(a.compute).parameters.items()}
+        # a parameter left at its default selects the default result, whichever way it is given
+        params = {k: v for k, v in options.items() if k in a.params and v != defaults.get(k)}
+        group = name + (f"-{store.fingerprint(_keyed(params))}" if params else "")
+        key = store.fingerprint(name, a.version, *_inputs(self), _keyed(params))
+        hit = store.read_derived(self.store_path, group, key) if cache or not compute else None
         if hit is not None:
             return _from_cache(*hit)
         if not compute:
@@ -214,7 +218,7 @@ class Run:
         ds = a.compute(self, **options)
         if cache:
             arrays, info, dims = _to_cache(ds)
-            store.write_derived(self.store_path, name, key, arrays, info, dims=dims)
+            store.write_derived(self.store_path, group, key, arrays, info, dims=dims)
         return ds
 
     def rank(self, *, cache: bool = True) -> xr.DataArray:
@@ -238,20 +242,10 @@ class Run:
         >>> r = specan.open("runs/demo/grok-wd1").rank()  # doctest: +SKIP
         >>> r.model_mean.values  # doctest: +SKIP
         """
-        import xarray as xr
-
-        from specan import analysis
-
-        r = analysis.rank(self.store_path, cache=cache, dedupe=self.dedupe)
-        return xr.DataArray(
-            r.values,
-            dims=("view", "step"),
-            coords={**self._coords(), "view": r.keys, "param": ("view", r.params),
-                    "rule": ("view", r.rules), "in_mean": ("view", r.whole),
-                    "bound": ("view", list(r.bound)), "model_mean": ("step", r.mean)},
-            name="erank",
-            attrs={"long_name": "normalized effective rank", "matrices": r.matrices},
-        )  # fmt: skip
+        ds = self._result("rank", cache=cache)
+        e = ds.set_coords("model_mean")["value"].rename("erank")
+        e.attrs = {"long_name": "normalized effective rank", **ds.attrs}
+        return e
 
     def align(self, *, vo_per_head: bool = False, cache: bool = True) -> xr.Dataset:
         """Alignment of consecutive layers (Eqn 3) and its score (Eqn 4).
@@ -261,7 +255,7 @@ class Run:
         vo_per_head : bool
             Align W_V -> W_O per attention head instead of whole matrices.
         cache : bool
-            Read and write the store's ``derived/align``.
+            Read and write the store's ``derived/``.
 
         Returns
         -------
@@ -276,22 +270,8 @@ class Run:
         --------
         >>> specan.open("runs/demo/grok-wd1").align().score.isel(step=-1)  # doctest: +SKIP
         """
-        from specan import analysis
-
-        a = analysis.align(
-            self.store_path, vo_per_head=vo_per_head, cache=cache, dedupe=self.dedupe
-        )
-        pairs = [r.pair for r in a.results]
-        return self._diagonals(
-            "pair",
-            [p.label for p in pairs],
-            [r.diag for r in a.results],
-            [r.score for r in a.results],
-            None,
-            {"prev": [p.prev for p in pairs], "next": [p.next for p in pairs],
-             "kind": [p.kind for p in pairs]},
-            {"rule": a.rule, "skipped": [f"{p.label}: {why}" for p, why in a.skipped]},
-        )  # fmt: skip
+        ds = self._result("align", cache=cache, vo_per_head=vo_per_head)
+        return ds.rename(value="score")
 
     def sva(
         self, against: Run | Path | str | None = None, *, by: str = "step", cache: bool = True
@@ -319,60 +299,43 @@ class Run:
         >>> a, b = specan.open("runs/a"), specan.open("runs/b")  # doctest: +SKIP
         >>> a.sva(against=b).score  # doctest: +SKIP
         """
-        import numpy as np
-
-        from specan import analysis
-
         if by not in ("step", "epoch"):
             raise ValueError(f"by must be 'step' or 'epoch', not {by!r}")
         if against is None and by != "step":
             raise ValueError("by='epoch' needs against=")
-        other = against.store_path if isinstance(against, Run) else against
-        g = analysis.sva(self.store_path, other, by=by, cache=cache, dedupe=self.dedupe)
-        position = {int(s): i for i, s in enumerate(self.steps)}
-        index = [position[int(s)] for s in g.steps]
-        return self._diagonals(
-            "view",
-            [r.key for r in g.results],
-            [r.diag for r in g.results],
-            [r.score for r in g.results],
-            index if len(index) != len(self.steps) else None,
-            {"param": [r.param for r in g.results]},
-            {"reference": g.reference, "dropped": list(g.dropped)},
-            steps=np.asarray(g.steps),
-        )
+        if against is not None and not isinstance(against, Run):
+            against = Run(against, dedupe=self.dedupe)
+        ds = self._result("sva", cache=cache, against=against, by=by)
+        return ds.rename(value="score")
 
-    def _diagonals(
-        self,
-        dim: str,
-        labels: list[str],
-        diags: list[np.ndarray],
-        scores: list[np.ndarray],
-        index: Sequence[int] | None,
-        item_coords: Mapping[str, list[Any]],
-        attrs: dict[str, Any],
-        steps: np.ndarray | None = None,
-    ) -> xr.Dataset:
-        """A Dataset of per-item diagonals ``[T, n_i]`` (NaN-padded to one index length)."""
-        import numpy as np
-        import xarray as xr
+    def _need_vectors(self, what: str) -> None:
+        if not self._store.attrs.get("kernel", {}).get("vectors", True):
+            raise StoreError(
+                f"{self.store_path}: holds singular values only (ingested without vectors); "
+                f"{what} needs singular vectors: ingest it again with overwrite=True, keeping "
+                "vectors"
+            )
 
-        coords = self._coords(index)
-        if steps is not None:
-            coords["step"] = steps
-        t = len(coords["step"])
-        n = max((d.shape[1] for d in diags), default=0)
-        diag = np.full((len(diags), t, n), np.nan)
-        for i, d in enumerate(diags):
-            diag[i, :, : d.shape[1]] = d
-        score = np.array(scores, dtype=float).reshape(len(scores), t)
-        return xr.Dataset(
-            {"diag": ((dim, "step", "index"), diag), "score": ((dim, "step"), score)},
-            coords={**coords, dim: labels, "index": np.arange(n),
-                    "length": (dim, [d.shape[1] for d in diags]),
-                    **{k: (dim, v) for k, v in item_coords.items()}},
-            attrs=attrs,
-        )  # fmt: skip
+    def _result(self, name: str, *, cache: bool, **params: Any) -> xr.Dataset:
+        ds = self.analyse(name, cache=cache, **params)
+        assert ds is not None  # computed when missing
+        return ds
+
+
+def _keyed(params: Mapping[str, Any]) -> list[Any]:
+    """An analysis's parameters as fingerprint parts: a run stands for its store's inputs (and
+    the path it was given by, which its words quote)."""
+    return [[k, [v.label, str(v.store_path), *_inputs(v)] if isinstance(v, Run) else v]
+            for k, v in sorted(params.items())]  # fmt: skip
+
+
+def _inputs(run: Run) -> list[Any]:
+    """What every analysis of a run depends on: its done checkpoints, its views, run.json."""
+    st = run._store
+    done = [
+        [c["name"], c["size"], c["mtime_ns"], c["row"]] for c in st.checkpoints if c.get("done")
+    ]
+    return [done, st.attrs.get("views"), run.config] + (["dedupe"] if st.dedupe else [])
 
 
 def open(path: Path | str, *, dedupe: bool = False) -> Run:  # noqa: A001 - as zarr.open
@@ -514,50 +477,3 @@ def _from_cache(arrays: Mapping[str, Any], info: Mapping[str, Any]) -> xr.Datase
     coordinates = {n: (tuple(dims[n]), a) for n, a in arrays.items() if n in coords}
     coordinates |= {n: (tuple(d), v) for n, (d, v) in info["labels"].items()}
     return xr.Dataset(variables, coords=coordinates, attrs=dict(info["attrs"]))
-
-
-# -- the built-in analyses, as the registry lists them ------------------------------------------
-def _rank(run: Run, *, cache: bool = True) -> xr.Dataset:
-    e = run.rank(cache=cache)
-    return e.reset_coords("model_mean").rename(erank="value")
-
-
-def _align(run: Run, *, cache: bool = True) -> xr.Dataset:
-    return run.align(cache=cache).rename(score="value")
-
-
-def _sva(run: Run, *, cache: bool = True) -> xr.Dataset:
-    return run.sva(cache=cache).rename(score="value")
-
-
-RANK = Analysis(
-    "rank",
-    "normalized effective rank",
-    ("sigma", "tail"),
-    _rank,
-    summary="mean erank",
-    bounds=(0.0, 1.0),
-    cached=False,
-    figure=None,
-)
-ALIGN = Analysis(
-    "align",
-    "alignment score",
-    ("U", "V"),
-    _align,
-    item="pair",
-    summary="mean alignment score",
-    bounds=(0.0, 1.0),
-    cached=False,
-    figure=None,
-)
-SVA = Analysis(
-    "sva",
-    "SVA score",
-    ("U", "V"),
-    _sva,
-    summary="mean SVA score",
-    bounds=(0.0, 1.0),
-    cached=False,
-    figure=None,
-)

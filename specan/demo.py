@@ -98,7 +98,7 @@ def run_grokking_demo(out: Path | str, progress_for: Any = None) -> dict[str, An
     accuracy, mean normalised effective rank first and last) so the caller can print them.
     A run already trained (or half-trained) under ``out`` is reused or resumed.
     """
-    from specan import analysis
+    from specan.api import Run
     from specan.pipeline import ingest
     from specan.report import write_comparison, write_report
     from specan_trainers import grokking
@@ -109,10 +109,10 @@ def run_grokking_demo(out: Path | str, progress_for: Any = None) -> dict[str, An
         run = out / name
         grokking.main([*GROKKING_DEMO, *extra, "--out", str(run)])
         ingest(run, progress=progress_for(name) if progress_for else None)
-        r = analysis.rank(run)
-        mean = r.mean  # over the model's weight matrices, one per parameter
+        opened = Run(run)
+        mean = opened.rank().model_mean.values  # over the weight matrices, one per parameter
         numbers[name] = {
-            "val_acc": float(r.metrics["val_acc"][-1]),
+            "val_acc": float(opened.metrics["val_acc"].sel(step=opened.steps[-1])),
             "erank_first": float(mean[0]),
             "erank_last": float(mean[-1]),
         }

@@ -241,30 +241,51 @@ def barriers(
     n: int = ALPHAS,
     device: str = "cpu",
     progress: Any = None,
+    cache: bool = True,
 ) -> xr.Dataset:
     """Eqn 6 for every pair of branch endpoints of an LMC folder (`specan train vgg --lmc`).
 
     Pairs: the branches of one trunk and split with different seeds (3 seeds: 3 pairs per
     trunk); with `cross_trunk`, the control: branches of one split and seed on different trunks.
-    Each endpoint is the branch's last checkpoint.
+    Each endpoint is the branch's last checkpoint. A perturbation folder (``--lmc --perturb``)
+    has one split and branches per perturbation size η: pairs are formed per η alike.
+
+    Parameters
+    ----------
+    root : path
+        The LMC folder (its ``lmc.json`` says the protocol, trunks, splits, seeds).
+    split_epochs : str, optional
+        Which splits (`select_splits`); not for a perturbation folder, which has one.
+    cross_trunk : bool
+        Pair across trunks instead of across branch seeds.
+    n : int
+        Evenly spaced α per path, ends included.
+    device : str
+        Where the models are evaluated.
+    progress : optional
+        Told ``start(paths, n, 0)``, ``advance(label, n, 0)`` per path and ``finish()``.
+    cache : bool
+        Read and write the result in ``root/specan.zarr``'s ``derived/`` (like a run's
+        analyses), keyed by lmc.json, the selection, `n` and every endpoint file's size and
+        mtime: a retrained branch recomputes.
 
     Returns
     -------
     xarray.Dataset
-        ``barrier`` ``(split, pair)``; ``train_loss`` and ``val_loss`` ``(split, pair, alpha)``;
-        endpoint SVA (`endpoint_sva`): ``sva_view`` ``(split, pair, view)`` per parameter and
-        ``sva`` ``(split, pair)``, its mean over the model's weight matrices;
-        coords ``split`` (the split step), ``epoch`` on split, ``pair`` labels
-        (``trunk-0:3-4``, or ``3:trunk-0-trunk-1`` across trunks).
+        ``barrier`` ``(group, pair)``; ``train_loss`` and ``val_loss`` ``(group, pair,
+        alpha)``; endpoint SVA (`endpoint_sva`): ``sva_view`` ``(group, pair, view)`` per
+        parameter and ``sva`` ``(group, pair)``, its mean over the model's weight matrices.
+        ``group`` is ``split`` (the split step; coord ``epoch`` on it) or, for a perturbation
+        folder, ``eta`` (coords ``split`` and ``epoch`` of its one split); ``pair`` labels
+        (``trunk-0:3-4``, or ``3:trunk-0-trunk-1`` across trunks). attrs: ``protocol``,
+        ``cross_trunk``.
     """
     import json
     from itertools import combinations
 
-    import numpy as np
-    import xarray as xr
-
-    from specan import losses, runs
+    from specan import store
     from specan.errors import ModelError, OptionError
+    from specan_trainers.checkpoint import branch_name
 
     root = Path(root)
     meta_path = root / "lmc.json"
@@ -273,10 +294,28 @@ def barriers(
             f"{meta_path}: not an LMC folder (write one with `specan train vgg --lmc`)"
         )
     meta = json.loads(meta_path.read_text())
-    try:
-        splits = select_splits(meta["splits"], meta["per_epoch"], split_epochs)
-    except ValueError as e:
-        raise OptionError(str(e)) from None
+    protocol = meta.get("protocol", "split")
+    if protocol == "perturb":
+        split = meta["splits"][0]
+        if split_epochs is not None:
+            raise OptionError(
+                f"{root}: a perturbation folder has one split (epoch "
+                f"{split / meta['per_epoch']:g}); --split-epochs does not apply"
+            )
+        dim, groups = "eta", list(meta["etas"])
+
+        def folder(g: Any, seed: int) -> str:
+            return branch_name(split, seed, g)
+    else:
+        try:
+            groups = select_splits(meta["splits"], meta["per_epoch"], split_epochs)
+        except ValueError as e:
+            raise OptionError(str(e)) from None
+        dim = "split"
+
+        def folder(g: Any, seed: int) -> str:
+            return branch_name(g, seed)
+
     trunks, seeds = meta["trunks"], meta["branch_seeds"]
     if cross_trunk:
         if len(trunks) < 2:
@@ -288,46 +327,98 @@ def barriers(
         labels = [
             (f"{t}:{a}-{b}", (t, a), (t, b)) for t in trunks for a, b in combinations(seeds, 2)
         ]
-    first = root / trunks[0] / f"branch-{splits[0]}-{seeds[0]}"
-    rm = losses.load(first, device=device)
+    ends = {
+        (g, t, seed): _last_checkpoint(root / t / folder(g, seed))
+        for g in groups for _, *sides in labels for t, seed in sides
+    }  # fmt: skip
+    key = store.fingerprint(
+        "lmc", LMC_VERSION, meta, groups, cross_trunk, n,
+        sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in ends.values()),
+    )  # fmt: skip
+    name = "lmc_cross" if cross_trunk else "lmc"
+    cache_at = root / CACHE
+    if cache:
+        hit = store.read_derived(cache_at, name, key)
+        if hit is not None:
+            from specan.api import _from_cache
+
+            return _from_cache(*hit)
+    ds = _barriers(root, meta, dim, groups, labels, ends, n=n, device=device, progress=progress)
+    ds.attrs.update({"protocol": protocol, "cross_trunk": int(cross_trunk)})
+    if protocol == "perturb":
+        ds = ds.assign_coords(split=split, epoch=split / meta["per_epoch"])
+    if cache:
+        from specan.api import _to_cache
+
+        arrays, info, dims = _to_cache(ds)
+        store.write_derived(cache_at, name, key, arrays, info, dims=dims)
+    return ds
+
+
+LMC_VERSION = 1  # bump when the computation changes: cached results are then recomputed
+CACHE = "specan.zarr"  # the cache of an LMC folder, beside lmc.json
+
+
+def _last_checkpoint(branch: Path) -> Path:
+    from specan import runs
+
+    return runs.discover(branch).checkpoints[-1].files[0]
+
+
+def _barriers(
+    root: Path,
+    meta: dict[str, Any],
+    dim: str,
+    groups: list[Any],
+    labels: list[tuple[str, tuple[str, int], tuple[str, int]]],
+    ends: dict[tuple[Any, str, int], Path],
+    *,
+    n: int,
+    device: str,
+    progress: Any,
+) -> xr.Dataset:
+    import numpy as np
+    import xarray as xr
+
+    from specan import losses
+
+    rm = losses.load(ends[(groups[0], *labels[0][1])].parent.parent, device=device)
     out: dict[str, list] = {"barrier": [], "train_loss": [], "val_loss": [], "sva_view": []}
     if progress is not None:
-        progress.start(len(splits) * len(labels), n, 0)
+        progress.start(len(groups) * len(labels), n, 0)
     try:
-        for split in splits:
+        for g in groups:
             row: dict[str, list] = {k: [] for k in out}
-            for label, (ta, sa), (tb, sb) in labels:
-                ends = []
-                for t, seed in ((ta, sa), (tb, sb)):
-                    branch = root / t / f"branch-{split}-{seed}"
-                    ends.append(runs.discover(branch).checkpoints[-1].files[0])
-                ds, states = _path(rm, ends[0], ends[1], n=n, progress=None)
+            for label, a, b in labels:
+                first, second = ends[(g, *a)], ends[(g, *b)]
+                ds, states = _path(rm, first, second, n=n, progress=None)
                 scores = endpoint_sva(states[0], states[1], family=rm.family, rules=rm.rules)
                 row["sva_view"].append(list(scores.values()))
                 row["barrier"].append(ds.attrs["barrier"])
                 row["train_loss"].append(ds["train_loss"].values)
                 row["val_loss"].append(ds["val_loss"].values)
                 if progress is not None:
-                    progress.advance(f"split {split} {label}", n, 0)
+                    progress.advance(f"{dim} {g:g} {label}", n, 0)
             for k in out:
                 out[k].append(row[k])
     finally:
         if progress is not None:
             progress.finish()
+    coords: dict[str, Any] = {
+        dim: np.array(groups, dtype=np.int64 if dim == "split" else float),
+        "pair": [x[0] for x in labels],
+        "alpha": alphas(n),
+        "view": list(scores),
+    }
+    if dim == "split":
+        coords["epoch"] = ("split", np.array(groups) / meta["per_epoch"])
     return xr.Dataset(
         {
-            "barrier": (("split", "pair"), np.array(out["barrier"])),
-            "train_loss": (("split", "pair", "alpha"), np.array(out["train_loss"])),
-            "val_loss": (("split", "pair", "alpha"), np.array(out["val_loss"])),
-            "sva_view": (("split", "pair", "view"), np.array(out["sva_view"])),
-            "sva": (("split", "pair"), np.array(out["sva_view"]).mean(axis=-1)),
+            "barrier": ((dim, "pair"), np.array(out["barrier"])),
+            "train_loss": ((dim, "pair", "alpha"), np.array(out["train_loss"])),
+            "val_loss": ((dim, "pair", "alpha"), np.array(out["val_loss"])),
+            "sva_view": ((dim, "pair", "view"), np.array(out["sva_view"])),
+            "sva": ((dim, "pair"), np.array(out["sva_view"]).mean(axis=-1)),
         },
-        coords={
-            "split": np.array(splits, dtype=np.int64),
-            "epoch": ("split", np.array(splits) / meta["per_epoch"]),
-            "pair": [x[0] for x in labels],
-            "alpha": alphas(n),
-            "view": list(scores),
-        },
-        attrs={"cross_trunk": int(cross_trunk)},
+        coords=coords,
     )

@@ -21,7 +21,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from specan.views import StoredView
+
+V = TypeVar("V", bound="StoredView")
 
 __all__ = ["model_index", "model_order", "views_in_model_order"]
 
@@ -139,13 +144,14 @@ def model_index(names: Iterable[str]) -> dict[str, int]:
     return {name: i for i, name in enumerate(model_order(names))}
 
 
-def views_in_model_order(views: Mapping[str, Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
-    """A store's views (key -> {"param": ...}) ordered by their parameters' model order.
+def views_in_model_order(views: Mapping[str, V]) -> dict[str, V]:
+    """A store's views (key -> `specan.views.StoredView`) ordered by their parameters' model
+    order.
 
     Stores written before views were planned in model order list them in file order; every
     listing goes through this, so old and new stores read alike. A parameter's own views
     (whole, per head, halves) keep their stored order.
     """
-    index = model_index(v["param"] for v in views.values())
-    keys = sorted(enumerate(views), key=lambda iv: (index[views[iv[1]]["param"]], iv[0]))
+    index = model_index(v.param for v in views.values())
+    keys = sorted(enumerate(views), key=lambda iv: (index[views[iv[1]].param], iv[0]))
     return {k: views[k] for _, k in keys}

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from specan.order import model_order
-from specan.views import WHOLE_RULES, lstm_output
+from specan.views import WHOLE_RULES, ViewSpec, lstm_output
 
 __all__ = ["Pair", "pairs_for", "per_head_vo", "resolve"]
 
@@ -66,9 +66,7 @@ LLAMA_NAMES = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.
 _LSTM_NAME = re.compile(r"^(.*?)weight_(ih|hh)_l(\d+)(_reverse)?$")
 
 
-def pairs_for(
-    config: Mapping[str, Any], views: Mapping[str, Mapping[str, Any]]
-) -> tuple[list[Pair], str]:
+def pairs_for(config: Mapping[str, Any], views: Mapping[str, ViewSpec]) -> tuple[list[Pair], str]:
     """The run's pairs and a sentence saying where they came from (run.json, or which rule).
 
     Inferred pairs follow model order whatever the order of ``views`` (stores made before
@@ -79,9 +77,9 @@ def pairs_for(
         fields = ("prev", "next", "kind", "prev_part", "direction")
         pairs = [Pair(**{k: p[k] for k in fields if k in p}) for p in listed]
         return pairs, "pairs listed by the trainer in run.json"
-    whole = {v["param"]: v for v in views.values() if v["rule"] in WHOLE_RULES}
+    whole = {v.param: v for v in views.values() if v.rule in WHOLE_RULES}
     params = model_order(whole)
-    rules = {p: whole[p]["rule"] for p in params}
+    rules = {p: whole[p].rule for p in params}
     for family, names in BLOCK_NAMES.items():
         if any(p.endswith(names[0]) for p in params):
             return _fused_pairs(params, rules, names), (
@@ -183,7 +181,7 @@ def _llama_pairs(params: Sequence[str], rules: Mapping[str, str]) -> list[Pair]:
 
 
 def _lstm_pairs(
-    params: Sequence[str], rules: Mapping[str, str], whole: Mapping[str, Mapping[str, Any]]
+    params: Sequence[str], rules: Mapping[str, str], whole: Mapping[str, ViewSpec]
 ) -> list[Pair]:
     layers: dict[tuple[str, str, int], str] = {}
     for p in params:
@@ -193,9 +191,9 @@ def _lstm_pairs(
             layers[(direction, m.group(2), int(m.group(3)))] = p
     top = max(k for _, _, k in layers)
     last = max(layers.values(), key=params.index)
-    hidden = whole[last].get("info", {}).get("hidden") or whole[last]["shape"][0] // 4
+    hidden = whole[last].hidden or whole[last].shape[0] // 4
     width = hidden * (2 if any(d == "reverse" for d, _, _ in layers) else 1)
-    linear = {p: whole[p]["shape"][1] for p in params if rules[p] in ("linear", "linear_t")}
+    linear = {p: whole[p].shape[1] for p in params if rules[p] in ("linear", "linear_t")}
     output = lstm_output(params, last, width, linear)
     if output is None:  # no layer takes the LSTM's width: the first linear after it (skipped)
         output = next((p for p in params[params.index(last) + 1 :] if p in linear), None)
@@ -230,33 +228,33 @@ def per_head_vo(pairs: Sequence[Pair]) -> list[Pair]:
 
 
 _MISSING = {
-    "q_heads": "per-head Q views need the head count at ingest (config.json, or --heads N)",
-    "k_heads": "per-head K views need the head count at ingest (config.json, or --heads N)",
-    "v_heads": "per-head V views need the head count at ingest (config.json, or --heads N)",
-    "v": "GPT-NeoX's W_V is cut out per head: it needs the head count at ingest (--heads N)",
+    "q_heads": "per-head Q views need the head count at ingest (config.json, or heads=N)",
+    "k_heads": "per-head K views need the head count at ingest (config.json, or heads=N)",
+    "v_heads": "per-head V views need the head count at ingest (config.json, or heads=N)",
+    "v": "GPT-NeoX's W_V is cut out per head: it needs the head count at ingest (heads=N)",
 }
 
 
-def _view(views: Mapping[str, Mapping[str, Any]], param: str, rules: Sequence[str]) -> str:
+def _view(views: Mapping[str, ViewSpec], param: str, rules: Sequence[str]) -> str:
     for key, v in views.items():
-        if v["param"] == param and v["rule"] in rules:
+        if v.param == param and v.rule in rules:
             return key
     why = _MISSING.get(rules[0], "") if len(rules) == 1 else ""
-    if not any(v["param"] == param for v in views.values()):
-        why = "not in the store (left out by --layers?)"
+    if not any(v.param == param for v in views.values()):
+        why = "not in the store (left out by the layers selection?)"
     raise KeyError(f"no {'/'.join(rules)} view of {param}" + (f": {why}" if why else ""))
 
 
-def _half(views: Mapping[str, Mapping[str, Any]], param: str, direction: str) -> str | None:
+def _half(views: Mapping[str, ViewSpec], param: str, direction: str) -> str | None:
     for key, v in views.items():
-        if v["param"] == param and v["rule"] == "col_half":
-            if v["info"]["direction"] == direction:
+        if v.param == param and v.rule == "col_half":
+            if v.direction == direction:
                 return key
     return None
 
 
 def resolve(
-    pair: Pair, views: Mapping[str, Mapping[str, Any]], load: Loader
+    pair: Pair, views: Mapping[str, ViewSpec], load: Loader
 ) -> tuple[np.ndarray, np.ndarray]:
     """The (previous-layer, next-layer) vector sets whose |product| is Eqn 3's matrix.
 
@@ -288,12 +286,12 @@ def resolve(
     else:
         prev_key = _view(views, pair.prev, WHOLE_RULES)
     prev_view = views[prev_key]
-    if prev_view["rule"] == "embedding" or pair.kind == "embedding":
+    if prev_view.rule == "embedding" or pair.kind == "embedding":
         prev = load("V", prev_key)  # an embedding's output space is spanned by V
     else:
         prev = load("U", prev_key)
-    if prev_view["rule"] == "lstm":
-        h = prev_view["info"]["hidden"]
+    if prev_view.rule == "lstm":
+        h = prev_view.hidden
         prev = prev[..., 2 * h : 3 * h, :]  # the g gate's block of U, not renormalised
     next_key = _view(views, pair.next, WHOLE_RULES)
     if pair.direction in ("forward", "reverse"):
@@ -304,21 +302,20 @@ def resolve(
     d = prev.shape[-2]
     if nxt.shape[-2] == d:
         return prev, nxt
-    info = views[next_key].get("info", {})
-    kernel = info.get("kernel")
-    if kernel and info.get("c_in") == d:
+    kernel = views[next_key].kernel
+    if kernel and views[next_key].c_in == d:
         # a conv's right vector reshapes to (c_in, *kernel): take the centre position
         centre = int(np.ravel_multi_index(tuple(s // 2 for s in kernel), tuple(kernel)))
         size = int(np.prod(kernel))
         return prev, nxt[..., centre::size, :]
-    grouped = next((k for k, v in views.items() if v["param"] == pair.next
-                    and v["rule"] == "o_grouped" and v["shape"][1] == d), None)  # fmt: skip
+    grouped = next((k for k, v in views.items() if v.param == pair.next
+                    and v.rule == "o_grouped" and v.shape[1] == d), None)  # fmt: skip
     if grouped is not None:  # shared V heads (grouped-query attention) meet their O columns
         return prev, load("V", grouped)
     if nxt.shape[-2] == 2 * d and pair.direction in ("forward", "reverse"):
         raise ValueError(
             f"{pair.next} takes both directions ({2 * d} inputs) but the store has no column-half "
-            "views of it (made by an older specan): re-ingest with --overwrite"
+            "views of it (made by an older specan): re-ingest with overwrite=True"
         )
     raise ValueError(
         f"dimensions do not meet: {pair.prev} gives {d}, {pair.next} takes {nxt.shape[-2]}"

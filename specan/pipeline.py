@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from distributed import Client
 
     from specan.runs import Checkpoint, Run, TensorInfo
-    from specan.views import ViewSpec
+    from specan.views import StoredView, ViewSpec
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def _check_against_plan(ckpt: Checkpoint, header: Mapping[str, TensorInfo], view
     """A checkpoint must hold every planned parameter with the planned shape."""
     shapes: dict[str, list[int]] = {}
     for v in views.values():
-        shapes.setdefault(v["param"], v["info"].get("param_shape"))
+        shapes.setdefault(v.param, v.param_shape)
     for param, shape in shapes.items():
         if param not in header:
             raise ShapeMismatchError(
@@ -201,14 +201,14 @@ def _check_against_plan(ckpt: Checkpoint, header: Mapping[str, TensorInfo], view
             )
 
 
-def _groups(views: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
+def _groups(views: Mapping[str, StoredView]) -> list[list[str]]:
     """View keys grouped by matrix shape, each group small enough for one task."""
     by_shape: dict[tuple, list[str]] = {}
     for key, v in views.items():
-        by_shape.setdefault((tuple(v["shape"]),), []).append(key)
+        by_shape.setdefault((v.shape,), []).append(key)
     out = []
     for (shape,), keys in by_shape.items():
-        per = 4 * shape[0] * shape[1] * max(1, max(views[k].get("heads") or 1 for k in keys))
+        per = 4 * shape[0] * shape[1] * max(1, max(views[k].heads or 1 for k in keys))
         cap = max(1, BATCH_BYTES // per)
         out.extend(keys[i : i + cap] for i in range(0, len(keys), cap))
     return out
@@ -222,15 +222,15 @@ class _Failed:
     error: BadCheckpointError
 
 
-def _is_big(view: Mapping[str, Any]) -> bool:
-    m, n = view["shape"]
+def _is_big(view: StoredView) -> bool:
+    m, n = view.shape
     return m * n >= BIG_ELEMENTS or min(m, n) >= BIG_SIDE
 
 
 def _svd_group(
     ckpt: Checkpoint,
     keys: Sequence[str],
-    views: Mapping[str, Mapping[str, Any]],
+    views: Mapping[str, StoredView],
     backend: str,
     threads: int,
     *_after: object,
@@ -240,35 +240,31 @@ def _svd_group(
     results of the tasks it depends on)."""
     import torch
 
-    from specan.views import ViewSpec, extract
+    from specan.views import extract
     from specan_kernels import svd
 
     mats, sizes = [], []
     try:
         with runs.CheckpointReader(ckpt) as reader:
             for key in keys:
-                v = views[key]
-                spec = ViewSpec(
-                    key=key, param=v["param"], rule=v["rule"], shape=tuple(v["shape"]),
-                    heads=v.get("heads"), info=dict(v.get("info", {})),
-                )  # fmt: skip
-                m = extract(spec, reader.get(v["param"]))
+                spec = views[key]
+                m = extract(spec, reader.get(spec.param))
                 if not bool(torch.isfinite(m.sum())):  # NaN and Inf survive a sum
-                    raise BadCheckpointError(ckpt.files[0], f"{v['param']} has NaN or Inf values")
+                    raise BadCheckpointError(ckpt.files[0], f"{spec.param} has NaN or Inf values")
                 mats.append(m.reshape(-1, *spec.shape))
                 sizes.append(mats[-1].shape[0])
     except BadCheckpointError as e:
         return _Failed(e)
     batch = torch.cat(mats) if len(mats) > 1 else mats[0]
-    k = max(views[key]["k"] for key in keys)
-    top = max(views[key].get("sigma_top") or 0 for key in keys)  # a group shares one shape
+    k = max(views[key].k for key in keys)
+    top = max(views[key].sigma_top or 0 for key in keys)  # a group shares one shape
     try:
         res = svd(
             batch, k=(top or k) or None, vectors=k > 0, backend=backend,
             sigma="top-k" if top else "all", threads=threads,
         )  # fmt: skip
     except RuntimeError as e:  # LAPACK's "failed to converge": name the file, not a traceback
-        params = ", ".join(views[key]["param"] for key in keys)
+        params = ", ".join(views[key].param for key in keys)
         return _Failed(BadCheckpointError(ckpt.files[0], f"SVD failed on {params}: {e}"))
     # The kernel's tail is beyond its k; a view keeping fewer vectors (or no vectors, k = R)
     # adds the σ² between the two, which the kernel returned.
@@ -279,10 +275,10 @@ def _svd_group(
         sl = slice(start, start + n)
         start += n
         v = views[key]
-        kk = v["k"]
-        top = v.get("sigma_top")
+        kk = v.k
+        top = v.sigma_top
         tail = (res.tail[sl] + sq[sl, (top or kk) : res.k].sum(dim=-1)).float().numpy()
-        heads = v.get("heads")
+        heads = v.heads
         one = (lambda a: a[0]) if not heads else (lambda a: a)
         out[key] = store.ViewResult(
             sigma=one(res.sigma[sl, : top or None].numpy()),
@@ -447,6 +443,8 @@ def _create_store(
     spath: Path,
 ) -> store.Store:
     """Plan the views from one checkpoint's header and create the store for them."""
+    from specan.views import StoredView
+
     specs = _plan(header, settings, run)
     unknown = [s for s in specs if s.info.get("heads_unknown")]
     if unknown:
@@ -461,16 +459,17 @@ def _create_store(
         report.warnings.append(msg)
         prog.warn(msg)
     views = [
-        {
-            "key": s.key,
-            "param": s.param,
-            "rule": s.rule,
-            "shape": list(s.shape),
-            "heads": s.heads,
-            "sigma_top": _sigma_top(s, settings, backend),
+        StoredView(
+            s.key,
+            s.param,
+            s.rule,
+            s.shape,
+            s.heads,
+            s.info,
+            sigma_top=_sigma_top(s, settings, backend),
             # the stored parameter's shape, to check later checkpoints against
-            "info": {**s.info, "param_shape": list(header[s.param].shape)},
-        }
+            param_shape=tuple(header[s.param].shape),
+        )  # fmt: skip
         for s in specs
     ]
     kernel = {
@@ -507,7 +506,7 @@ def _sigma_top(spec: ViewSpec, settings: Mapping[str, Any], backend: str) -> int
 def _compute(
     st: store.Store,
     ready: Sequence[Checkpoint],
-    views: Mapping[str, Mapping[str, Any]],
+    views: Mapping[str, StoredView],
     opts: IngestOptions,
     prog: Progress,
     report: IngestReport,
@@ -650,7 +649,7 @@ def _distributed(
     ready: Sequence[Checkpoint],
     small: Sequence[Sequence[str]],
     big: Sequence[Sequence[str]],
-    views: Mapping[str, Mapping[str, Any]],
+    views: Mapping[str, StoredView],
     opts: IngestOptions,
     write: Callable[[Checkpoint, Any, None], None],
     finish: Callable[[Checkpoint, None], None],

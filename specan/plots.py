@@ -1,9 +1,10 @@
-"""The paper's figures, drawn from `specan.analysis` results; the only module that uses matplotlib.
+"""The paper's figures, drawn from the Datasets analyses return; the only module that uses
+matplotlib.
 
 matplotlib is imported inside the functions, and figures are built as `matplotlib.figure.Figure`
 objects rendered by Agg, without pyplot: drawing here never changes the caller's backend or
-pyplot's list of open figures. Each drawing function returns its figure and writes nothing;
-`save_all` runs the analyses and writes the files.
+pyplot's list of open figures. Each drawing function draws only what it is given (results
+`specan.report.analyse` got through `Run.analyse`) and writes nothing.
 """
 
 from __future__ import annotations
@@ -11,25 +12,24 @@ from __future__ import annotations
 import io
 import logging
 import re
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-
-from specan import analysis, store
-from specan.errors import StoreError
-from specan.order import views_in_model_order
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
+    from specan.registry import Analysis
+    from specan.report import Analyses
+    from specan.views import StoredView
+
 log = logging.getLogger(__name__)
 
 MAX_LINES = 100  # singular values drawn per view (the paper's top 100)
-MAX_FIGURES = 6  # per-pair and per-view figures written by save_all, each kind
+MAX_FIGURES = 6  # per-pair and per-view figures drawn by `figures`, each kind
 MAX_TICKS = 10
 DPI = 110
 
@@ -144,22 +144,25 @@ def singular_values(steps: np.ndarray, sigma: np.ndarray, *, title: str) -> Figu
     return fig
 
 
-def _view_labels(result: analysis.RankResult) -> list[str]:
+def _view_labels(rank: Any) -> list[str]:
     # a whole-matrix view is named by its parameter; extra views (per head, W_V) add their rule;
     # a value from top-k σ only is an upper bound, marked "≤"
-    bound = result.bound or [False] * len(result.keys)
     return [
         ("≤ " if b else "") + (p if k == p else f"{p} [{r}]")
-        for k, p, r, b in zip(result.keys, result.params, result.rules, bound, strict=True)
+        for k, p, r, b in zip(
+            *(rank[c].values.tolist() for c in ("view", "param", "rule", "bound")), strict=True
+        )
     ]
 
 
-def rank_heatmap(result: analysis.RankResult, *, title: str) -> Figure:
-    """Normalised effective rank (Eqn 1-2): views (rows) x checkpoints, on a fixed 0-1 scale."""
+def rank_heatmap(rank: Any, *, title: str) -> Figure:
+    """Normalised effective rank (Eqn 1-2): views (rows) x checkpoints, on a fixed 0-1 scale.
+
+    ``rank`` is the ``rank`` analysis's Dataset (`specan.analysis.rank`)."""
     return _heatmap(
-        result.values,
-        result.steps,
-        _view_labels(result),
+        rank["value"].values,
+        rank["step"].values,
+        _view_labels(rank),
         title=title,
         ylabel="view",
         cbar="normalised effective rank",
@@ -172,14 +175,14 @@ def alignment_diagonal(steps: np.ndarray, diag: np.ndarray, *, title: str) -> Fi
     return _heatmap(d.T, steps, None, title=title, ylabel="index i", cbar=r"alignment $A_{ii}$")
 
 
-def alignment_scores(alignment: analysis.Alignment, *, title: str) -> Figure:
-    """Alignment score a(t) (Eqn 4): pairs (rows) x checkpoints, 0-1."""
-    values = _stack([r.score for r in alignment.results], alignment.steps)
-    labels = [r.pair.label for r in alignment.results]
+def alignment_scores(alignment: Any, *, title: str) -> Figure:
+    """Alignment score a(t) (Eqn 4): pairs (rows) x checkpoints, 0-1.
+
+    ``alignment`` is the ``align`` analysis's Dataset (`specan.analysis.align`)."""
     return _heatmap(
-        values,
-        alignment.steps,
-        labels,
+        _stack(alignment),
+        alignment["step"].values,
+        [str(x) for x in alignment["pair"].values],
         title=title,
         ylabel="pair (layer l -> l+1)",
         cbar=r"alignment score (mean $A_{ii}$, $i < 10$)",
@@ -192,34 +195,37 @@ def sva_diagonal(steps: np.ndarray, diag: np.ndarray, *, title: str) -> Figure:
     return _heatmap(d.T, steps, None, title=title, ylabel="index i", cbar=r"agreement $S_{ii}$")
 
 
-def sva_scores(agreement: analysis.Agreement, *, title: str) -> Figure:
-    """SVA score s(t): views (rows) x checkpoints, 0-1."""
-    values = _stack([r.score for r in agreement.results], agreement.steps)
-    labels = [r.key for r in agreement.results]
+def sva_scores(agreement: Any, *, title: str) -> Figure:
+    """SVA score s(t): views (rows) x checkpoints, 0-1.
+
+    ``agreement`` is the ``sva`` analysis's Dataset (`specan.analysis.sva`)."""
     return _heatmap(
-        values,
-        agreement.steps,
-        labels,
+        _stack(agreement),
+        agreement["step"].values,
+        [str(x) for x in agreement["view"].values],
         title=title,
         ylabel="view",
         cbar=r"SVA score (mean $S_{ii}$, $i < 10$)",
     )
 
 
-def _stack(rows: list[np.ndarray], steps: np.ndarray) -> np.ndarray:
-    return np.array(rows, dtype=float) if rows else np.zeros((0, len(steps)))
+def _stack(ds: Any) -> np.ndarray:
+    """A Dataset's ``value`` ``(item, step)`` as floats (``[0, T]`` without items)."""
+    return np.asarray(ds["value"].values, dtype=float).reshape(-1, ds.sizes["step"])
 
 
-def loss_under_rank(result: analysis.RankResult, *, title: str) -> Figure:
+def loss_under_rank(rank: Any, metrics: Mapping[str, np.ndarray], *, title: str) -> Figure:
     """Losses (and accuracies, on a twin axis) above the mean normalised effective rank.
 
     The grokking figure: the validation-loss drop coincides with the fall in effective rank.
+    ``rank`` is the ``rank`` analysis's Dataset, ``metrics`` name -> ``[T]`` at its steps (NaN
+    where not evaluated).
     """
     fig = _figure(8.0, 6.5)
     top, bottom = fig.subplots(2, 1, sharex=True)
     top.set_title(title)
-    x = _step_axis(bottom, result.steps)
-    names = sorted(result.metrics)
+    x = _step_axis(bottom, rank["step"].values)
+    names = sorted(metrics)
     accs = [n for n in names if "acc" in n.lower()]
     others = [n for n in names if n not in accs]
     prefixes = list(dict.fromkeys(n.split("_")[0] for n in names))
@@ -236,7 +242,7 @@ def loss_under_rank(result: analysis.RankResult, *, title: str) -> Figure:
             ax.set_ylabel("loss" if any("loss" in n for n in group) else "metric")
         vals = []
         for n in group:
-            v = np.asarray(result.metrics[n], dtype=float)
+            v = np.asarray(metrics[n], dtype=float)
             ok = np.isfinite(v)
             vals.append(v[ok])
             (h,) = ax.plot(
@@ -259,80 +265,23 @@ def loss_under_rank(result: analysis.RankResult, *, title: str) -> Figure:
         top.legend(handles=handles, fontsize=8, loc="best")
     else:
         top.text(0.5, 0.5, "no metrics", ha="center", va="center", transform=top.transAxes)
-    values = np.asarray(result.values, dtype=float)[result.whole]
+    values = np.asarray(rank["value"].values, dtype=float)[rank["in_mean"].values]
     for row in values:
         bottom.plot(x, row, color="0.6", lw=0.6, alpha=0.6)
     if values.size:
         bottom.plot(
             x,
-            result.mean,
+            rank["model_mean"].values,
             color="C3",
             lw=2.2,
             marker=marker,
             ms=3,
-            label=f"mean over {result.matrices} weight matrices (grey: each matrix)",
+            label=f"mean over {len(values)} weight matrices (grey: each matrix)",
         )
         bottom.legend(fontsize=8, loc="best")
     bottom.set_ylabel("normalised effective rank")
     bottom.set_ylim(0.0, 1.02)
     return fig
-
-
-@dataclass
-class Analyses:
-    """One run's analysis results, the store's views, and why any figure will be missing."""
-
-    run: Path
-    name: str
-    views: dict[str, dict[str, Any]]
-    rank: analysis.RankResult
-    alignment: analysis.Alignment | None
-    agreement: analysis.Agreement | None
-    notes: list[str] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)  # registered analyses: name -> Dataset
-
-
-def analyse(run: Path | str) -> Analyses:
-    """Run rank, alignment and SVA on a run's store; a part that cannot be done becomes a note."""
-    run = Path(run)
-    views = views_in_model_order(store.open_store(store.store_path(run)).views)
-    out = Analyses(run, run.resolve().name, views, analysis.rank(run), None, None)
-    if not any(np.isfinite(v).any() for v in out.rank.metrics.values()):
-        out.notes.append("no metrics.jsonl values at the checkpoints' steps: loss figure skipped")
-    try:
-        out.alignment = analysis.align(run)
-    except StoreError as e:
-        out.notes.append(f"alignment skipped: {e}")
-    else:
-        if not out.alignment.results:
-            out.notes.append(f"alignment: no pair could be compared ({out.alignment.rule})")
-        for pair, why in out.alignment.skipped:
-            out.notes.append(f"alignment pair {pair.label} skipped: {why}")
-    try:
-        out.agreement = analysis.sva(run)
-    except StoreError as e:
-        out.notes.append(f"SVA skipped: {e}")
-    else:
-        if not out.agreement.results:
-            out.notes.append("SVA skipped: no view has stored singular vectors")
-    from specan import registry
-    from specan.api import Run
-
-    opened = Run(run)
-    for name in registry.names():
-        a = registry.get(name)
-        if a.figure is None:  # the built-ins above, drawn by their own figures
-            continue
-        try:
-            ds = opened.analyse(name, compute=a.automatic)
-        except StoreError as e:
-            out.notes.append(f"{a.title} skipped: {e}")
-            continue
-        if ds is None:
-            out.notes.append(f"{a.title}: not computed yet (run `specan {name}` first)")
-        else:
-            out.extra[name] = ds
-    return out
 
 
 def registered_lines(ds: Any, *, title: str, item: str, label: str) -> Figure:
@@ -376,20 +325,87 @@ def safe_name(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", key)
 
 
-def _largest(keys: Sequence[str], views: dict[str, dict[str, Any]], limit: int | None) -> list[str]:
+def _largest(keys: Sequence[str], views: Mapping[str, StoredView], limit: int | None) -> list[str]:
     """The ``limit`` largest views (all for None), listed in the order given."""
-
-    def size(k: str) -> int:
-        m, n = views[k]["shape"]
-        return m * n * (views[k].get("heads") or 1)
-
-    chosen = set(sorted(keys, key=lambda k: (-size(k), k))[:limit])
+    chosen = set(sorted(keys, key=lambda k: (-views[k].size, k))[:limit])
     return [k for k in keys if k in chosen]
 
 
 def _note_cut(an: Analyses, total: int, limit: int | None, what: str) -> None:
     if limit is not None and total > limit:
-        an.notes.append(f"drew {limit} of {total} {what} (--max-figures 0 draws all)")
+        an.notes.append(f"drew {limit} of {total} {what} (limit=0 draws all)")
+
+
+def _rank_figures(an: Analyses, a: Analysis, ds: Any, limit: int | None) -> Iterator[Plot]:
+    yield Plot(
+        "rank",
+        "Normalised effective rank (Eqn 1-2) of every view over training, "
+        "on a fixed 0-1 colour scale.",
+        rank_heatmap(ds, title=f"{an.name}: effective rank"),
+    )
+    if any(np.isfinite(v).any() for v in an.metrics.values()):
+        yield Plot(
+            "loss_rank",
+            "Losses and accuracies (top) above the normalised effective rank "
+            "(bottom; red: the mean over the model's weight matrices, one per parameter).",
+            loss_under_rank(ds, an.metrics, title=f"{an.name}: loss and effective rank"),
+        )
+
+
+def _align_figures(an: Analyses, a: Analysis, ds: Any, limit: int | None) -> Iterator[Plot]:
+    rule, steps = ds.attrs["rule"], ds["step"].values
+    yield Plot(
+        "align_scores",
+        f"Alignment score (Eqn 4) of consecutive layers; {rule}.",
+        alignment_scores(ds, title=f"{an.name}: alignment scores"),
+    )
+    labels = [str(x) for x in ds["pair"].values]
+    _note_cut(an, len(labels), limit, "alignment diagonals (the first pairs)")
+    for i, label in enumerate(labels[:limit]):
+        diag = ds["diag"].values[i, :, : int(ds["length"].values[i])]
+        yield Plot(
+            f"align_{i}",
+            f"Alignment diagonal A_ii (Eqn 3), {label}.",
+            alignment_diagonal(steps, diag, title=f"{an.name}: A_ii, {label}"),
+        )
+
+
+def _sva_figures(an: Analyses, a: Analysis, ds: Any, limit: int | None) -> Iterator[Plot]:
+    reference, steps = ds.attrs["reference"], ds["step"].values
+    yield Plot(
+        "sva_scores",
+        f"Singular vector agreement score (Eqn 5) with {reference}.",
+        sva_scores(ds, title=f"{an.name}: SVA scores"),
+    )
+    index = {str(k): i for i, k in enumerate(ds["view"].values)}
+    _note_cut(an, len(index), limit, "SVA diagonals (the largest views)")
+    for key in _largest(list(index), an.views, limit):
+        i = index[key]
+        diag = ds["diag"].values[i, :, : int(ds["length"].values[i])]
+        yield Plot(
+            f"sva_{safe_name(key)}",
+            f"SVA diagonal S_ii of {key} with {reference}.",
+            sva_diagonal(steps, diag, title=f"{an.name}: S_ii, {key}"),
+        )
+
+
+def _registered_figure(an: Analyses, a: Analysis, ds: Any, limit: int | None) -> Iterator[Plot]:
+    title = f"{an.name}: {a.title}"
+    if a.figure == "lines":
+        fig = registered_lines(ds, title=title, item=a.item, label=a.title)
+    else:
+        fig = registered_heatmap(ds, title=title, item=a.item, label=a.title, bounds=a.bounds)
+    yield Plot(a.name, f"{a.title[:1].upper()}{a.title[1:]} of every {a.item} over training.", fig)
+
+
+# How each analysis is drawn (`Analysis.figure`): from its Dataset alone, never computing.
+FIGURES: dict[str, Callable[[Analyses, Analysis, Any, int | None], Iterator[Plot]]] = {
+    "heatmap": _registered_figure,
+    "lines": _registered_figure,
+    "rank": _rank_figures,
+    "align": _align_figures,
+    "sva": _sva_figures,
+}
 
 
 def figures(
@@ -397,74 +413,27 @@ def figures(
 ) -> Iterator[Plot]:
     """The run's figures, one at a time; figures without data are left out (see ``an.notes``).
 
-    ``views`` picks the σ figures; otherwise, and for the per-pair and per-view diagonals,
-    ``limit`` caps each kind (None: `MAX_FIGURES`, 0: all), and a note in ``an.notes`` says
-    what was left out.
+    Each analysis in ``an.results`` is drawn as its ``figure`` says (`FIGURES`). ``views``
+    picks the σ figures; otherwise, and for the per-pair and per-view diagonals, ``limit`` caps
+    each kind (None: `MAX_FIGURES`, 0: all), and a note in ``an.notes`` says what was left out.
     """
-    limit = MAX_FIGURES if limit is None else (limit or None)
-    name, rk = an.name, an.rank
-    yield Plot(
-        "rank",
-        "Normalised effective rank (Eqn 1-2) of every view over training, "
-        "on a fixed 0-1 colour scale.",
-        rank_heatmap(rk, title=f"{name}: effective rank"),
-    )
-    if any(np.isfinite(v).any() for v in rk.metrics.values()):
-        yield Plot(
-            "loss_rank",
-            "Losses and accuracies (top) above the normalised effective rank "
-            "(bottom; red: the mean over the model's weight matrices, one per parameter).",
-            loss_under_rank(rk, title=f"{name}: loss and effective rank"),
-        )
-    al = an.alignment
-    if al is not None and al.results:
-        yield Plot(
-            "align_scores",
-            f"Alignment score (Eqn 4) of consecutive layers; {al.rule}.",
-            alignment_scores(al, title=f"{name}: alignment scores"),
-        )
-        _note_cut(an, len(al.results), limit, "alignment diagonals (the first pairs)")
-        for i, r in enumerate(al.results[:limit]):
-            yield Plot(
-                f"align_{i}",
-                f"Alignment diagonal A_ii (Eqn 3), {r.pair.label}.",
-                alignment_diagonal(al.steps, r.diag, title=f"{name}: A_ii, {r.pair.label}"),
-            )
-    ag = an.agreement
-    if ag is not None and ag.results:
-        yield Plot(
-            "sva_scores",
-            f"Singular vector agreement score (Eqn 5) with {ag.reference}.",
-            sva_scores(ag, title=f"{name}: SVA scores"),
-        )
-        by_key = {r.key: r for r in ag.results}
-        _note_cut(an, len(by_key), limit, "SVA diagonals (the largest views)")
-        for key in _largest(list(by_key), an.views, limit):
-            yield Plot(
-                f"sva_{safe_name(key)}",
-                f"SVA diagonal S_ii of {key} with {ag.reference}.",
-                sva_diagonal(ag.steps, by_key[key].diag, title=f"{name}: S_ii, {key}"),
-            )
     from specan import registry
 
-    for name, ds in an.extra.items():
+    limit = MAX_FIGURES if limit is None else (limit or None)
+    for name, ds in an.results.items():
         a = registry.get(name)
-        title = f"{an.name}: {a.title}"
-        if a.figure == "lines":
-            fig = registered_lines(ds, title=title, item=a.item, label=a.title)
-        else:
-            fig = registered_heatmap(ds, title=title, item=a.item, label=a.title, bounds=a.bounds)
-        yield Plot(
-            name, f"{a.title[:1].upper()}{a.title[1:]} of every {a.item} over training.", fig
-        )
+        if ds.sizes[a.item]:
+            yield from FIGURES[a.figure](an, a, ds, limit)
     if views is None:
         _note_cut(an, len(an.views), limit, "singular-value figures (the largest views)")
     for key in list(views) if views is not None else _largest(list(an.views), an.views, limit):
-        steps, sigma = analysis.sigma(an.run, key)
+        sigma = an.run.sigma(key)
         yield Plot(
             f"sigma_{safe_name(key)}",
             f"Singular values of {key} over training.",
-            singular_values(steps, sigma, title=f"{name}: singular values, {key}"),
+            singular_values(
+                sigma["step"].values, sigma.values, title=f"{an.name}: singular values, {key}"
+            ),
         )
 
 
@@ -473,33 +442,6 @@ def png_bytes(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
-
-
-def save_all(
-    run: Path | str,
-    out_dir: Path | str,
-    *,
-    svg: bool = False,
-    views: Sequence[str] | None = None,
-    limit: int | None = None,
-) -> list[Path]:
-    """Run the analyses and write every figure as ``<out_dir>/<name>.png`` (and ``.svg``).
-
-    Figures without data, and those beyond ``limit`` per kind (see `figures`), are skipped,
-    each with a logged reason. Returns the written paths.
-    """
-    an = analyse(run)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for plot in figures(an, views=views, limit=limit):
-        for ext in ("png", "svg") if svg else ("png",):
-            path = out / f"{plot.name}.{ext}"
-            plot.figure.savefig(path, format=ext)
-            paths.append(path)
-    for note in an.notes:
-        log.warning("%s: %s", an.name, note)
-    return paths
 
 
 # -- several runs on shared axes ----------------------------------------------------------------

@@ -30,7 +30,16 @@ if TYPE_CHECKING:
 
     from specan.api import Run
 
-__all__ = ["KEEPS", "kept", "prunable", "prune_losses", "prune_param", "prune_state", "rebuild"]
+__all__ = [
+    "KEEPS",
+    "kept",
+    "mask_agreement",
+    "prunable",
+    "prune_losses",
+    "prune_param",
+    "prune_state",
+    "rebuild",
+]
 
 KEEPS = ("full", "top-half", "bottom-half")
 
@@ -210,6 +219,66 @@ def prune_losses(
         coords={"keep": list(keeps), "step": step, "epoch": ("step", epoch)},
         attrs={"run": str(run), "svd": "float64, recomputed from the checkpoints"},
     )
+
+
+def mask_agreement(run: Path | str, *, top: int = 10) -> xr.Dataset:
+    """How much of the final weights' top singular directions a lottery ticket's mask keeps
+    (SPEC §4): SVA (Eqn 5) between ``W_T``, the final checkpoint of the run the mask came from,
+    and ``m ⊙ W_T``, per masked weight matrix.
+
+    Parameters
+    ----------
+    run : path
+        A ticket run (`specan train vgg --ticket ... --from SOURCE`): its ``mask.safetensors``
+        and run.json's ``parent`` (the source run and the step of its checkpoint that gave the
+        mask).
+    top : int
+        The score is the mean of the first `top` diagonal entries ``S_ii``.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``score`` and ``density`` (the fraction the mask keeps) on ``view`` (the masked
+        parameters, model order); attrs ``ticket``, ``sparsity``, ``source``, ``step`` and
+        ``mean`` (the score's mean over the masked weight matrices).
+    """
+    import numpy as np
+    import xarray as xr
+    from safetensors.torch import load_file
+
+    from specan import losses, runfile, runs
+    from specan.errors import ModelError
+    from specan.lmc import endpoint_sva
+    from specan_trainers.checkpoint import mask_path
+
+    meta = runfile.read_config(run)
+    parent = meta.get("parent") or {}
+    path = mask_path(run)
+    if not path.is_file() or "mask_from" not in parent:
+        raise ModelError(
+            f"{path}: not a lottery-ticket run (write one with `specan train vgg --ticket`)"
+        )
+    masks = load_file(str(path))
+    source = Path(parent["run"])
+    ckpt = [c for c in runs.discover(source).checkpoints if c.step == parent["mask_from"]]
+    if not ckpt:
+        raise ModelError(f"{source}: the checkpoint at step {parent['mask_from']} is gone")
+    rm = losses.load(run)
+    with runs.CheckpointReader(ckpt[0]) as reader:
+        final = {k: reader.get(k).double() for k in masks}
+    masked = {k: final[k] * masks[k].double() for k in masks}
+    scores = endpoint_sva(final, masked, family=rm.family, rules=rm.rules, top=top)
+    views = list(scores)
+    return xr.Dataset(
+        {
+            "score": ("view", np.array([scores[v] for v in views])),
+            "density": ("view", np.array([float(masks[v].mean()) for v in views])),
+        },
+        coords={"view": views},
+        attrs={"ticket": parent.get("ticket", ""), "sparsity": parent.get("sparsity", np.nan),
+               "source": str(source), "step": int(parent["mask_from"]),
+               "mean": float(np.mean([scores[v] for v in views]))},
+    )  # fmt: skip
 
 
 def _compute(run: Run, *, progress: Any = None, device: str = "cpu") -> xr.Dataset:

@@ -17,15 +17,13 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import xarray as xr
 
-    from specan.api import Run
-
 __all__ = ["ANALYSES", "Analysis", "get", "names"]
 
 # name -> "module:attribute" of its `Analysis`. One line per analysis.
 ANALYSES = {
-    "rank": "specan.api:RANK",
-    "align": "specan.api:ALIGN",
-    "sva": "specan.api:SVA",
+    "rank": "specan.analysis:RANK",
+    "align": "specan.analysis:ALIGN",
+    "sva": "specan.analysis:SVA",
     "stable_rank": "specan.stable_rank:ANALYSIS",
     "prune": "specan.prune:ANALYSIS",
 }
@@ -40,26 +38,29 @@ class Analysis:
     more variables (diagonals, ...). ``reads`` names the store arrays it needs per view
     (``sigma``, ``tail``, ``U``, ``V``): a store without them is said to lack them, not crashed
     on. ``summary`` is the row label of its first -> last table line; ``bounds`` the figure's
-    value range (None: from the data). ``cached``: `Run.analyse` keeps the result in
-    ``derived/<name>`` (the built-ins cache themselves); ``figure``: how `specan plot` and the
-    report draw it ("heatmap": items x checkpoints; "lines": one line per item over steps).
-    ``automatic``: False for an analysis too costly to run unasked (one that re-evaluates
-    models): plot and report then draw only a result already cached by its own command or
-    `Run.analyse`. ``compute`` may take keywords that leave its result alone (``progress``,
-    ``device``), passed through `Run.analyse`.
+    value range (None: from the data). `Run.analyse` keeps every result in ``derived/<name>``
+    and recomputes it when ``version``, the store's checkpoints or views, run.json or a
+    keyword named in ``params`` changed. ``figure``: how `specan plot` and the report draw it,
+    a key of `specan.plots.FIGURES` ("heatmap": items x checkpoints; "lines": one line per item
+    over steps; "rank", "align", "sva": the paper's figures of the built-ins). ``automatic``:
+    False for an analysis too costly to run unasked (one that re-evaluates models): plot and
+    report then draw only a result already cached by its own command or `Run.analyse`.
+
+    ``compute`` may take keywords: those in ``params`` change the result (a result per value
+    is cached); any other (``progress``, ``device``) must leave it alone and is passed through.
     """
 
     name: str
     title: str
     reads: tuple[str, ...]
-    compute: Callable[[Run], xr.Dataset]
+    compute: Callable[..., xr.Dataset]
     item: str = "view"
     summary: str = ""
     bounds: tuple[float, float] | None = None
-    cached: bool = True
-    figure: str | None = "heatmap"  # None: drawn by specan.plots' own figures (the built-ins)
+    figure: str = "heatmap"
     version: int = 1  # bump when compute changes: cached results are then recomputed
     automatic: bool = True  # False: plot and report draw it only from the cache
+    params: tuple[str, ...] = ()  # compute's keywords that change its result
 
 
 def names() -> list[str]:

@@ -1,4 +1,6 @@
-"""One self-contained HTML page per run (or per comparison of runs): config, summary, figures.
+"""One self-contained HTML page per run (or per comparison of runs): config, summary, figures;
+and the figures of a run as files. Here the registered analyses are run (`analyse`, through
+`Run.analyse`); `specan.plots` only draws them.
 
 Figures come from `specan.plots` and are embedded as base64 PNG; the page needs no other file.
 Every piece of text from the run (names, config, metrics) is escaped with `html.escape`.
@@ -11,17 +13,21 @@ import json
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from specan import plots, runfile
-from specan.errors import RunFileError
+from specan.errors import RunFileError, StoreError
+from specan.order import views_in_model_order
 
 if TYPE_CHECKING:
+    from specan.api import Run
     from specan.comparison import Comparison
+    from specan.views import StoredView
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +44,80 @@ pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; }
 .cols > div { min-width: 0; }
 .scroll { overflow-x: auto; }
 """
+
+
+@dataclass
+class Analyses:
+    """One run's registered analyses (name -> Dataset), its metrics at its checkpoints, the
+    store's views, and why any figure will be missing."""
+
+    run: Run
+    name: str
+    views: dict[str, StoredView]
+    metrics: dict[str, np.ndarray]  # name -> [T] at the run's steps, NaN where not evaluated
+    results: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def analyse(run: Path | str | Run) -> Analyses:
+    """Every registered analysis of a run, through `Run.analyse` (so cached in its store);
+    one that cannot be done becomes a note. Those not ``automatic`` come from the cache only."""
+    from specan import registry, runfile
+    from specan.api import Run
+
+    opened = run if isinstance(run, Run) else Run(run)
+    views = views_in_model_order(opened._store.views)
+    values = runfile.metrics_at(opened.path, opened.steps.tolist())
+    out = Analyses(opened, opened.name, dict(views), {n: np.array(v) for n, v in values.items()})
+    if not any(np.isfinite(v).any() for v in out.metrics.values()):
+        out.notes.append("no metrics.jsonl values at the checkpoints' steps: loss figure skipped")
+    for name in registry.names():
+        a = registry.get(name)
+        try:
+            ds = opened.analyse(name, compute=a.automatic)
+        except StoreError as e:
+            out.notes.append(f"{a.title} skipped: {e}")
+            continue
+        if ds is None:
+            out.notes.append(f"{a.title}: not computed yet (run `specan {name}` first)")
+            continue
+        if not ds.sizes[a.item]:
+            why = f" ({ds.attrs['rule']})" if "rule" in ds.attrs else ""
+            out.notes.append(f"{a.title} skipped: no {a.item} could be computed{why}")
+        for why in ds.attrs.get("skipped", []):
+            out.notes.append(f"{a.title}: {a.item} {why} (skipped)")
+        out.results[name] = ds
+    return out
+
+
+def save_all(
+    run: Path | str,
+    out_dir: Path | str,
+    *,
+    svg: bool = False,
+    views: Sequence[str] | None = None,
+    limit: int | None = None,
+) -> list[Path]:
+    """Run the analyses and write every figure as ``<out_dir>/<name>.png`` (and ``.svg``).
+
+    Figures without data, and those beyond ``limit`` per kind (see `plots.figures`), are skipped,
+    each with a logged reason. Returns the written paths.
+    """
+    an = analyse(run)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for plot in plots.figures(an, views=views, limit=limit):
+        for ext in ("png", "svg") if svg else ("png",):
+            path = out / f"{plot.name}.{ext}"
+            plot.figure.savefig(path, format=ext)
+            paths.append(path)
+    for note in an.notes:
+        log.warning("%s: %s", an.name, note)
+    return paths
+
+
+TABLED = ("rank", "align", "sva")  # the analyses with tables of their own on the page
 
 
 def _num(x: float | None, fmt: str = ".3f") -> str:
@@ -65,25 +145,26 @@ def _table(head: Sequence[str], rows: Sequence[Sequence[str]], numeric: int = 0)
     return f'<div class="scroll">{table}</div>'
 
 
-def summary_html(an: plots.Analyses) -> str:
-    """Summary tables: views (rank first -> last, SVA at the start), pairs, metrics."""
-    rk = an.rank
+def summary_html(an: Analyses) -> str:
+    """Summary tables: views (rank first -> last, SVA at the start), pairs, metrics, and the
+    first -> last mean of every other registered analysis."""
+    rk = an.results["rank"]
+    agreement, alignment = an.results.get("sva"), an.results.get("align")
     sva_start = {}
-    if an.agreement is not None:
-        sva_start = {r.key: float(r.score[0]) for r in an.agreement.results if r.score.size}
+    if agreement is not None and agreement.sizes["step"]:
+        sva_start = dict(zip(agreement["view"].values.tolist(),
+                             agreement["value"].values[:, 0].tolist(), strict=True))  # fmt: skip
     rows = []
-    for i, key in enumerate(rk.keys):
-        v = an.views.get(key, {})
-        shape = "×".join(str(d) for d in v.get("shape", ()))
-        if v.get("heads"):
-            shape += f" ×{v['heads']} heads"
-        first, last = _first_last(rk.values[i])
+    for i, key in enumerate(rk["view"].values.tolist()):
+        v = an.views[key]
+        shape = "×".join(str(d) for d in v.shape) + (f" ×{v.heads} heads" if v.heads else "")
+        first, last = _first_last(rk["value"].values[i])
         change = None if first is None or last is None else last - first
         rows.append(
             [
                 key,
-                rk.params[i],
-                rk.rules[i],
+                str(rk["param"].values[i]),
+                str(rk["rule"].values[i]),
                 shape,
                 _num(first),
                 _num(last),
@@ -109,26 +190,31 @@ def summary_html(an: plots.Analyses) -> str:
         ),
         "<p>erank: normalised effective rank (Eqn 1-2); SVA at start: s(t) at the first "
         "checkpoint against "
-        + escape(an.agreement.reference if an.agreement else "the final checkpoint")
+        + escape(agreement.attrs["reference"] if agreement else "the final checkpoint")
         + ".</p>",
     ]
-    if an.alignment is not None and an.alignment.results:
-        pairs = [[r.pair.label, *map(_num, _first_last(r.score))] for r in an.alignment.results]
+    if alignment is not None and alignment.sizes["pair"]:
+        pairs = [
+            [str(label), *map(_num, _first_last(score))]
+            for label, score in zip(alignment["pair"].values, alignment["value"].values,
+                                    strict=True)
+        ]  # fmt: skip
         parts += [
             "<h3>Alignment of consecutive layers (Eqn 4)</h3>",
             _table(["pair", "score first", "score last"], pairs, numeric=2),
-            f"<p>{escape(an.alignment.rule)}.</p>",
+            f"<p>{escape(alignment.attrs['rule'])}.</p>",
         ]
-    if rk.metrics:
+    if an.metrics:
         mrows = [
-            [n, *(_num(x, ".4g") for x in _first_last(v))] for n, v in sorted(rk.metrics.items())
+            [n, *(_num(x, ".4g") for x in _first_last(v))] for n, v in sorted(an.metrics.items())
         ]
         parts += ["<h3>Metrics</h3>", _table(["metric", "first", "last"], mrows, numeric=2)]
-    if an.extra:
+    others = {n: ds for n, ds in an.results.items() if n not in TABLED}
+    if others:
         from specan import registry
 
         xrows = []
-        for name, ds in an.extra.items():
+        for name, ds in others.items():
             a = registry.get(name)
             mean = ds["value"].mean(dim=a.item).values
             xrows.append([a.summary or a.title, *map(_num, _first_last(mean))])
@@ -179,7 +265,7 @@ def write_report(run: Path | str, out: Path | str | None = None) -> Path:
     """Write the run's report (default ``<run>/report.html``) and return its path."""
     run = Path(run)
     out = Path(out) if out is not None else run / "report.html"
-    an = plots.analyse(run)
+    an = analyse(run)
     figs = "\n".join(_img(p) for p in plots.figures(an))
     body = (
         f"<p>Run folder: <code>{escape(str(run.resolve()))}</code></p>\n{_config_html(run)}\n"
@@ -263,7 +349,7 @@ def write_comparison(runs: Sequence[Path | str], out: Path | str, *, by: str = "
     notes = "".join(f"<li>{escape(n)}</li>" for n in c.dropped)
     summaries = []
     for name, run in zip(c.names, c.runs, strict=True):
-        an = plots.analyse(run.path)
+        an = analyse(run)
         summaries.append(f"<div><h2>{escape(name)}</h2>{summary_html(an)}</div>")
     body = (
         _table(cols, head, numeric=0)

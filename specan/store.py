@@ -19,6 +19,8 @@ Layout (``schema_version`` 1)::
         run          the checkpoints' folder (absolute), so a store kept elsewhere
                      (``ingest --store``) still finds run.json and metrics.jsonl
       step                  int64   [T]                  dims (checkpoint,)
+      views/<key>/step      int64   [T]                  the same, beside each view's arrays,
+                                                         which name it their "coordinates"
       views/<key>/sigma     float32 [T, (H,) R]           dims (checkpoint, (head,) rank)
       views/<key>/U         float32 [T, (H,) m, k]        dims (checkpoint, (head,) row, component)
       views/<key>/V         float32 [T, (H,) n, k]        dims (checkpoint, (head,) col, component)
@@ -51,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 from specan import __version__
 from specan.errors import RunNotFoundError, StoreError, StoreExistsError, StoreLockedError
 from specan.order import views_in_model_order
+from specan.views import StoredView
 
 if TYPE_CHECKING:
     import numpy as np
@@ -77,6 +80,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 STORE_NAME = "specan.zarr"
+STEP_COORD = {"coordinates": "step"}  # per-view arrays: their rows' steps, for xarray
 SIGMA_CHUNK_ROWS = 64  # many checkpoints per sigma chunk: `rank` reads all of them at once
 
 
@@ -270,8 +274,9 @@ class Store:
         return dict(self.group.attrs)
 
     @property
-    def views(self) -> dict[str, dict[str, Any]]:
-        return dict(self.group.attrs.get("views", {}))
+    def views(self) -> dict[str, StoredView]:
+        """The store's views by key, in the order they were planned."""
+        return _views_from_json(self.group.attrs.get("views", {}))
 
     @property
     def checkpoints(self) -> list[dict[str, Any]]:
@@ -313,8 +318,31 @@ class Store:
             c = by_name[e["name"]]
             values[c["row"]] = -1 if c["step"] is None else int(c["step"])
         step[:] = values
+        self._write_view_steps(values)
         self._set_attrs(checkpoints=ckpts)
         return {e["name"]: by_name[e["name"]]["row"] for e in entries}
+
+    def _view_steps(self) -> list[str]:
+        """The per-view copies of ``step`` (empty for stores made before views carried one)."""
+        keys = list(self.views)
+        if not keys or "step" not in self.group[f"views/{keys[0]}"]:
+            return []
+        return [f"views/{key}/step" for key in keys]
+
+    def _write_view_steps(self, values: np.ndarray) -> None:
+        """Copy ``step`` into every view's group, all writes at once (one per view), so that
+        ``xarray.open_zarr(store, group="views/<key>")`` labels rows by step without specan."""
+        import asyncio
+
+        from zarr.core.sync import sync
+
+        writes = [self._array(name).async_array.setitem(slice(None), values)
+                  for name in self._view_steps()]  # fmt: skip
+
+        async def _all() -> None:
+            await asyncio.gather(*writes)
+
+        sync(_all())
 
     def add_duplicates(self, entries: Sequence[Mapping[str, Any]]) -> None:
         """Record checkpoints identical to done ones: each entry (name, size, mtime_ns, step,
@@ -348,6 +376,8 @@ class Store:
             for name in names:
                 arr = self._array(f"views/{key}/{name}")
                 arr.resize((n, *arr.shape[1:]))
+        for name in self._view_steps():
+            self._array(name).resize((n,))
 
     def write_row(self, row: int, results: Mapping[str, ViewResult]) -> None:
         """Write one checkpoint's spectra into ``row`` (all views; marks nothing done).
@@ -378,7 +408,7 @@ class Store:
     def _record_routes(self, results: Mapping[str, ViewResult]) -> None:
         """Keep each view's kernel routes in its attributes (``views[key]["routes"]``); the
         attributes are rewritten only when a route not seen before appears."""
-        views = self.views
+        views = dict(self.group.attrs.get("views", {}))
         new = False
         for key, r in results.items():
             known = views[key].setdefault("routes", [])
@@ -454,7 +484,7 @@ class Store:
 def create(
     path: Path | str,
     *,
-    views: Sequence[Mapping[str, Any]],
+    views: Sequence[StoredView],
     kernel: Mapping[str, Any],
     settings: Mapping[str, Any],
     overwrite: bool = False,
@@ -462,8 +492,8 @@ def create(
 ) -> Store:
     """Create a new, empty store (no rows) for the given views.
 
-    ``views`` are dicts with key, param, rule, shape (m, n), heads, info; ``run`` is the folder
-    of the checkpoints, recorded for commands given the store's path. Raises
+    ``views`` are planned views (their ``k`` is set here, from the kernel's ``top_k``); ``run``
+    is the folder of the checkpoints, recorded for commands given the store's path. Raises
     :class:`StoreExistsError` if a store exists and ``overwrite`` is False.
     """
     import shutil
@@ -472,7 +502,9 @@ def create(
 
     path = Path(path)
     if path.exists() and not overwrite:
-        raise StoreExistsError(f"{path}: a store exists already (pass --overwrite to replace it)")
+        raise StoreExistsError(
+            f"{path}: a store exists already (pass overwrite=True to replace it)"
+        )
     # Build it under a temporary name and rename it into place: a crash mid-creation must not
     # leave a store without its attributes where the next ingest would find it.
     building = path.with_name(f"{path.name}.partial-{os.getpid()}")
@@ -488,38 +520,37 @@ def create(
     vgroup = group.create_group("views")
     view_attrs: dict[str, Any] = {}
     for v in views:
-        m, n = v["shape"]
+        m, n = v.shape
         k = min(int(top_k), min(m, n)) if top_k else min(m, n)  # top_k 0/None: every vector
-        r = v.get("sigma_top") or min(m, n)  # σ kept: all, or only the top k
-        heads = v.get("heads")
+        r = v.sigma_top or min(m, n)  # σ kept: all, or only the top k
+        heads = v.heads
         hd = (heads,) if heads else ()
         hn = ["head"] if heads else []
-        g = vgroup.create_group(v["key"], attributes={"param": v["param"], "rule": v["rule"]})
+        g = vgroup.create_group(v.key, attributes={"param": v.param, "rule": v.rule})
+        # each row's step beside the spectra: xarray reads it as the coordinate the arrays'
+        # "coordinates" attribute names (CF), so the group opens labelled without specan
+        g.create_array(
+            "step", shape=(0,), chunks=(1024,), dtype="int64", fill_value=-1,
+            dimension_names=["checkpoint"], compressors=_zstd(),
+        )  # fmt: skip
         g.create_array(
             "sigma", shape=(0, *hd, r), chunks=(SIGMA_CHUNK_ROWS, *hd, r), dtype="float32",
             fill_value=float("nan"), dimension_names=["checkpoint", *hn, "rank"],
-            compressors=_zstd(),
+            compressors=_zstd(), attributes=STEP_COORD,
         )  # fmt: skip
         g.create_array(
             "tail", shape=(0, *hd), chunks=(1024, *hd), dtype="float32",
             fill_value=float("nan"), dimension_names=["checkpoint", *hn], compressors=_zstd(),
+            attributes=STEP_COORD,
         )  # fmt: skip
         if vectors:
             for name, rows, dim in (("U", m, "row"), ("V", n, "col")):
                 g.create_array(
                     name, shape=(0, *hd, rows, k), chunks=(1, *hd, rows, k), dtype=vdtype,
                     fill_value=float("nan"), dimension_names=["checkpoint", *hn, dim, "component"],
-                    compressors=_zstd(),
+                    compressors=_zstd(), attributes=STEP_COORD,
                 )  # fmt: skip
-        view_attrs[v["key"]] = {
-            "param": v["param"],
-            "rule": v["rule"],
-            "shape": [m, n],
-            "heads": heads,
-            "k": k if vectors else 0,
-            "sigma_top": v.get("sigma_top"),
-            "info": dict(v.get("info", {})),
-        }
+        view_attrs[v.key] = _view_to_json(v, k if vectors else 0)
     group.update_attributes(
         {
             "schema_version": SCHEMA_VERSION,
@@ -532,7 +563,7 @@ def create(
             "run": str(Path(run).resolve()) if run is not None else None,
         }
     )
-    if path.exists():  # --overwrite: the old store goes only once the new one is complete
+    if path.exists():  # overwrite=True: the old store goes only once the new one is complete
         old = path.with_name(f"{path.name}.old-{os.getpid()}")
         path.rename(old)
         building.rename(path)
@@ -540,6 +571,32 @@ def create(
     else:
         building.rename(path)
     return Store(zarr.open_group(path, mode="r+", zarr_format=3), path)
+
+
+def _view_to_json(v: StoredView, k: int) -> dict[str, Any]:
+    """A view as the store's ``views`` attribute keeps it (the parameter's shape in ``info``,
+    where stores have always kept it)."""
+    info = dict(v.info)
+    if v.param_shape is not None:
+        info["param_shape"] = list(v.param_shape)
+    return {"param": v.param, "rule": v.rule, "shape": list(v.shape), "heads": v.heads, "k": k,
+            "sigma_top": v.sigma_top, "info": info}  # fmt: skip
+
+
+def _views_from_json(views: Mapping[str, Mapping[str, Any]]) -> dict[str, StoredView]:
+    """The store's ``views`` attribute as typed views, by key."""
+    out = {}
+    for key, v in views.items():
+        info = dict(v.get("info") or {})
+        shape = info.pop("param_shape", None)
+        m, n = v["shape"]
+        out[key] = StoredView(
+            key=key, param=v["param"], rule=v["rule"], shape=(int(m), int(n)),
+            heads=v.get("heads"), info=info, k=int(v.get("k") or 0),
+            sigma_top=v.get("sigma_top"), routes=tuple(v.get("routes") or ()),
+            param_shape=tuple(shape) if shape is not None else None,
+        )  # fmt: skip
+    return out
 
 
 def dedupe(entries: Sequence[Mapping[str, Any]]) -> list[Any]:
@@ -604,10 +661,10 @@ def summary(path: Path | str) -> dict[str, Any]:
         (c for c in ckpts if c.get("done")), key=lambda c: (c["step"] is None, c["step"] or 0)
     )
     views = [
-        {"key": key, **{k: v.get(k) for k in ("param", "rule", "shape", "heads", "k")}}
-        | {"bytes": _du(path / "views" / key)}
-        for key, v in views_in_model_order(attrs.get("views", {})).items()
-    ]
+        {"key": key, "param": v.param, "rule": v.rule, "shape": list(v.shape),
+         "heads": v.heads, "k": v.k, "bytes": _du(path / "views" / key)}
+        for key, v in views_in_model_order(_views_from_json(attrs.get("views", {}))).items()
+    ]  # fmt: skip
     return {
         "path": str(path),
         "schema_version": attrs.get("schema_version"),

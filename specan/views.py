@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FAMILIES",
     "WHOLE_RULES",
+    "StoredView",
     "ViewSpec",
     "detect_family",
     "extract",
@@ -76,6 +77,46 @@ class ViewSpec:
     shape: tuple[int, int]
     heads: int | None = None
     info: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def hidden(self) -> int | None:
+        """LSTM and column-half views: the hidden size h of the LSTM (None for other rules)."""
+        return self.info.get("hidden")
+
+    @property
+    def kernel(self) -> tuple[int, ...] | None:
+        """Convolution views: the kernel's spatial shape (None for other rules)."""
+        kernel = self.info.get("kernel")
+        return tuple(kernel) if kernel else None
+
+    @property
+    def c_in(self) -> int | None:
+        """Convolution views: the input channels (None for other rules)."""
+        return self.info.get("c_in")
+
+    @property
+    def direction(self) -> str | None:
+        """LSTM and column-half views: ``"forward"`` or ``"reverse"`` (None for other rules)."""
+        return self.info.get("direction")
+
+
+@dataclass(frozen=True)
+class StoredView(ViewSpec):
+    """A view as a store holds it: the planned `ViewSpec` and what ingest decided for it.
+
+    `specan.store` alone reads and writes it as JSON (the store's ``views`` attribute); every
+    other module gets this object.
+    """
+
+    k: int = 0  # singular vectors kept per checkpoint (0: none)
+    sigma_top: int | None = None  # only the top k σ are kept (effective rank is then a bound)
+    routes: tuple[str, ...] = ()  # the kernel routes that computed it
+    param_shape: tuple[int, ...] | None = None  # the parameter's shape, checked on every file
+
+    @property
+    def size(self) -> int:
+        """Elements of the view's matrix or matrices (all heads)."""
+        return self.shape[0] * self.shape[1] * (self.heads or 1)
 
 
 def _digest(name: str, width: int) -> str:
@@ -144,7 +185,7 @@ def detect_family(names: Iterable[str], shapes: Mapping[str, Any] | None = None)
 
 
 def select(names: Iterable[str], layers: str | None) -> list[str]:
-    """Apply the ``--layers`` filter: comma-separated globs (fnmatch) or ``re:<regex>`` (re.search).
+    """Apply the layers selection: comma-separated globs (fnmatch) or ``re:<regex>`` (re.search).
 
     None or "all" keeps every name. A name is kept when any pattern matches it; order is kept.
     A pattern that matches no name is an error (it is most likely a typo).
@@ -154,20 +195,26 @@ def select(names: Iterable[str], layers: str | None) -> list[str]:
         return names
     patterns = [p.strip() for p in layers.split(",") if p.strip()]
     if not patterns:
-        raise ViewRuleError(f"--layers {layers!r}: no pattern (use 'all' for every parameter)")
+        raise ViewRuleError(
+            f"the layers selection {layers!r}: no pattern (use 'all' for every parameter)"
+        )
     keep: set[str] = set()
     for pat in patterns:
         if pat.startswith("re:"):
             try:
                 rx = re.compile(pat[3:])
             except re.error as e:
-                raise ViewRuleError(f"--layers pattern {pat!r}: bad regex ({e})") from e
+                raise ViewRuleError(
+                    f"the layers selection: pattern {pat!r}: bad regex ({e})"
+                ) from e
             hits = {n for n in names if rx.search(n)}
         else:
             hits = {n for n in names if fnmatch.fnmatchcase(n, pat)}
         if not hits:
             sample = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-            raise ViewRuleError(f"--layers pattern {pat!r} matches no parameter (names: {sample})")
+            raise ViewRuleError(
+                f"the layers selection: pattern {pat!r} matches no parameter (names: {sample})"
+            )
         keep |= hits
     return [n for n in names if n in keep]
 
@@ -304,7 +351,7 @@ def plan_views(
         Key/value head count of grouped-query attention (Llama's ``num_key_value_heads``);
         checked against the shapes, which tell it anyway once `heads` is known.
     layers : str, optional
-        The ``--layers`` filter (see `select`), applied to names before planning.
+        The layers selection (see `select`), applied to names before planning.
     rules : mapping, optional
         Parameter name -> one of `OVERRIDES`; beats every name and shape rule.
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+import specan
 from specan import analysis
 from specan.errors import StoreError
 from specan.pipeline import IngestOptions, ingest
@@ -111,12 +113,20 @@ MATRICES = ["embed.weight", "block.self_attn.in_proj_weight", "block.self_attn.o
             "block.linear1.weight", "block.linear2.weight", "head.weight"]  # fmt: skip
 
 
+def items(ds: Any, item: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """label -> (diagonal [T, n] without its NaN padding, score [T]) of an align/sva Dataset."""
+    return {
+        str(label): (ds.diag.values[i, :, : ds.length.values[i]], ds.score.values[i])
+        for i, label in enumerate(ds[item].values)
+    }
+
+
 # -- rank ----------------------------------------------------------------------------------------
 def test_rank_of_every_view_and_the_model_mean(run: tuple[Path, dict]) -> None:
     root, raw = run
-    r = analysis.rank(root)
-    assert list(r.steps) == STEPS
-    row = dict(zip(r.keys, r.values, strict=True))
+    r = specan.open(root).rank()
+    assert r.step.values.tolist() == STEPS
+    row = dict(zip(r.view.values.tolist(), r.values, strict=True))
     for t, step in enumerate(STEPS):
         w = raw[step]
         for name in MATRICES:
@@ -128,24 +138,24 @@ def test_rank_of_every_view_and_the_model_mean(run: tuple[Path, dict]) -> None:
         assert row["block.self_attn.in_proj_weight__k"][t] == pytest.approx(k, abs=TOL)
         # the model's mean: its six weight matrices, one per parameter (SPEC §3)
         mean = np.mean([erank_norm(w[name]) for name in MATRICES])
-        assert r.mean[t] == pytest.approx(mean, abs=TOL)
-    assert r.matrices == len(MATRICES)
+        assert float(r.model_mean[t]) == pytest.approx(mean, abs=TOL)
+    assert r.attrs["matrices"] == len(MATRICES) == int(r.in_mean.sum())
 
 
 # -- alignment -----------------------------------------------------------------------------------
 def test_alignment_diagonals_against_numpy(run: tuple[Path, dict]) -> None:
     root, raw = run
-    a = analysis.align(root)
-    got = {r.pair.label: r for r in a.results}
-    assert not a.skipped and len(got) == len(PAIRS)
+    a = specan.open(root).align()
+    got = items(a, "pair")
+    assert not a.attrs["skipped"] and len(got) == len(PAIRS)
     for t, step in enumerate(STEPS):
         w = raw[step]
 
         def check(label: str, prev: np.ndarray, nxt: np.ndarray, t: int = t) -> None:
             full = np.abs(nxt.T @ prev)  # A_ij = |<v_i(next), u_j(prev)>|
             n = min(full.shape)
-            np.testing.assert_allclose(got[label].diag[t], np.diag(full)[:n], atol=TOL)
-            assert got[label].score[t] == pytest.approx(np.diag(full)[:10].mean(), abs=TOL)
+            np.testing.assert_allclose(got[label][0][t], np.diag(full)[:n], atol=TOL)
+            assert got[label][1][t] == pytest.approx(np.diag(full)[:10].mean(), abs=TOL)
 
         qkv = "block.self_attn.in_proj_weight"
         check(f"embed.weight -> {qkv}", svd64(w["embed.weight"])[2], svd64(w[qkv])[2])
@@ -158,7 +168,7 @@ def test_alignment_diagonals_against_numpy(run: tuple[Path, dict]) -> None:
         per_head = [
             np.diag(np.abs(svd64(k_head(w, h))[0].T @ svd64(q_head(w, h))[0])) for h in range(HEADS)
         ]
-        np.testing.assert_allclose(got[f"{qkv} Q·K"].diag[t], np.mean(per_head, axis=0), atol=TOL)
+        np.testing.assert_allclose(got[f"{qkv} Q·K"][0][t], np.mean(per_head, axis=0), atol=TOL)
 
 
 # -- SVA -----------------------------------------------------------------------------------------
@@ -170,37 +180,38 @@ def sva_diag(w_t: np.ndarray, w_ref: np.ndarray) -> np.ndarray:
 
 def test_sva_against_the_final_checkpoint(run: tuple[Path, dict]) -> None:
     root, raw = run
-    g = analysis.sva(root)
-    assert "step 30" in g.reference and not g.dropped
-    by_key = {r.key: r for r in g.results}
+    g = specan.open(root).sva()
+    assert "step 30" in g.attrs["reference"] and not g.attrs["dropped"]
+    by_key = items(g, "view")
     assert set(by_key) == set(MATRICES)
     final = raw[STEPS[-1]]
     for t, step in enumerate(STEPS):
         for name in MATRICES:
             expect = sva_diag(raw[step][name], final[name])
-            np.testing.assert_allclose(by_key[name].diag[t], expect, atol=TOL)
-            assert by_key[name].score[t] == pytest.approx(expect[:10].mean(), abs=TOL)
+            np.testing.assert_allclose(by_key[name][0][t], expect, atol=TOL)
+            assert by_key[name][1][t] == pytest.approx(expect[:10].mean(), abs=TOL)
 
 
 def test_sva_against_another_run_matches_by_step(run: tuple[Path, dict], tmp_path: Path) -> None:
     root, raw = run
     other_steps = [10, 25, 30, 40]
     other = write_run(tmp_path / "other", other_steps, seed=100)
-    g = analysis.sva(root, against=tmp_path / "other")
-    assert list(g.steps) == [10, 30]  # the shared steps
-    assert any("0, 20" in d for d in g.dropped) and any("25, 40" in d for d in g.dropped)
-    by_key = {r.key: r for r in g.results}
+    g = specan.open(root).sva(tmp_path / "other")
+    assert g.step.values.tolist() == [10, 30]  # the shared steps
+    dropped = g.attrs["dropped"]
+    assert any("0, 20" in d for d in dropped) and any("25, 40" in d for d in dropped)
+    by_key = items(g, "view")
     for t, step in enumerate([10, 30]):
         for name in MATRICES:
             expect = sva_diag(raw[step][name], other[step][name])
-            np.testing.assert_allclose(by_key[name].diag[t], expect, atol=TOL)
+            np.testing.assert_allclose(by_key[name][0][t], expect, atol=TOL)
 
 
 def test_sva_by_epoch_and_no_shared_steps(run: tuple[Path, dict], tmp_path: Path) -> None:
     root, _ = run
     write_run(tmp_path / "late", [100, 200], seed=7)
     with pytest.raises(StoreError, match="share no step"):
-        analysis.sva(root, against=tmp_path / "late")
+        specan.open(root).sva(tmp_path / "late")
 
 
 def test_sva_refuses_a_different_model(run: tuple[Path, dict], tmp_path: Path) -> None:
@@ -211,7 +222,7 @@ def test_sva_refuses_a_different_model(run: tuple[Path, dict], tmp_path: Path) -
     save_file(w, str(other / "checkpoints" / "step-00000010.safetensors"), {"step": "10"})
     ingest(other, IngestOptions(top_k=0))
     with pytest.raises(StoreError, match="'head.weight' is 9x16 there but 8x16"):
-        analysis.sva(root, against=other)
+        specan.open(root).sva(other)
 
 
 def test_checkpoint_without_a_step_is_never_final(tmp_path: Path) -> None:
@@ -223,10 +234,11 @@ def test_checkpoint_without_a_step_is_never_final(tmp_path: Path) -> None:
     save_file({"w.weight": mats["final"]}, str(root / "final.safetensors"))
     report = ingest(root, IngestOptions(top_k=0))
     assert any("final.safetensors" in w and "no step" in w for w in report.warnings)
-    g = analysis.sva(root)
-    assert "step 5" in g.reference and any("final.safetensors" in d for d in g.dropped)
+    g = specan.open(root).sva()
+    assert "step 5" in g.attrs["reference"]
+    assert any("final.safetensors" in d for d in g.attrs["dropped"])
     # compared against step 5 (index 0), so the first row agrees with itself exactly
-    np.testing.assert_allclose(g.results[0].diag[0], 1.0, atol=1e-5)
+    np.testing.assert_allclose(g.diag.values[0, 0, : g.length.values[0]], 1.0, atol=1e-5)
 
 
 def test_steps_selection_is_strict() -> None:
@@ -254,9 +266,10 @@ def test_listings_follow_model_order_in_an_older_file_ordered_store(tmp_path: Pa
         "layers.0.weight", "layers.1.weight", "layers.10.weight"
     ]  # fmt: skip
     natural = [f"layers.{i}.weight" for i in range(12)]
-    assert analysis.rank(root).keys == natural
-    assert [r.key for r in analysis.sva(root).results] == natural
-    assert [r.pair.label for r in analysis.align(root).results] == [
+    r = specan.open(root)
+    assert r.rank().view.values.tolist() == natural
+    assert r.sva().view.values.tolist() == natural
+    assert r.align().pair.values.tolist() == [
         f"{a} -> {b}" for a, b in zip(natural, natural[1:], strict=False)
     ]
     assert [v["key"] for v in store.summary(store.store_path(root))["views"]] == natural
@@ -274,9 +287,11 @@ def test_sva_by_epoch_pairs_the_same_epoch(tmp_path: Path) -> None:
             meta = {"step": str(step), "epoch": str(epoch)}
             save_file({"w.weight": w}, str(root / f"step-{step}.safetensors"), meta)
         ingest(root, IngestOptions(top_k=0))
-    assert list(analysis.sva(tmp_path / "a", against=tmp_path / "b").steps) == [0, 10]
-    g = analysis.sva(tmp_path / "a", against=tmp_path / "b", by="epoch")
-    assert list(g.steps) == [0, 10, 20] and not g.dropped  # a's steps, matched by epoch
+    a = specan.open(tmp_path / "a")
+    assert a.sva(tmp_path / "b").step.values.tolist() == [0, 10]
+    g = a.sva(tmp_path / "b", by="epoch")
+    # a's steps, matched by epoch
+    assert g.step.values.tolist() == [0, 10, 20] and not g.attrs["dropped"]
     for epoch in range(3):
         expect = sva_diag(raw["a", epoch], raw["b", epoch])
-        np.testing.assert_allclose(g.results[0].diag[epoch], expect, atol=TOL)
+        np.testing.assert_allclose(g.diag.values[0, epoch, : g.length.values[0]], expect, atol=TOL)

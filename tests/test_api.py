@@ -158,11 +158,11 @@ def test_derived_results_open_with_xarray_alone(run: tuple[Path, dict]) -> None:
     root, _ = run
     e = specan.open(root).rank()
     ds = xr.open_zarr(root / "specan.zarr" / "derived" / "rank", consolidated=False)
-    assert ds["erank"].dims == ("view", "step") and ds.step.values.tolist() == STEPS
-    np.testing.assert_array_equal(ds["erank"].values, e.values)
-    assert ds.attrs["info"]["views"] == e.view.values.tolist()
+    assert ds["value"].dims == ("view", "step") and ds.step.values.tolist() == STEPS
+    np.testing.assert_array_equal(ds["value"].values, e.values)
+    assert ds.attrs["info"]["labels"]["view"] == [["view"], e.view.values.tolist()]
     al = xr.open_zarr(root / "specan.zarr" / "derived" / "align", consolidated=False)
-    assert al["diag"].dims == ("item", "step", "index")
+    assert al["diag"].dims == ("pair", "step", "index")
 
 
 def test_cache_false_writes_nothing_and_an_unwritable_store_is_not_an_error(
@@ -206,3 +206,33 @@ def test_registered_analyses_by_name(run: tuple[Path, dict]) -> None:
     np.testing.assert_array_equal(r.analyse("sva")["value"].values, r.sva().score.values)
     with pytest.raises(ValueError, match="no analysis 'nope'; known: rank, align, sva"):
         r.analyse("nope")
+
+
+def test_one_cache_keyed_by_version_and_parameters(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dataclasses
+
+    from specan import analysis, metrics
+
+    root = tmp_path / "run"
+    write_run(root, STEPS[:2], seed=4)
+    r = specan.open(root)
+    whole, per_head = r.align(), r.align(vo_per_head=True)
+    assert per_head.attrs["rule"].endswith("; V -> O per head")
+    assert not whole.attrs["rule"].endswith("per head")
+    groups = sorted(p.name for p in (root / "specan.zarr" / "derived").iterdir())
+    assert groups[0] == "align" and groups[1].startswith("align-") and len(groups) == 2
+    calls: list[int] = []
+    real = metrics.alignment
+    monkeypatch.setattr(metrics, "alignment", lambda *a: calls.append(1) or real(*a))
+    again = specan.open(root).align(vo_per_head=True)
+    assert calls == [] and again.attrs["rule"] == per_head.attrs["rule"]  # from derived/
+    np.testing.assert_array_equal(again.diag.values, per_head.diag.values)
+    assert specan.open(root).align(vo_per_head=False).pair.values.tolist() == (
+        whole.pair.values.tolist()
+    )  # the default, given explicitly, is the default result
+    assert calls == []
+    monkeypatch.setattr(analysis, "ALIGN", dataclasses.replace(analysis.ALIGN, version=99))
+    np.testing.assert_array_equal(specan.open(root).align().diag.values, whole.diag.values)
+    assert calls  # a new version is recomputed

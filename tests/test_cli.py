@@ -352,7 +352,7 @@ def test_prune_without_a_store_evaluates_the_asked_models(tmp_path: Path) -> Non
 
 def test_prune_with_a_store_caches_for_plot(tmp_path: Path) -> None:
     import specan
-    from specan.plots import analyse
+    from specan.report import analyse
 
     run = _tiny_mlp_run(tmp_path / "mlp")
     specan.ingest(run)
@@ -362,14 +362,14 @@ def test_prune_with_a_store_caches_for_plot(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert "train_loss bottom-half" in res.stdout
     an = analyse(run)
-    assert list(an.extra["prune"]["keep"].values) == ["full", "top-half", "bottom-half"]
-    assert list(an.extra["prune"]["step"].values) == [0, 2]
+    assert list(an.results["prune"]["keep"].values) == ["full", "top-half", "bottom-half"]
+    assert list(an.results["prune"]["step"].values) == [0, 2]
     from specan.plots import figures
 
     (fig,) = [p.figure for p in figures(an) if p.name == "prune"]
     lines = fig.axes[0].get_lines()
     assert [ln.get_label() for ln in lines] == ["full", "top-half", "bottom-half"]
-    expected = an.extra["prune"]["train_loss"].sel(keep="bottom-half").values
+    expected = an.results["prune"]["train_loss"].sel(keep="bottom-half").values
     assert list(lines[2].get_ydata()) == pytest.approx(expected.tolist())
 
 
@@ -378,3 +378,15 @@ def test_prune_of_a_run_without_trainer_is_one_line(tmp_path: Path) -> None:
     res = specan("prune", str(run))
     assert res.returncode == 2
     assert "unknown trainer 'synthetic'" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_library_messages_name_arguments_and_the_cli_its_flags(ingested: Path) -> None:
+    from specan.errors import ViewRuleError
+    from specan.views import select
+
+    with pytest.raises(ViewRuleError) as e:
+        select(["fc.weight"], "nope*")
+    assert "--" not in str(e.value) and "layers" in str(e.value)
+    res = specan("align", str(ingested), "--layers", "nope*")
+    assert res.returncode != 0
+    assert "error: --layers: pattern 'nope*' matches no parameter" in res.stderr

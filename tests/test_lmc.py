@@ -211,3 +211,86 @@ def test_specan_lmc_command(lmc_root):
     assert "no split at epoch 3; splits at epochs 0, 0.5, 1" in str(res.exception)
     res = runner.invoke(app, ["lmc", str(lmc_root.parent)])
     assert isinstance(res.exception, ModelError) and "not an LMC folder" in str(res.exception)
+
+
+# -- perturbed LMC folders, the cache, the figures ----------------------------------------------
+@pytest.fixture(scope="module")
+def perturb_root(tmp_path_factory):
+    from specan_trainers import vgg
+
+    root = tmp_path_factory.mktemp("lmc") / "vgg-perturb"
+    args = ["--width-mult", "0.0625", "--limit-train", "64", "--val-frac", "0.05"]
+    vgg.main([*args, "--batch-size", "32", "--epochs", "2", "--lmc", "--trunks", "1",
+              "--branches", "2", "--perturb", "0,2.5", "--perturb-epoch", "0",
+              "--out", str(root)])  # fmt: skip
+    return root
+
+
+def test_barriers_against_perturbation_size(perturb_root, monkeypatch):
+    from specan import lmc
+    from specan.runs import discover
+
+    ds = lmc.barriers(perturb_root, n=3)
+    assert list(ds["eta"].values) == [0.0, 2.5] and ds["barrier"].dims == ("eta", "pair")
+    assert int(ds["split"]) == 2 and float(ds["epoch"]) == 1.0
+    assert list(ds["pair"].values) == ["trunk-0:3-4"]
+    t = perturb_root / "trunk-0"
+    for i, eta in enumerate(("0", "2.5")):
+        a, b = (discover(t / f"branch-2-{s}-eta{eta}").checkpoints[-1].files[0] for s in (3, 4))
+        direct = endpoint_losses(t / "branch-2-3-eta0", a, b, n=3)
+        np.testing.assert_allclose(ds["train_loss"].values[i, 0], direct["train_loss"].values)
+        assert ds["barrier"].values[i, 0] == pytest.approx(
+            np_barrier(np.linspace(0, 1, 3), direct["train_loss"].values)
+        )
+    with pytest.raises(OptionError, match="one split .* --split-epochs does not apply"):
+        lmc.barriers(perturb_root, split_epochs="0..1")
+
+    # cached: a second call computes nothing, until an endpoint changes
+    def fail(*args, **kwargs):
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr(lmc, "_barriers", fail)
+    again = lmc.barriers(perturb_root, n=3)
+    np.testing.assert_array_equal(again["barrier"].values, ds["barrier"].values)
+    assert list(again["eta"].values) == [0.0, 2.5] and list(again["pair"].values) == ["trunk-0:3-4"]
+    with pytest.raises(AssertionError, match="recomputed"):
+        lmc.barriers(perturb_root, n=5)  # another path: not the cached result
+    last = discover(t / "branch-2-4-eta2.5").checkpoints[-1].files[0]
+    last.write_bytes(last.read_bytes())  # rewritten: new mtime
+    with pytest.raises(AssertionError, match="recomputed"):
+        lmc.barriers(perturb_root, n=3)
+
+
+def test_specan_lmc_perturb_command_and_figures(perturb_root, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from specan.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["lmc", str(perturb_root), "--alphas", "3", "--format", "json",
+                              "--plot", str(tmp_path / "figs")])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout[res.stdout.index("[") :])
+    assert [(r["eta"], r["split_step"], r["pair"]) for r in rows] == [
+        (0.0, 2, "trunk-0:3-4"), (2.5, 2, "trunk-0:3-4")
+    ]  # fmt: skip
+    names = sorted(p.name for p in (tmp_path / "figs").iterdir())
+    assert names == ["lmc-barrier.png", "lmc-sva-layers.png", "lmc-sva.png"]
+    res = runner.invoke(app, ["lmc", str(perturb_root), "--alphas", "3"])
+    assert res.exit_code == 0 and "η" in res.stdout and "perturbed at epoch 1" in res.stdout
+
+
+def test_lmc_figures_draw_the_result(lmc_root):
+    from specan.lmc import barriers
+    from specan.lmc_plots import figures
+
+    ds = barriers(lmc_root, n=3)
+    plots = figures(ds)
+    assert [p.name for p in plots] == ["lmc-barrier", "lmc-sva", "lmc-sva-layers"]
+    mean_line = plots[0].figure.axes[0].get_lines()[-1]
+    np.testing.assert_allclose(mean_line.get_xdata(), [0, 0.5, 1])
+    np.testing.assert_allclose(mean_line.get_ydata(), ds["barrier"].values.mean(axis=1))
+    heat = plots[2].figure.axes[0].get_images()[0].get_array()
+    np.testing.assert_allclose(heat, ds["sva_view"].values.mean(axis=1).T)

@@ -7,6 +7,7 @@ import pytest
 
 from specan import metrics
 from specan.pairs import Pair, pairs_for, per_head_vo, resolve
+from specan.views import ViewSpec
 
 rng = np.random.default_rng(0)
 
@@ -52,8 +53,8 @@ def svd_loader(mats: dict[str, np.ndarray]):
     return load
 
 
-def view(param: str, rule: str, shape, **info) -> dict:
-    return {"param": param, "rule": rule, "shape": list(shape), "heads": None, "info": info}
+def view(param: str, rule: str, shape, heads: int | None = None, **info) -> ViewSpec:
+    return ViewSpec(param, param, rule, tuple(shape), heads, info)
 
 
 def test_linear_pair_next_is_transpose_gives_diagonal_one() -> None:
@@ -100,8 +101,8 @@ def test_qk_pair_is_left_with_left_per_head() -> None:
         q[h] = u @ np.diag([3.0, 2.0, 1.0]) @ orthonormal(d, hd).T
         k[h] = u @ np.diag([5.0, 4.0, 0.5]) @ orthonormal(d, hd).T  # same left vectors
     views = {
-        "q": view("attn", "q_heads", (hd, d)) | {"heads": heads},
-        "k": view("attn", "k_heads", (hd, d)) | {"heads": heads},
+        "q": view("attn", "q_heads", (hd, d), heads=heads),
+        "k": view("attn", "k_heads", (hd, d), heads=heads),
     }
     p, n = resolve(Pair("attn", "attn", "qk"), views, svd_loader({"q": q, "k": k}))
     a = metrics.alignment(p, n)[0]  # [H, hd, hd]
@@ -193,30 +194,31 @@ def test_inferred_lstm_pairs_per_direction() -> None:
 
 
 def test_analyses_are_cached_until_the_store_changes(tmp_path, monkeypatch) -> None:
-    from specan import analysis, store
+    import specan
+    from specan import store
     from specan.demo import write_synthetic_run
     from specan.pipeline import ingest
 
     run = write_synthetic_run(tmp_path / "run", checkpoints=3, width=16)
     (run / "checkpoints" / "step-00000200.safetensors").rename(tmp_path / "later.safetensors")
     ingest(run)
-    first = analysis.rank(run)
+    first = specan.open(run).rank()
     assert (store.store_path(run) / "derived" / "rank" / "zarr.json").exists()
     calls = []
     real = metrics.normalized_effective_rank
     monkeypatch.setattr(metrics, "normalized_effective_rank", lambda s: calls.append(1) or real(s))
-    again = analysis.rank(run)
+    again = specan.open(run).rank()
     assert calls == [] and np.array_equal(again.values, first.values)  # served from derived/
     (tmp_path / "later.safetensors").rename(run / "checkpoints" / "step-00000200.safetensors")
     ingest(run)  # a new checkpoint changes the fingerprint: recomputed
-    third = analysis.rank(run)
+    third = specan.open(run).rank()
     assert calls and third.values.shape[1] == 3
     np.testing.assert_array_equal(third.values[:, :2], first.values)
-    a1, a2 = analysis.align(run), analysis.align(run)
-    assert [r.pair for r in a1.results] == [r.pair for r in a2.results]
-    assert all(np.array_equal(x.diag, y.diag) for x, y in zip(a1.results, a2.results, strict=True))
-    s1 = analysis.sva(run, against=run)
-    assert all(np.allclose(r.score, 1.0, atol=1e-5) for r in s1.results)
+    a1, a2 = specan.open(run).align(), specan.open(run).align()
+    assert a1.pair.values.tolist() == a2.pair.values.tolist()
+    np.testing.assert_array_equal(a1.diag.values, a2.diag.values)
+    s1 = specan.open(run).sva(against=run)
+    np.testing.assert_allclose(s1.score.values, 1.0, atol=1e-5)
 
 
 def test_vo_per_head_slices_the_output_projection_by_head() -> None:
@@ -225,7 +227,7 @@ def test_vo_per_head_slices_the_output_projection_by_head() -> None:
     w_v = rng.standard_normal((heads, hd, d))
     w_o = rng.standard_normal((d, d))
     views = {
-        "vh": view("attn.in_proj", "v_heads", (hd, d)) | {"heads": heads},
+        "vh": view("attn.in_proj", "v_heads", (hd, d), heads=heads),
         "o": view("attn.out_proj", "linear", (d, d)),
     }
     pair = Pair("attn.in_proj", "attn.out_proj", "vo_heads")

@@ -72,8 +72,8 @@ def chain(names: list[str]) -> list[str]:
     ],
 )  # fmt: skip
 def test_mlp_pairs_follow_model_order_not_file_order(names: list[str]) -> None:
-    views = {s.key: s.__dict__ for s in plan_views({n: (3, 3) for n in sorted(names)})}
-    assert [v["param"] for v in views.values()] == names  # planned in model order
+    views = {s.key: s for s in plan_views({n: (3, 3) for n in sorted(names)})}
+    assert [v.param for v in views.values()] == names  # planned in model order
     assert labels(views) == chain(names)
 
 
@@ -84,7 +84,7 @@ def test_deep_mlp_trainer_names(tmp_path: Path) -> None:
     model = deep_mlp.build_model(config)
     st = ingested(tmp_path / "run", [model.state_dict()])
     names = [f"layers.{i}.weight" for i in range(12)]
-    assert [v["param"] for v in st.views.values()] == names
+    assert [v.param for v in st.views.values()] == names
     pairs, rule = pairs_for({}, st.views)
     assert "model order" in rule
     assert [p.label for p in pairs] == chain(names)
@@ -99,7 +99,7 @@ def test_vgg_in_a_flat_folder(tmp_path: Path) -> None:
     st = ingested(tmp_path / "run", [model.state_dict()])
     convs = [n for n, p in model.named_parameters() if p.dim() == 4]
     names = [*convs, "classifier.weight"]
-    assert len(convs) == 13 and [v["param"] for v in st.views.values()] == names
+    assert len(convs) == 13 and [v.param for v in st.views.values()] == names
     assert labels(st.views) == chain(names)
     assert labels(st.views)[-1] == f"{convs[-1]} -> classifier.weight"
     assert pairs_for({}, st.views)[0] == pair_list(vgg.pairs(config))
@@ -136,7 +136,7 @@ def lstm_labels(prefix: str, out: str, layers: int, directions: int = 2) -> list
 def test_paper_lstm_keeps_its_output_pairs(tmp_path: Path) -> None:
     torch.manual_seed(0)
     st = ingested(tmp_path / "run", [PaperASR().state_dict()])
-    params = list(dict.fromkeys(v["param"] for v in st.views.values()))
+    params = list(dict.fromkeys(v.param for v in st.views.values()))
     assert params[-1] == "model.linear.weight"  # alphabetically it comes first
     pairs, rule = pairs_for({}, st.views)
     assert "LSTM" in rule
@@ -165,7 +165,7 @@ def test_unidirectional_lstm_has_no_halves() -> None:
     shapes["fc.weight"] = (3, 4)
     specs = plan_views(dict(sorted(shapes.items())))
     assert [s.rule for s in specs] == ["lstm"] * 4 + ["linear"]
-    views = {s.key: s.__dict__ for s in specs}
+    views = {s.key: s for s in specs}
     assert labels(views) == lstm_labels("rnn.", "fc.weight", 2, directions=1)
 
 
@@ -178,7 +178,7 @@ def lstm_state(seed: int = 0) -> Tensors:
 
 
 def test_bidirectional_forward_score_ignores_the_reverse_half(tmp_path: Path) -> None:
-    from specan import analysis
+    import specan
 
     h = 4
     base = lstm_state()
@@ -190,9 +190,9 @@ def test_bidirectional_forward_score_ignores_the_reverse_half(tmp_path: Path) ->
         states.append(s)
     run = write_run(tmp_path / "run", states)
     ingest(run, IngestOptions(workers=1))
-    a = analysis.align(run)
-    scores = {r.pair: r.score for r in a.results}
-    assert not a.skipped
+    a = specan.open(run).align()
+    scores = dict(zip(a.pair.values.tolist(), a.score.values, strict=True))
+    assert not a.attrs["skipped"]
 
     def numpy_score(state: Tensors, prev: str, nxt: str, half: slice) -> float:
         # independent: the g block of U of the previous weight's SVD against V of the SVD of
@@ -208,14 +208,14 @@ def test_bidirectional_forward_score_ignores_the_reverse_half(tmp_path: Path) ->
         ("lstm.weight_ih_l1", "out.weight"),  # its own weight is scaled: its U moves
     ]
     for prev, nxt in forward:
-        score = scores[Pair(prev, nxt, "lstm", direction="forward")]
+        score = scores[Pair(prev, nxt, "lstm", direction="forward").label]
         for t, state in enumerate(states):
             assert score[t] == pytest.approx(numpy_score(state, prev, nxt, slice(0, h)), abs=1e-5)
         if prev != "lstm.weight_ih_l1":
             np.testing.assert_allclose(score, score[0], atol=1e-6)  # the same at every scale
     # the output layer after the last layer: each direction its own half (reverse: h:2h)
     prev = "lstm.weight_ih_l1_reverse"
-    rev = scores[Pair(prev, "out.weight", "lstm", direction="reverse")]
+    rev = scores[Pair(prev, "out.weight", "lstm", direction="reverse").label]
     for t, state in enumerate(states):
         assert rev[t] == pytest.approx(numpy_score(state, prev, "out.weight", slice(h, 2 * h)),
                                        abs=1e-5)  # fmt: skip
@@ -260,7 +260,7 @@ def test_paper_lm_encoder_is_the_embedding(tmp_path: Path) -> None:
     model.model.transformer_encoder = stack
     model.model.decoder = nn.Linear(d, 11)
     st = ingested(tmp_path / "run", [model.state_dict()], heads=2)
-    rule = {v["param"]: v["rule"] for v in st.views.values() if v["rule"] in WHOLE_RULES}
+    rule = {v.param: v.rule for v in st.views.values() if v.rule in WHOLE_RULES}
     assert rule["model.encoder.weight"] == "embedding"
     pairs, _ = pairs_for({}, st.views)
     assert [p.label for p in pairs] == transformer_labels(
@@ -328,7 +328,7 @@ def test_neox_without_config_computes_whole_spectra_and_says_what_it_skipped(
     assert "per-head Q/K views and GPT-NeoX's W_V view skipped" in result.output
     assert "--heads N" in result.output
     views = store.open_store(store.store_path(run)).views
-    assert all(v["rule"] in WHOLE_RULES for v in views.values()) and len(views) == 2 + 2 * 4
+    assert all(v.rule in WHOLE_RULES for v in views.values()) and len(views) == 2 + 2 * 4
     result = CliRunner().invoke(app, ["align", str(run)])
     assert result.exit_code == 0, result.output
     said = " ".join(result.output.split())  # the console wraps long lines
@@ -385,8 +385,8 @@ def test_llama_pairs_and_grouped_query_heads(tmp_path: Path) -> None:
     views = st.views
     b = "model.layers.10.self_attn."
     q_view, k_view = views[b + "q_proj.weight__q"], views[b + "k_proj.weight__k"]
-    assert (q_view["rule"], q_view["heads"], q_view["shape"]) == ("q_heads", H, [HD, D])
-    assert (k_view["rule"], k_view["heads"], k_view["shape"]) == ("k_heads", KV, [HD, D])
+    assert (q_view.rule, q_view.heads, q_view.shape) == ("q_heads", H, (HD, D))
+    assert (k_view.rule, k_view.heads, k_view.shape) == ("k_heads", KV, (HD, D))
     w_q, w_k = state[b + "q_proj.weight"].numpy(), state[b + "k_proj.weight"].numpy()
     # each stored head is the SVD of the raw weight's rows of that head, sliced in NumPy
     sq, sk = st.read_sigma(b + "q_proj.weight__q")[0], st.read_sigma(b + "k_proj.weight__k")[0]
@@ -452,11 +452,11 @@ def test_gpt2_conv1d_is_transposed_and_pairs(tmp_path: Path) -> None:
     state = gpt2_state(layers, d)
     st = ingested(tmp_path / "run", [state], {"n_head": heads})
     views = st.views
-    assert not any(v["param"].endswith("attn.bias") for v in views.values())  # a mask buffer
+    assert not any(v.param.endswith("attn.bias") for v in views.values())  # a mask buffer
     b = "transformer.h.10."
-    assert views[b + "mlp.c_fc.weight"]["rule"] == "linear_t"
-    assert views[b + "mlp.c_fc.weight"]["shape"] == [4 * d, d]  # (out, in), as a Linear
-    assert views[b + "attn.c_attn.weight"]["shape"] == [3 * d, d]
+    assert views[b + "mlp.c_fc.weight"].rule == "linear_t"
+    assert views[b + "mlp.c_fc.weight"].shape == (4 * d, d)  # (out, in), as a Linear
+    assert views[b + "attn.c_attn.weight"].shape == (3 * d, d)
     # K head 1 is the transposed weight's columns d + hd .. d + 2 hd, sliced in NumPy
     w = state[b + "attn.c_attn.weight"].numpy()
     hd = d // heads

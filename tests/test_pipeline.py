@@ -16,7 +16,8 @@ import torch
 from safetensors.numpy import load_file as load_np
 from safetensors.torch import save_file
 
-from specan import analysis, pipeline, runs, store
+import specan
+from specan import pipeline, runs, store
 from specan.demo import write_synthetic_run
 from specan.errors import (
     BadCheckpointError,
@@ -63,11 +64,11 @@ def check_against_numpy(run: Path) -> None:
         U, V = st.read_vectors(key)
         suffix = key.rsplit("__", 1)[1] if "__" in key else ""
         for t, path in enumerate(ckpts):
-            w = load_np(str(path))[v["param"]].astype(np.float64)
-            mat = hand_view(v["param"], w, suffix)
+            w = load_np(str(path))[v.param].astype(np.float64)
+            mat = hand_view(v.param, w, suffix)
             u_ref, s_ref, vt_ref = np.linalg.svd(mat, full_matrices=False)
             np.testing.assert_allclose(sigma[t], s_ref, rtol=1e-4, atol=1e-4 * s_ref.max())
-            k = v["k"]
+            k = v.k
             # vectors of well-separated singular values agree up to sign
             s1 = s_ref.reshape(-1, s_ref.shape[-1])
             u1, vt1 = u_ref.reshape(-1, *u_ref.shape[-2:]), vt_ref.reshape(-1, *vt_ref.shape[-2:])
@@ -91,7 +92,7 @@ def test_ingest_equals_numpy_svd(small_run: Path) -> None:
     report = ingest(small_run)
     assert len(report.computed) == 4 and not report.bad
     st = store.open_store(store.store_path(small_run))
-    rules = {v["rule"] for v in st.views.values()}
+    rules = {v.rule for v in st.views.values()}
     assert rules >= {"linear", "embedding", "conv", "conv_transpose", "lstm", "in_proj"}
     assert rules >= {"q_heads", "k_heads", "v_heads", "v"}
     check_against_numpy(small_run)
@@ -330,7 +331,7 @@ def test_hostile_parameter_names_stay_inside_the_store(tmp_path: Path) -> None:
     outside = {p for p in tmp_path.rglob("*") if store.STORE_NAME not in str(p)}
     assert outside == {run, run / "s0.safetensors", run / "s1.safetensors"}
     st = store.open_store(store.store_path(run))
-    assert sorted(v["param"] for v in st.views.values()) == sorted(names)
+    assert sorted(v.param for v in st.views.values()) == sorted(names)
 
 
 @pytest.mark.slow
@@ -375,8 +376,6 @@ def test_diverged_checkpoint_with_nan_is_skipped_and_named(
 def test_sigma_top_k_keeps_the_top_k_and_the_exact_tail(tmp_path: Path) -> None:
     """A matrix large enough for the randomized route keeps only its top k σ; rank reports the
     bound, checked here against the exact spectrum the test built (rank 64, 4096 x 4096)."""
-    from specan import analysis
-
     rng = np.random.default_rng(0)
     n, r, k = 4096, 64, 32
     s = 2.0 * 0.93 ** np.arange(r)
@@ -390,18 +389,15 @@ def test_sigma_top_k_keeps_the_top_k_and_the_exact_tail(tmp_path: Path) -> None:
               str(run / "step-1.safetensors"), {"step": "1"})  # fmt: skip
     ingest(run, IngestOptions(top_k=k, sigma="top-k"))
     st = store.open_store(store.store_path(run))
-    assert (
-        st.views["big.weight"]["sigma_top"] == k
-        and "randomized" in st.views["big.weight"]["routes"]
-    )
-    assert st.views["small.weight"]["sigma_top"] is None
+    assert st.views["big.weight"].sigma_top == k and "randomized" in st.views["big.weight"].routes
+    assert st.views["small.weight"].sigma_top is None
     sigma, tail = st.read_sigma("big.weight")[0], float(st.read_tail("big.weight")[0])
     np.testing.assert_allclose(sigma, s[:k], rtol=1e-3)
     energy = float(np.sum(big.astype(np.float64) ** 2))
     assert tail == pytest.approx(energy - np.sum(s[:k] ** 2), rel=1e-3)
     assert st.read_sigma("small.weight").shape == (1, 32)
-    rk = analysis.rank(run)
-    assert rk.bound == [True, False]
+    rk = specan.open(run).rank()
+    assert rk.bound.values.tolist() == [True, False]
 
     def erank(x: np.ndarray) -> float:
         p = x[x > 0] / x.sum()
@@ -442,17 +438,17 @@ def test_hf_cache_with_duplicate_revisions_to_a_store_elsewhere(
     rows, entries = st.done_rows()
     assert [e["step"] for e in entries] == [0, 1, 2]
     assert rows[0] == rows[1] != rows[2] and entries[1]["duplicate_of"] == "step0"
-    whole = [k for k, v in st.views.items() if v["rule"] in ("linear", "embedding", "in_proj")]
+    whole = [k for k, v in st.views.items() if v.rule in ("linear", "embedding", "in_proj")]
     assert len(whole) == 6  # embed_in, qkv, dense, h_to_4h, 4h_to_h, embed_out
     for key in whole:
-        param, sigma = st.views[key]["param"], st.read_sigma(key)
+        param, sigma = st.views[key].param, st.read_sigma(key)
         for t, step in enumerate([0, 1, 2]):
             ref = neox_sigma(pythia_like, cfg, same.get(step, step), param)
             np.testing.assert_allclose(sigma[t], ref, rtol=1e-4, atol=1e-4 * ref.max())
     # every command opens the store by its path; analyses show duplicates or drop them
-    assert list(analysis.rank(sp).steps) == [0, 1, 2]
-    assert list(analysis.rank(sp, dedupe=True).steps) == [1, 2]
-    assert list(analysis.sva(sp, dedupe=True).steps) == [1, 2]
+    assert specan.open(sp).rank().step.values.tolist() == [0, 1, 2]
+    assert specan.open(sp, dedupe=True).rank().step.values.tolist() == [1, 2]
+    assert specan.open(sp, dedupe=True).sva().step.values.tolist() == [1, 2]
     assert store.summary(sp)["duplicates"] == [["step0", "step1"]]
     assert store.run_folder(sp) == repo.resolve()
     again = ingest(sp)  # the store's path alone finds its run

@@ -1,4 +1,5 @@
-"""Figures: each function returns a figure and writes nothing; save_all writes what has data."""
+"""Figures: each function returns a figure and writes nothing; report.save_all writes what has
+data."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 from safetensors.torch import save_file
 
-from specan import analysis, plots
+import specan
+from specan import plots, report
 from specan.demo import write_synthetic_run
 from specan.pipeline import IngestOptions, ingest
 
@@ -79,7 +82,7 @@ def test_save_all_synthetic_infers_lstm_pairs(
 ) -> None:
     before = files_under(synthetic)
     out = tmp_path / "figs"
-    paths = plots.save_all(synthetic, out)
+    paths = report.save_all(synthetic, out)
     names = [p.name for p in paths]
     assert names[:3] == ["rank.png", "loss_rank.png", "align_scores.png"]
     assert len([n for n in names if n.startswith("align_") and n[6].isdigit()]) == two_each
@@ -94,7 +97,7 @@ def test_save_all_synthetic_infers_lstm_pairs(
 
 
 def test_save_all_alignment_svg_and_views(mlp: Path, tmp_path: Path, two_each: int) -> None:
-    paths = plots.save_all(mlp, tmp_path / "out", svg=True, views=["fc3.weight"])
+    paths = report.save_all(mlp, tmp_path / "out", svg=True, views=["fc3.weight"])
     names = {p.name for p in paths}
     stems = {
         "rank",
@@ -116,8 +119,8 @@ def test_save_all_alignment_svg_and_views(mlp: Path, tmp_path: Path, two_each: i
 
 def test_save_all_without_vectors(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     run = write_mlp_run(tmp_path / "novec", vectors=False)
-    with caplog.at_level(logging.WARNING, logger="specan.plots"):
-        paths = plots.save_all(run, tmp_path / "out", views=["fc1.weight"])
+    with caplog.at_level(logging.WARNING, logger="specan.report"):
+        paths = report.save_all(run, tmp_path / "out", views=["fc1.weight"])
     assert sorted(p.name for p in paths) == ["rank.png", "sigma_fc1.weight.png", "stable_rank.png"]
     check_pngs(paths)
     assert "without vectors" in caplog.text and "SVA" in caplog.text
@@ -125,7 +128,8 @@ def test_save_all_without_vectors(tmp_path: Path, caplog: pytest.LogCaptureFixtu
 
 def test_figures_write_nothing(synthetic: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    rk = analysis.rank(synthetic)
+    run = specan.open(synthetic)
+    rk = run.analyse("rank", cache=False)
     fig = plots.rank_heatmap(rk, title="r: rank")
     (im,) = fig.axes[0].images
     assert im.get_clim() == (0.0, 1.0)
@@ -134,13 +138,14 @@ def test_figures_write_nothing(synthetic: Path, tmp_path: Path, monkeypatch) -> 
     assert fig.axes[0].get_title() == "r: rank"
     assert len(fig.axes) == 2  # the colour bar
 
-    fig = plots.loss_under_rank(rk, title="r: loss")
+    metrics = {n: run.metrics[n].reindex(step=run.steps).values for n in run.metrics.data_vars}
+    fig = plots.loss_under_rank(rk, metrics, title="r: loss")
     top = fig.axes[0]
     assert {ln.get_label() for ln in top.get_lines()} == {"train_loss", "val_loss"}
     twin = next(a for a in fig.axes if a.get_ylabel() == "accuracy")
     (acc,) = twin.get_lines()
     assert len(acc.get_xdata()) == 3  # the NaN step is skipped
-    steps, sigma = analysis.sigma(synthetic, "attn.in_proj_weight__q")
+    steps, sigma = run.steps, run.sigma("attn.in_proj_weight__q").values
     assert sigma.ndim == 3
     fig = plots.singular_values(steps, sigma, title="r: q")
     assert len(fig.axes[0].get_lines()) == sigma.shape[-1]
@@ -159,9 +164,32 @@ def test_step_axis_scales() -> None:
 
 
 def test_empty_data_draws_a_placeholder() -> None:
-    empty = analysis.Alignment(np.array([0, 1]), [], [], "none")
+    empty = xr.Dataset(
+        {"value": (("pair", "step"), np.zeros((0, 2)))}, coords={"pair": [], "step": [0, 1]}
+    )
     fig = plots.alignment_scores(empty, title="t")
     assert fig.axes[0].texts[0].get_text() == "no data"
     fig = plots.sva_diagonal(np.array([0, 1]), np.random.default_rng(0).random((2, 7)), title="t")
     assert fig.axes[0].images[0].get_array().shape == (7, 2)  # index rows x checkpoints
     plots.png_bytes(fig)
+
+
+def test_figures_draw_only_the_results_given(
+    mlp: Path, monkeypatch: pytest.MonkeyPatch, two_each: int
+) -> None:
+    from specan.api import Run
+
+    an = report.analyse(mlp)
+    rank = an.results["rank"].copy()
+    rank["value"] = rank["value"] * 0 + 0.25  # a result no analysis would give
+    an.results = {"rank": rank}
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a figure ran an analysis")
+
+    monkeypatch.setattr(Run, "analyse", refuse)
+    plots_ = list(plots.figures(an))
+    assert [p.name for p in plots_][:1] == ["rank"]
+    assert not any(p.name.startswith(("align", "sva")) for p in plots_)  # not given: not drawn
+    (im,) = plots_[0].figure.axes[0].images
+    np.testing.assert_array_equal(im.get_array(), 0.25)

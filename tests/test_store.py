@@ -13,10 +13,11 @@ import pytest
 
 from specan import store
 from specan.errors import StoreError, StoreExistsError, StoreLockedError
+from specan.views import StoredView
 
 VIEWS = [
-    {"key": "fc.weight", "param": "fc.weight", "rule": "linear", "shape": [6, 4], "heads": None},
-    {"key": "attn__q", "param": "attn", "rule": "q_heads", "shape": [2, 8], "heads": 3},
+    StoredView("fc.weight", "fc.weight", "linear", (6, 4)),
+    StoredView("attn__q", "attn", "q_heads", (2, 8), 3),
 ]
 KERNEL = {"backend": "torch-cpu", "top_k": 3, "vectors": True, "vector_dtype": "float32"}
 SETTINGS = {"family": "auto", "layers": None, "heads": 3, "rules": None}
@@ -59,7 +60,7 @@ def test_round_trip_sorted_by_step(tmp_path: Path) -> None:
     U, V = store.open_store(tmp_path / "s.zarr").read_vectors("attn__q")
     assert U.shape == (2, 3, 2, 2) and V.shape == (2, 3, 8, 2)
     np.testing.assert_array_equal(V[1], written["b"]["attn__q"].V)
-    assert store.open_store(tmp_path / "s.zarr").views["attn__q"]["k"] == 2  # clamped to R
+    assert store.open_store(tmp_path / "s.zarr").views["attn__q"].k == 2  # clamped to R
 
 
 def test_xarray_reads_the_store_with_dimension_names(tmp_path: Path) -> None:
@@ -80,7 +81,7 @@ def test_create_never_overwrites_by_default(tmp_path: Path) -> None:
     path = tmp_path / "s.zarr"
     st = store.create(path, views=VIEWS, kernel=KERNEL, settings=SETTINGS)
     fill(st, [("a", 0)])
-    with pytest.raises(StoreExistsError, match="--overwrite"):
+    with pytest.raises(StoreExistsError, match="overwrite=True"):
         store.create(path, views=VIEWS, kernel=KERNEL, settings=SETTINGS)
     assert store.summary(path)["checkpoints"]["done"] == 1
     store.create(path, views=VIEWS, kernel=KERNEL, settings=SETTINGS, overwrite=True)
@@ -125,3 +126,26 @@ def test_summary_lists_views_and_sizes(tmp_path: Path) -> None:
     assert s["checkpoints"]["first_step"] == 3 and s["checkpoints"]["last_step"] == 7
     assert [v["key"] for v in s["views"]] == ["attn__q", "fc.weight"]  # model order: fc is output
     assert all(v["bytes"] > 0 for v in s["views"]) and s["bytes"] > 0
+
+
+def test_a_view_group_opens_with_its_steps_in_xarray_alone(tmp_path: Path) -> None:
+    st = store.create(tmp_path / "s.zarr", views=VIEWS, kernel=KERNEL, settings=SETTINGS)
+    written = fill(st, [("a", 0), ("b", 5)])
+    written |= fill(st, [("c", 2)], seed=1)  # appended later, a step between the others
+    code = (  # plain xarray in a fresh interpreter: specan is never imported
+        "import json, sys, xarray as xr\n"
+        "ds = xr.open_zarr(sys.argv[1], group='views/fc.weight', consolidated=False)\n"
+        "s = ds.sigma.swap_dims(checkpoint='step').sortby('step')\n"
+        "assert 'specan' not in sys.modules\n"
+        "print(json.dumps({'dims': s.dims, 'raw': ds.sigma.step.values.tolist(),\n"
+        "                  'step': s.step.values.tolist(), 'sigma': s.values.tolist()}))\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "s.zarr")], capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    assert got["dims"] == ["step", "rank"] and got["raw"] == [0, 5, 2]  # rows as ingested
+    assert got["step"] == [0, 2, 5]
+    expect = [written[n]["fc.weight"].sigma.tolist() for n in ("a", "c", "b")]
+    np.testing.assert_allclose(got["sigma"], expect)

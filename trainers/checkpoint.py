@@ -54,8 +54,9 @@ def _field_comments(cls: type) -> dict[str, str]:
 def parse_config(cls: type[T], argv: Sequence[str] | None, *, prog: str, description: str) -> T:
     """Build `cls` (a dataclass of literal defaults) from command-line flags.
 
-    Every field becomes ``--field-name``; its trailing source comment is the help, and the help
-    shows the default, so ``--help`` names the paper's settings.
+    Every field becomes ``--field-name`` (a trailing underscore, as in ``from_``, is dropped:
+    ``--from``); its trailing source comment is the help, and the help shows the default, so
+    ``--help`` names the paper's settings.
     """
     comments = _field_comments(cls)
     hints = typing.get_type_hints(cls)
@@ -63,15 +64,16 @@ def parse_config(cls: type[T], argv: Sequence[str] | None, *, prog: str, descrip
         prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        flag = "--" + f.name.replace("_", "-")
+        flag = "--" + f.name.rstrip("_").replace("_", "-")
         kind = hints[f.name]
         help_ = comments.get(f.name, " ")
         if kind is bool:
             ap.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_
-            )
+                flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_,
+                dest=f.name,
+            )  # fmt: skip
         else:
-            ap.add_argument(flag, type=_optional(kind), default=f.default, help=help_)
+            ap.add_argument(flag, type=_optional(kind), default=f.default, help=help_, dest=f.name)
     return cls(**vars(ap.parse_args(argv)))
 
 
@@ -228,6 +230,16 @@ class RunWriter:
         if self in _OPEN:
             _OPEN.remove(self)
 
+    def save_mask(self, masks: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+        """Write a lottery ticket's masks (parameter name -> 0/1 tensor) to ``mask.safetensors``,
+        with `meta` (how they were made) as JSON in its metadata."""
+        from safetensors.torch import save_file
+
+        path = mask_path(self.out)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in masks.items()}
+        _atomic(path, lambda p: save_file(tensors, str(p), metadata={"mask": json.dumps(meta)}))
+        return path
+
     def log(self, record: dict[str, Any]) -> None:
         """Append one evaluation to metrics.jsonl (flushed, so a kill loses nothing logged)."""
         with open(self.out / "metrics.jsonl", "a") as f:
@@ -281,6 +293,17 @@ def finish_runs(main: Any, argv: Sequence[str]) -> None:
     main(argv)
     for writer in list(_OPEN):
         writer.finish()
+
+
+def branch_name(split: int, seed: int, eta: float | None = None) -> str:
+    """The folder of a branch inside its trunk in an LMC folder (DESIGN Contract 1):
+    ``branch-<split step>-<seed>``, and ``-eta<eta>`` for a perturbed branch."""
+    return f"branch-{split}-{seed}" + ("" if eta is None else f"-eta{eta:g}")
+
+
+def mask_path(run: Path | str) -> Path:
+    """Where a lottery-ticket run keeps its masks (`RunWriter.save_mask`)."""
+    return Path(run) / "mask.safetensors"
 
 
 def _clash(old: dict[str, Any], new: dict[str, Any]) -> str:

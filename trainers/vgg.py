@@ -17,8 +17,20 @@ With --lmc (SPEC §4, LMC) --out holds trunk-<t>/ (seed t, trained to the last s
 saved at every split point: step 0, 1/5 ... 4/5 of epoch 1, the end of epochs 1-5) and, inside
 each, branch-<split step>-<seed>/ (branch seeds 3, 4, ...), each trained to the end from its
 trunk's weights at that step; its run.json names its parent. A branch starts with fresh SGD
-momentum (a checkpoint holds weights only) and the lr of its split epoch; its seed sets its
-batch order. lmc.json in --out lists the trunks, split steps and branch seeds.
+momentum (a checkpoint holds weights only; the paper's code resumes the trunk's optimizer state)
+and the lr of its split epoch; its seed sets its batch order. lmc.json in --out lists the
+trunks, split steps and branch seeds.
+
+With --lmc --perturb 0,0.1,... (SPEC §4, perturbed LMC) there is one split, at the end of epoch
+--perturb-epoch, and each trunk's branches are branch-<split>-<seed>-eta<eta>/: the trunk's
+weights perturbed (`specan_trainers.surgery.perturb_`, noise seeded by the branch seed, the output
+layer spared), batch norm re-estimated, then trained to the end.
+
+With --ticket magnitude|random --from RUN (SPEC §4, lottery tickets): masks from RUN's final
+checkpoint (`specan_trainers.surgery`: one global magnitude threshold keeping --sparsity of the
+weights, or per-layer random masks of the same densities), the weights rewound to RUN's
+checkpoint at the end of epoch --rewind-epoch, masked, batch norm re-estimated, and retrained
+with the masked weights set to 0 after every step; the masks are kept in mask.safetensors.
 """
 
 from __future__ import annotations
@@ -39,9 +51,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from specan_trainers import data as datasets
+from specan_trainers import surgery
 from specan_trainers.checkpoint import (
     OptionValueError,
     RunWriter,
+    branch_name,
     parse_config,
     resolve_device,
     run_main,
@@ -78,6 +92,13 @@ class Config:
     lmc: bool = False  # trunk + branch protocol (SPEC §4): --out holds trunks and branches
     trunks: int = 3  # with --lmc: trunks, seeds 0, 1, ...
     branches: int = 3  # with --lmc: branches per split point, seeds 3, 4, ...
+    perturb: str = ""  # with --lmc: perturbation sizes eta, e.g. 0,0.1,0.25,0.5,1,2.5 (SPEC §4)
+    perturb_epoch: int = 4  # with --perturb: branch at the end of this epoch (0-based: 4 = after 5)
+    eta: float = -1.0  # perturb the start weights by eta (set per branch by --perturb; -1: no)
+    ticket: str = ""  # magnitude or random: retrain a lottery ticket of the --from run
+    sparsity: float = 0.05  # with --ticket: fraction of the masked weights kept
+    rewind_epoch: int = 4  # with --ticket: rewind to the end of this epoch (0-based; -1: step 0)
+    from_: str = ""  # with --ticket: the trained run whose final weights give the mask
 
 
 # -- model ------------------------------------------------------------------------------------
@@ -179,6 +200,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     if cfg.lmc:
         train_lmc(cfg)
+    elif cfg.ticket:
+        train_ticket(cfg)
+    elif cfg.perturb:
+        raise OptionValueError("--perturb sets the branches of --lmc: give --lmc too")
+    elif cfg.eta >= 0 and not cfg.init_from:
+        raise OptionValueError("--eta perturbs a branch's start weights: give --init-from too")
     else:
         train(cfg)
 
@@ -189,15 +216,23 @@ def train_lmc(cfg: Config) -> None:
         raise OptionValueError("--lmc branches from its own trunks: not with --init-from")
     if cfg.trunks < 1 or cfg.branches < 2:
         raise OptionValueError("--lmc needs --trunks >= 1 and --branches >= 2 (one pair)")
+    if cfg.ticket:
+        raise OptionValueError("--lmc and --ticket are separate protocols: give one")
     per_epoch, total = _schedule(cfg, dataclasses.asdict(cfg))
-    splits = lmc_splits(per_epoch, total)
+    etas = _etas(cfg.perturb)
+    if etas:
+        split = _epoch_end(cfg.perturb_epoch, per_epoch, total, "--perturb-epoch")
+        splits = [split]
+    else:
+        splits = lmc_splits(per_epoch, total)
     out = Path(cfg.out)
     seeds = [3 + b for b in range(cfg.branches)]
-    base = dataclasses.replace(cfg, lmc=False)
+    base = dataclasses.replace(cfg, lmc=False, perturb="")
     out.mkdir(parents=True, exist_ok=True)
     trunks = [f"trunk-{t}" for t in range(cfg.trunks)]
-    protocol = {"protocol": "split", "per_epoch": per_epoch, "steps": total, "splits": splits,
-                "trunks": trunks, "branch_seeds": seeds}  # fmt: skip
+    protocol = {"protocol": "perturb" if etas else "split", "per_epoch": per_epoch,
+                "steps": total, "splits": splits, "trunks": trunks, "branch_seeds": seeds,
+                **({"etas": etas} if etas else {})}  # fmt: skip
     (out / "lmc.json").write_text(json.dumps(protocol, indent=2) + "\n")
     for t in range(cfg.trunks):
         trunk = out / f"trunk-{t}"
@@ -209,14 +244,86 @@ def train_lmc(cfg: Config) -> None:
             start = trunk / "checkpoints" / f"step-{split:08d}.safetensors"
             parent = {"run": "..", "trunk": t, "step": split, "epoch": split / per_epoch}
             for seed in seeds:
-                branch = dataclasses.replace(
-                    base, seed=seed, init_from=str(start), out=str(trunk / f"branch-{split}-{seed}")
-                )
-                train(branch, parent=parent)
+                for eta in etas or [None]:
+                    name = branch_name(split, seed, eta)
+                    branch = dataclasses.replace(
+                        base, seed=seed, init_from=str(start), out=str(trunk / name),
+                        eta=-1.0 if eta is None else eta,
+                    )  # fmt: skip
+                    train(branch, parent=parent)
 
 
-def train(cfg: Config, parent: dict[str, Any] | None = None) -> None:
-    """One run: from scratch, or from ``cfg.init_from``'s weights and step (a branch)."""
+def _etas(spec: str) -> list[float]:
+    try:
+        etas = [float(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise OptionValueError(f"--perturb takes comma-separated sizes, not {spec!r}") from None
+    if any(e < 0 for e in etas) or len(set(etas)) != len(etas):
+        raise OptionValueError(f"--perturb {spec}: sizes must be distinct and >= 0")
+    return etas
+
+
+def _epoch_end(epoch: int, per_epoch: int, total: int, flag: str) -> int:
+    """The step at the end of 0-based `epoch` (-1: step 0), which must come before the end."""
+    step = (epoch + 1) * per_epoch
+    if epoch < -1 or step >= total:
+        raise OptionValueError(
+            f"{flag} {epoch}: the run has {total / per_epoch:g} epochs of {per_epoch} steps, so "
+            f"the end of epoch {epoch} (step {step}) is not a point inside it"
+        )
+    return step
+
+
+def train_ticket(cfg: Config) -> None:
+    """A lottery ticket of the --from run, retrained from its rewound weights (module docs)."""
+    from specan.runfile import read_config
+    from specan.runs import CheckpointReader, discover
+
+    if cfg.ticket not in ("magnitude", "random"):
+        raise OptionValueError(f"--ticket takes magnitude or random, not {cfg.ticket!r}")
+    if not cfg.from_:
+        raise OptionValueError("--ticket needs --from, the trained run whose weights give the mask")
+    if cfg.init_from:
+        raise OptionValueError("--ticket starts from --from's checkpoint: not with --init-from")
+    if not 0.0 < cfg.sparsity <= 1.0:
+        raise OptionValueError(f"--sparsity {cfg.sparsity}: the fraction kept, in (0, 1]")
+    source = Path(cfg.from_)
+    meta = read_config(source)
+    if not meta or meta.get("trainer") != "vgg":
+        raise OptionValueError(f"--from {source}: not a run of this trainer (no vgg run.json)")
+    same = ("data", "val_frac", "limit_train", "width_mult", "batch_size")
+    differ = [k for k in same if meta["config"].get(k) != getattr(cfg, k)]
+    if differ:
+        was = ", ".join(f"--{k.replace('_', '-')} {meta['config'].get(k)!r}" for k in differ)
+        raise OptionValueError(f"--from {source} was trained with {was}: give the same")
+    per_epoch, total = _schedule(cfg, dataclasses.asdict(cfg))
+    rewind = _epoch_end(cfg.rewind_epoch, per_epoch, total, "--rewind-epoch")
+    ckpts = {c.step: c for c in discover(source).checkpoints}
+    if rewind not in ckpts:
+        have = ", ".join(str(s) for s in sorted(k for k in ckpts if k is not None)[:12])
+        raise OptionValueError(f"--from {source}: no checkpoint at step {rewind}; it has {have}")
+    final = max(k for k in ckpts if k is not None)
+    model = build_model(dataclasses.asdict(cfg))
+    params = [n for n, _ in model.named_parameters()]
+    with CheckpointReader(ckpts[final]) as reader:
+        weights = {k: reader.get(k) for k in params}
+    masks = surgery.magnitude_masks(weights, cfg.sparsity)
+    if cfg.ticket == "random":
+        masks = surgery.random_masks(masks, generator=torch.Generator().manual_seed(cfg.seed))
+    parent = {"run": str(source.resolve()), "step": rewind, "epoch": rewind / per_epoch,
+              "mask_from": final, "ticket": cfg.ticket, "sparsity": cfg.sparsity}  # fmt: skip
+    start = ckpts[rewind].files[0]
+    train(dataclasses.replace(cfg, init_from=str(start)), parent=parent, masks=masks)
+
+
+def train(
+    cfg: Config,
+    parent: dict[str, Any] | None = None,
+    masks: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """One run: from scratch, or from ``cfg.init_from``'s weights and step (a branch), perturbed
+    by ``cfg.eta`` when it is >= 0; with `masks` (a lottery ticket) the masked weights are
+    set to 0 at the start and after every step."""
     config = dataclasses.asdict(cfg)
     # -- setup
     torch.manual_seed(cfg.seed)
@@ -239,13 +346,25 @@ def train(cfg: Config, parent: dict[str, Any] | None = None) -> None:
     if cfg.save_per_epoch:
         saves.update(range(0, total + 1, per_epoch))
     eval_every = cfg.eval_every or per_epoch
+    if masks is not None:
+        masks = {k: m.to(device) for k, m in masks.items()}
+        writer.save_mask(masks, {k: v for k, v in (parent or {}).items() if k != "run"})
     start = writer.resume(model, opt)
     if start is None and cfg.init_from:  # a branch: the trunk's weights at the split, its step
         from safetensors import safe_open
 
+        from specan.losses import reestimate_bn
+
         with safe_open(cfg.init_from, framework="pt") as f:
             start = int((f.metadata() or {})["step"])
             model.load_state_dict({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
+        edited = cfg.eta >= 0 or masks is not None
+        if cfg.eta >= 0:  # the paper's generator: seeded with the branch's own seed
+            surgery.perturb_(model, cfg.eta, generator=torch.Generator().manual_seed(cfg.seed))
+        if masks is not None:
+            surgery.apply_masks_(model, masks)
+        if edited:  # the statistics no longer match the edited weights
+            reestimate_bn(model, data["x_train"])
         lr = cfg.lr * cfg.lr_decay ** sum(start // per_epoch >= e for e in decays)
         metrics = {"step": start, "epoch": start / per_epoch, "lr": lr}
         writer.log({**metrics, **evaluate(model.eval(), data)})
@@ -274,6 +393,8 @@ def train(cfg: Config, parent: dict[str, Any] | None = None) -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if masks is not None:
+            surgery.apply_masks_(model, masks)
         if step % eval_every == 0 or step in saves:
             metrics = {"step": step, "epoch": step / per_epoch, "lr": lr}
             metrics.update(evaluate(model.eval(), data))

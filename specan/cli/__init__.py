@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-from specan.cli._app import _e, app, err
+from specan.cli._app import FlagsFilter, _e, app, err, for_cli
 from specan.errors import SpecanError
 
 # isort: off
@@ -26,12 +26,14 @@ __all__ = ["app", "main"]
 def main() -> None:
     """Console-script entry: known errors become one line on stderr and an exit code."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(FlagsFilter())
     try:
         app()
     except SpecanError as e:
         if os.environ.get("SPECAN_DEBUG"):
             raise
-        err.print(f"[red]error:[/] {_e(e)}", soft_wrap=True)
+        err.print(f"[red]error:[/] {_e(for_cli(e))}", soft_wrap=True)
         err.print("[dim](set SPECAN_DEBUG=1 for the traceback)[/]")
         sys.exit(e.exit_code)
     except OSError as e:

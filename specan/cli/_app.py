@@ -7,6 +7,7 @@ no-op re-ingest must not pay for torch, dask or zarr. Each command imports what 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from enum import Enum
 from pathlib import Path
@@ -149,3 +150,29 @@ def _f(x: float) -> str:
 class By(str, Enum):
     step = "step"
     epoch = "epoch"
+
+
+# The library speaks of its arguments; a user of the command line reads the flags that set them.
+ARGUMENT_FLAGS = (
+    ("overwrite=True, keeping vectors", "--overwrite and without --no-vectors"),
+    ("overwrite=True", "--overwrite"),
+    ("heads=N", "--heads N"),
+    ("the layers selection", "--layers"),
+    ("limit=0", "--max-figures 0"),
+)
+
+
+def for_cli(message: object) -> str:
+    """A library message with its argument names replaced by the CLI flags that set them."""
+    text = str(message)
+    for argument, flag in ARGUMENT_FLAGS:
+        text = text.replace(argument, flag)
+    return text
+
+
+class FlagsFilter(logging.Filter):
+    """Logged library warnings (figures left out, ...) as a CLI user reads them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = for_cli(record.getMessage()), None
+        return True

@@ -22,6 +22,7 @@ from specan.cli._app import (
     _filters,
     app,
     err,
+    for_cli,
     out,
 )
 
@@ -151,7 +152,7 @@ def align(
     _, cols = _filters([], a.step.values, None, steps)
     err.print(f"pairs: {_e(a.attrs['rule'])}")
     for why in a.attrs["skipped"]:
-        err.print(f"[yellow]skipped pair[/] {_e(why)}")
+        err.print(f"[yellow]skipped pair[/] {_e(for_cli(why))}")
     label, kind, length = (a[c].values for c in ("pair", "kind", "length"))
     score, diag = a.score.values, a.diag.values
     if format is not OutFormat.table:

@@ -38,7 +38,7 @@ def plot(
 ) -> None:
     """The paper's figures as PNG: singular values over time, effective-rank heatmap, loss under
     rank, alignment and SVA diagonals and scores."""
-    from specan.plots import save_all
+    from specan.report import save_all
 
     for path in save_all(run, out_dir, svg=svg, limit=max_figures):
         out.print(str(path))

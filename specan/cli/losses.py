@@ -113,6 +113,7 @@ LMC_EXAMPLES = "Examples:\n\n" + "\n\n".join(
         "- `specan lmc runs/vgg-lmc`",
         "- `specan lmc runs/vgg-lmc --split-epochs 0..4`",
         "- `specan lmc runs/vgg-lmc --split-epochs 0..4 --cross-trunk --format csv`",
+        "- `specan lmc runs/vgg-perturb --plot figs/` : barrier vs perturbation size, figures",
     ]
 )
 
@@ -122,7 +123,8 @@ def lmc(
     root: Annotated[
         Path,
         typer.Argument(
-            help="An LMC folder written by `specan train vgg --lmc` (lmc.json, trunk-<t>/).",
+            help="An LMC folder written by `specan train vgg --lmc` (lmc.json, trunk-<t>/), "
+            "with or without --perturb.",
             show_default=False,
         ),
     ],
@@ -144,16 +146,32 @@ def lmc(
     alphas: Annotated[
         int, typer.Option("--alphas", help="Evenly spaced α on each path, ends included.")
     ] = 11,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot",
+            help="Also write the figures here: barrier, endpoint SVA and SVA per layer against "
+            "the split (or η), as PNG.",
+        ),
+    ] = None,
+    cache: Annotated[
+        bool,
+        typer.Option(
+            "--cache/--no-cache", help="Keep the result in ROOT/specan.zarr and reuse it."
+        ),
+    ] = True,
     device: DeviceOpt = "cpu",
     format: OutFormatOpt = OutFormat.table,
 ) -> None:
-    """Linear-mode-connectivity barrier (Eqn 6) of branch endpoints at every split point.
+    """Linear-mode-connectivity barrier (Eqn 6) of branch endpoints at every split point, or at
+    every perturbation size of a `--perturb` folder.
 
     The training loss along the straight path between the last checkpoints of two branches,
     batch norm re-estimated on the training data at every α; the barrier is the largest excess
     over the chord at interior α (slightly negative when there is none), averaged over pairs.
     Beside it, the endpoint SVA (Eqn 5, mean of the top 10 S_ii, averaged over the model's
-    weight matrices), from SVDs of the endpoints themselves.
+    weight matrices), from SVDs of the endpoints themselves. The result is cached in
+    ROOT/specan.zarr and recomputed when a branch's last checkpoint changes.
     """
     from specan.lmc import barriers
     from specan.progress import for_console
@@ -162,29 +180,88 @@ def lmc(
         raise typer.BadParameter(f"'--alphas' needs at least 3 points (one interior), not {alphas}")
     ds = barriers(
         root, split_epochs=split_epochs, cross_trunk=cross_trunk, n=alphas,
-        device=_device(device), progress=for_console(err, "lmc"),
+        device=_device(device), progress=for_console(err, "lmc"), cache=cache,
     )  # fmt: skip
+    if plot is not None:
+        from specan.lmc_plots import save_figures
+
+        for path in save_figures(ds, plot, name="lmc-cross" if cross_trunk else "lmc"):
+            err.print(f"wrote {_e(path)}")
     b = ds["barrier"].values
+    perturbed = "eta" in ds.dims
+    groups = ds["eta"].values if perturbed else ds["split"].values
+
+    def lead(i: int) -> dict[str, float | int]:
+        if perturbed:
+            return {"eta": float(groups[i]), "split_step": int(ds["split"]),
+                    "split_epoch": float(ds["epoch"])}  # fmt: skip
+        return {"split_step": int(groups[i]), "split_epoch": float(ds["epoch"].values[i])}
+
     if format is not OutFormat.table:
         rows = [
-            {"split_step": int(s), "split_epoch": float(ds["epoch"].values[i]), "pair": str(p),
-             "barrier": float(b[i, j]), "sva": float(ds["sva"].values[i, j]),
+            {**lead(i), "pair": str(p), "barrier": float(b[i, j]),
+             "sva": float(ds["sva"].values[i, j]),
              "train_loss": [float(x) for x in ds["train_loss"].values[i, j]]}
-            for i, s in enumerate(ds["split"].values) for j, p in enumerate(ds["pair"].values)
+            for i in range(len(groups)) for j, p in enumerate(ds["pair"].values)
         ]  # fmt: skip
-        _emit_long(
-            rows, format, ["split_step", "split_epoch", "pair", "barrier", "sva", "train_loss"]
-        )
+        fields = [*lead(0), "pair", "barrier", "sva", "train_loss"]
+        _emit_long(rows, format, fields)
         return
     kind = "different trunks" if cross_trunk else "one trunk, different branch seeds"
+    if perturbed:
+        kind += f", perturbed at epoch {float(ds['epoch']):g} (step {int(ds['split'])})"
     table = Table(title=f"LMC barrier (train loss), {_e(root)}: {kind}", title_justify="left")
-    for col in ("split step", "epoch", "barrier mean", "std", "min", "max", "SVA mean", "pairs"):
+    first = ("η",) if perturbed else ("split step", "epoch")
+    for col in (*first, "barrier mean", "std", "min", "max", "SVA mean", "pairs"):
         table.add_column(col, justify="right")
-    for i, s in enumerate(ds["split"].values):
+    for i, g in enumerate(groups):
         row = b[i]
+        cells = [f"{float(g):g}"] if perturbed else [str(int(g)), f"{float(ds['epoch'][i]):g}"]
         table.add_row(
-            str(int(s)), f"{float(ds['epoch'].values[i]):g}", f"{row.mean():.4g}",
-            f"{row.std():.2g}", f"{row.min():.4g}", f"{row.max():.4g}",
-            f"{ds['sva'].values[i].mean():.3f}", str(len(row)),
+            *cells, f"{row.mean():.4g}", f"{row.std():.2g}", f"{row.min():.4g}",
+            f"{row.max():.4g}", f"{ds['sva'].values[i].mean():.3f}", str(len(row)),
         )  # fmt: skip
+    out.print(table)
+
+
+TICKET_EXAMPLES = "Examples:\n\n" + "\n\n".join(
+    [
+        "- `specan ticket runs/vgg-ticket`",
+        "- `specan ticket runs/vgg-ticket --format csv`",
+    ]
+)
+
+
+@app.command(epilog=TICKET_EXAMPLES)
+def ticket(run: RunArg, format: OutFormatOpt = OutFormat.table) -> None:
+    """A lottery ticket's mask against the weights it came from (SPEC §4): per masked weight
+    matrix, the fraction kept and the SVA (Eqn 5, mean of the top 10 S_ii) between the source
+    run's final weights W_T and m ⊙ W_T.
+
+    RUN is a run written by `specan train vgg --ticket magnitude|random --from SOURCE`. For the
+    retrained ticket against the dense run, checkpoint by checkpoint, use
+    `specan sva RUN --against SOURCE`.
+    """
+    from specan.prune import mask_agreement
+
+    ds = mask_agreement(run)
+    views = [str(v) for v in ds["view"].values]
+    if format is not OutFormat.table:
+        rows = [
+            {"view": v, "density": float(ds["density"].values[i]),
+             "score": float(ds["score"].values[i])}
+            for i, v in enumerate(views)
+        ]  # fmt: skip
+        _emit_long(rows, format, ["view", "density", "score"])
+        return
+    title = (
+        f"{ds.attrs['ticket']} mask of {_e(run)} (kept {ds.attrs['sparsity']:g} of the weights): "
+        f"SVA of W_T and m ⊙ W_T, W_T = {_e(ds.attrs['source'])} at step {ds.attrs['step']}"
+    )
+    table = Table(title=title, title_justify="left")
+    for col in ("view", "kept", "SVA score"):
+        table.add_column(col, justify="left" if col == "view" else "right")
+    for i, v in enumerate(views):
+        table.add_row(v, f"{ds['density'].values[i]:.4f}", f"{ds['score'].values[i]:.3f}")
+    table.add_row("mean", "", f"{ds.attrs['mean']:.3f}")
     out.print(table)
