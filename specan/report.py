@@ -3,18 +3,19 @@ and the figures of a run as files. Here the registered analyses are run (`analys
 `Run.analyse`); `specan.plots` only draws them.
 
 Figures come from `specan.plots` and are embedded as base64 PNG; the page needs no other file.
-Every piece of text from the run (names, config, metrics) is escaped with `html.escape`.
+Every piece of text from the run (names, config, metrics) goes through `escape`: `html.escape`,
+and control characters (a NUL in a tensor name) that HTML does not allow become U+FFFD.
 """
 
 from __future__ import annotations
 
 import base64
+import html
 import json
 import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from html import escape
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,15 @@ if TYPE_CHECKING:
     from specan.views import StoredView
 
 log = logging.getLogger(__name__)
+
+# C0 controls but tab, newline and carriage return, and DEL: not allowed in an HTML document
+_CONTROLS = {c: "\ufffd" for c in [*range(0x20), 0x7F] if c not in (0x09, 0x0A, 0x0D)}
+
+
+def escape(text: str) -> str:
+    """``text`` safe inside HTML: markup escaped, forbidden control characters replaced."""
+    return html.escape(text).translate(_CONTROLS)
+
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }

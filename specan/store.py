@@ -232,6 +232,17 @@ def _alive(holder: Mapping[str, Any]) -> bool:
     return True
 
 
+def _clear_leftovers(target: Path) -> None:
+    """Remove what a killed writer left beside ``target`` (``<name>.partial-<pid>``, the group it
+    was building; ``<name>.old-<pid>``, the one it was replacing). Called under the store's lock:
+    no other writer can be building one now, whichever host it ran on."""
+    import shutil
+
+    for pattern in (f"{target.name}.partial-*", f"{target.name}.old-*"):
+        for leftover in target.parent.glob(pattern):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def _zstd() -> list[Any]:
     from zarr.codecs import ZstdCodec
 
@@ -508,7 +519,7 @@ def create(
     # Build it under a temporary name and rename it into place: a crash mid-creation must not
     # leave a store without its attributes where the next ingest would find it.
     building = path.with_name(f"{path.name}.partial-{os.getpid()}")
-    shutil.rmtree(building, ignore_errors=True)
+    _clear_leftovers(path)
     group = zarr.open_group(building, mode="w-", zarr_format=3)
     top_k = kernel.get("top_k")
     vectors = bool(kernel.get("vectors", True))
@@ -735,7 +746,7 @@ def write_derived(
     try:
         with lock(path):
             building = target.with_name(f"{target.name}.partial-{os.getpid()}")
-            shutil.rmtree(building, ignore_errors=True)
+            _clear_leftovers(target)
             group = zarr.open_group(building, mode="w-", zarr_format=3)
             for n, a in arrays.items():
                 names = (dims or {}).get(n)

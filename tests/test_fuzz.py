@@ -295,7 +295,7 @@ def check_store(run: Path, good: dict[str, dict[str, np.ndarray]]) -> None:
     st = store.open_store(store.store_path(run))
     rows, entries = st.done_rows()
     by_name = {e["name"]: r for r, e in zip(rows, entries, strict=True)}
-    keys = {v["param"]: k for k, v in st.views.items()}
+    keys = {v.param: k for k, v in st.views.items()}
     for name, arrays in good.items():
         assert name in by_name, f"good checkpoint {name} not ingested"
         for param, s in sigmas_of(arrays).items():

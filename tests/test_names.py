@@ -53,7 +53,7 @@ def test_every_command_that_writes_stays_inside(
 
     # every name has its own view, holding its own matrix's spectrum (none overwrote another)
     st = store.open_store(spath)
-    by_param = {v["param"]: k for k, v in st.views.items()}
+    by_param = {v.param: k for k, v in st.views.items()}
     assert sorted(by_param) == sorted(NAMES)
     keys = list(by_param.values())
     assert len({k.lower() for k in keys}) == len(keys)
@@ -92,6 +92,8 @@ def test_every_command_that_writes_stays_inside(
     assert res.exit_code == 0, res.output
     text = page.read_text()
     assert "../../escape.weight" in text
+    # HTML allows no NUL: the name is shown with U+FFFD in its place
+    assert "\x00" not in text and "nul\ufffdname" in text
 
     made = files(base) - before
     inside = {p for p in made if spath in p.parents or p.parent == figs or p == page}
