@@ -60,7 +60,7 @@ def check_sigmas(root: Path, saved: dict[int, dict[str, np.ndarray]]) -> None:
     rows, entries = st.done_rows()
     by_step = {e["step"]: r for r, e in zip(rows, entries, strict=True)}
     assert sorted(by_step) == sorted(saved)
-    keys = {v["param"]: k for k, v in st.views.items()}
+    keys = {v.param: k for k, v in st.views.items()}
     for step, arrays in saved.items():
         for param, a in arrays.items():
             s = np.linalg.svd(a, compute_uv=False)
@@ -265,7 +265,7 @@ def test_readers_never_see_a_half_written_store_while_an_ingest_appends(tmp_path
             try:
                 st = store.open_store(sp)
                 rows, entries = st.done_rows()
-                keys = {v["param"]: k for k, v in st.views.items()}
+                keys = {v.param: k for k, v in st.views.items()}
                 for row, e in zip(rows, entries, strict=True):
                     for param, a in saved[e["step"]].items():
                         s = np.linalg.svd(a, compute_uv=False)
