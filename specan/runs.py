@@ -19,6 +19,7 @@ import os
 import re
 import struct
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,21 @@ _MAX_HEADER = 100_000_000  # safetensors' own limit
 # step from its name only then (a root like "pythia-70m" or a hub snapshot hash must not).
 _CKPT_DIR = re.compile(r"^(checkpoint|global_step|step|epoch|ckpt)[-_=]?\d+$", re.IGNORECASE)
 _PYTHIA_DIR = re.compile(r"^step[-_]?\d+$", re.IGNORECASE)
+# A truncated file modified this recently is taken as one still being written in place (a trainer
+# that does not write under a temporary name), not as a bad one: the next ingest looks again.
+WRITING_SECONDS = 5.0
+_TEMPORARY = re.compile(r"\.(tmp|partial)\b")
+# _read_file_header's reasons for a file that ends before its header says it does: its data, or
+# a header of plausible length (garbage read as a length is far beyond any header), or all of it
+_CUT_SHORT = re.compile(r"^truncated|header length \d{1,8} > file size|\(0 bytes\)$")
+
+
+class _StillWriting(Exception):
+    """A checkpoint whose files are not complete yet: left out, and looked at again later."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
 
 
 @dataclass(frozen=True)
@@ -83,6 +99,7 @@ class Run:
     bad: tuple[tuple[Path, str], ...] = ()
     config: dict = field(default_factory=dict)
     notes: tuple[str, ...] = ()  # what discovery decided that a user should hear about
+    writing: tuple[tuple[Path, str], ...] = ()  # still being written: left for the next ingest
 
 
 def is_torch_file(path: Path) -> bool:
@@ -331,7 +348,17 @@ def file_signature(ckpt: Checkpoint) -> tuple[int, int]:
 def _visible(p: Path) -> bool:
     """False for hidden entries, the store, and temp/partial files that a trainer will rename."""
     n = p.name
-    return not (n.startswith(".") or n == STORE_NAME or re.search(r"\.(tmp|partial)\b", n))
+    return not (n.startswith(".") or n == STORE_NAME or _TEMPORARY.search(n))
+
+
+def _temporaries(folder: Path) -> list[tuple[Path, str]]:
+    """Weight files under a temporary or hidden name in `folder`: a writer will rename them."""
+    return [
+        (p, "still being written (temporary name)")
+        for p in sorted(folder.iterdir(), key=lambda p: natural_key(p.name))
+        if not _visible(p) and p.name != STORE_NAME and p.is_file()
+        and (".safetensors" in p.name or any(x in p.name for x in TORCH_SUFFIXES))
+    ]  # fmt: skip
 
 
 def _weights(folder: Path) -> list[Path]:
@@ -418,9 +445,19 @@ def _make(
     for i, f in enumerate(files):  # every shard is read so that truncation is caught here
         if is_torch_file(f):
             continue
-        m = _read_file_header(f, infos=False)[0]
+        try:
+            m = _read_file_header(f, infos=False)[0]
+        except BadCheckpointError as e:
+            recent = time.time_ns() - mtime < WRITING_SECONDS * 1e9
+            if recent and _CUT_SHORT.search(e.reason):
+                raise _StillWriting(f, f"still being written ({e.reason})") from None
+            raise
         if i == 0:
             meta = m
+    if [(s.st_size, s.st_mtime_ns) for s in st] != [
+        (s.st_size, s.st_mtime_ns) for s in (f.stat() for f in files)
+    ]:  # written to while its header was read
+        raise _StillWriting(primary, "still being written (size or mtime changed while reading)")
     step = _parse(meta.get("step"), int)
     if step is None and name_for_step is not None:
         step = step_from_name(name_for_step)
@@ -471,6 +508,7 @@ def discover(
         raise RunNotFoundError(root, "not a folder")
     config: dict = {}
     bad: list[tuple[Path, str]] = []
+    writing: list[tuple[Path, str]] = []
     found: list[tuple[Path, list[Path], str | None]] = []  # primary, files, name for the step
     folders: list[Path] = [root]  # where to look for config.json, in order
 
@@ -481,6 +519,7 @@ def discover(
             config = read_config(root)
         if ckpt_dir.is_dir():
             found = [(p, [p], p.stem) for p in _weights(ckpt_dir)]
+            writing = _temporaries(ckpt_dir)
     elif (root / "snapshots").is_dir():  # a Hugging Face cache folder, models--org--name
         return _discover_hf_cache(root, known)
     else:
@@ -512,8 +551,10 @@ def discover(
         else:  # a flat folder: every *.safetensors is its own checkpoint
             layout = "flat"
             found = [(p, [p], p.stem) for p in _weights(root)]
+            writing = _temporaries(root)
 
-    return _finish(root, layout, [(*f, None) for f in found], bad, folders, config, known)
+    found4 = [(*f, None) for f in found]
+    return _finish(root, layout, found4, bad, folders, config, known, writing=writing)
 
 
 def _finish(
@@ -525,18 +566,24 @@ def _finish(
     config: dict,
     known: Mapping[str, tuple[int, int, int | None, float | None]] | None,
     notes: tuple[str, ...] = (),
+    writing: list[tuple[Path, str]] | None = None,
 ) -> Run:
     """Build the checkpoints (primary, files, name for the step, name), order them, find config."""
     ckpts: list[Checkpoint] = []
+    writing = list(writing or [])
     for primary, files, step_name, name in found:
         try:
             ckpts.append(_make(root, primary, files, step_name, known, name))
+        except _StillWriting as e:
+            writing.append((e.path, e.reason))
         except BadCheckpointError as e:
             bad.append((e.path, e.reason))
         except OSError as e:  # vanished or unreadable between listing and stat
             bad.append((primary, f"cannot read: {e.strerror or e}"))
     if not ckpts:
         detail = f"{len(bad)} unreadable, first {bad[0][0]}: {bad[0][1]}" if bad else ""
+        if writing:
+            detail = f"{len(writing)} still being written{', ' if detail else ''}{detail}"
         raise EmptyRunError(root, detail)
     ckpts.sort(key=lambda c: (c.step is None, c.step or 0, natural_key(c.name)))
 
@@ -544,7 +591,7 @@ def _finish(
         if (folder / "config.json").is_file():
             config = {**config, "hf_config": _load_json(folder / "config.json")}
             break
-    return Run(root, layout, tuple(ckpts), tuple(bad), config, notes)
+    return Run(root, layout, tuple(ckpts), tuple(bad), config, notes, tuple(writing))
 
 
 def _discover_hf_cache(

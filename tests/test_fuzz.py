@@ -13,6 +13,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -269,6 +270,9 @@ def make_run(root: Path, seed: int, count: int) -> tuple[Path, dict[str, bool], 
         name = f"m-{1000 + i}-{mangle.__name__}.safetensors"
         (root / name).write_bytes(raw)
         cases[name] = must_fail
+    old = time.time_ns() - 60 * 10**9  # mangled a minute ago: bad, not still being written
+    for f in root.rglob("*"):
+        os.utime(f, ns=(old, old))
     return root, cases, good
 
 

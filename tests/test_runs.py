@@ -351,6 +351,8 @@ def test_truncated_file(tmp_path: Path) -> None:
     bad = save(tmp_path / "step-2.safetensors", {"w": torch.randn(64, 64)})
     data = bad.read_bytes()
     bad.write_bytes(data[:-100])
+    old = time.time_ns() - 60 * 10**9  # cut short a minute ago: bad, not still being written
+    os.utime(bad, ns=(old, old))
     run = discover(tmp_path)
     assert steps(run) == [1]
     [(path, reason)] = run.bad

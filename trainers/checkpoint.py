@@ -5,6 +5,7 @@
       metrics.jsonl         one JSON object per evaluation: step, epoch, losses, accuracies
       checkpoints/step-XXXXXXXX.safetensors   the model's state_dict; metadata step, epoch, config
       resume.safetensors    the newest model + optimizer + RNG state, to continue a killed run
+      finished.json         written last, when training ends: {"step": the last checkpoint's step}
 
 Every file is written under a temporary name and renamed into place, so a reader (or `specan
 ingest` running beside the trainer) never sees half a file. Only this module knows file names.
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     import torch
 
 SCHEMA_VERSION = 1
+FINISHED = "finished.json"  # the end marker: `specan ingest --watch` stops once it is there
 T = TypeVar("T")
 
 
@@ -185,6 +187,10 @@ class RunWriter:
             if clash:
                 raise FileExistsError(f"{self.out} holds {clash} (use another --out)")
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        # a resumed run trains on: it is not finished until it says so again
+        (self.out / FINISHED).unlink(missing_ok=True)
+        self.last_step: int | None = None
+        _OPEN.append(self)
         _atomic(run_json, lambda p: p.write_text(json.dumps(self.meta, indent=2) + "\n"))
 
     def checkpoint_path(self, step: int) -> Path:
@@ -214,7 +220,15 @@ class RunWriter:
             resume.update(tensors)
             meta["optimizer_groups"] = json.dumps(groups)
         _atomic(self.out / "resume.safetensors", lambda p: save_file(resume, str(p), metadata=meta))
+        self.last_step = step
         return path
+
+    def finish(self) -> None:
+        """Write the end marker: no checkpoint follows. `run_main` calls it when training ends."""
+        record = json.dumps({"step": self.last_step}) + "\n"
+        _atomic(self.out / FINISHED, lambda p: p.write_text(record))
+        if self in _OPEN:
+            _OPEN.remove(self)
 
     def save_mask(self, masks: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
         """Write a lottery ticket's masks (parameter name -> 0/1 tensor) to ``mask.safetensors``,
@@ -265,6 +279,20 @@ class RunWriter:
             ]
             _atomic(metrics, lambda p: p.write_text("".join(x + "\n" for x in kept)))
         return step
+
+
+_OPEN: list[RunWriter] = []  # writers of the training now running, finished when it returns
+
+
+def finish_runs(main: Any, argv: Sequence[str]) -> None:
+    """Run a trainer's ``main(argv)``; when it returns, mark the runs it wrote as finished.
+
+    A trainer that raises (or is killed) leaves no end marker: its run is resumable, not done.
+    """
+    del _OPEN[:]
+    main(argv)
+    for writer in list(_OPEN):
+        writer.finish()
 
 
 def branch_name(split: int, seed: int, eta: float | None = None) -> str:
@@ -345,7 +373,7 @@ def run_main(main: Any, argv: Sequence[str]) -> None:
     from specan_trainers.data import DataError
 
     try:
-        main(argv)
+        finish_runs(main, argv)
     except (DataError, FileExistsError, OptionValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

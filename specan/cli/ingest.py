@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -22,6 +22,9 @@ from specan.cli._app import (
     out,
 )
 
+if TYPE_CHECKING:
+    from specan.pipeline import IngestReport
+
 # -- ingest -----------------------------------------------------------------------------------
 INGEST_EXAMPLES = """
 Examples:
@@ -31,6 +34,9 @@ Examples:
 - `specan ingest runs/pythia-160m --layers 're:layers\\.(0|11)\\.' --top-k 32`
 
 - `specan ingest runs/lstm --no-vectors` : singular values only (smallest store)
+
+- `specan ingest runs/vgg --watch --report` : beside a running training, each checkpoint as it
+  lands, the report rewritten, until the run finishes
 
 - `specan ingest ckpts/ --heads 12 --rule blocks.0.up.weight=conv_transpose`
 
@@ -121,6 +127,26 @@ def ingest(
             "the store, as results come back. Default: threads in this process.",
         ),
     ] = None,
+    watch: Annotated[
+        bool,
+        typer.Option(
+            "--watch",
+            help="Follow a training that is still running: ingest each checkpoint as it lands, "
+            "until the run writes its end marker (finished.json) or Ctrl-C.",
+        ),
+    ] = False,
+    interval: Annotated[
+        float,
+        typer.Option("--interval", min=0.1, help="With --watch: seconds between looks at RUN."),
+    ] = 5.0,
+    report_html: Annotated[
+        bool,
+        typer.Option(
+            "--report",
+            help="With --watch: rewrite RUN/report.html (as `specan report`) after each ingest "
+            "that added checkpoints.",
+        ),
+    ] = False,
 ) -> None:
     """Decompose every weight matrix of every checkpoint of RUN into RUN/specan.zarr.
 
@@ -143,19 +169,28 @@ def ingest(
         )
     if vector_dtype not in (None, "float32", "float16"):
         raise typer.BadParameter(f"'--vector-dtype' must be float32 or float16, not {vector_dtype}")
+    if report_html and not watch:
+        raise typer.BadParameter("'--report' rewrites the report as a run goes: with '--watch'.")
     rules = {}
     for r in rule or []:
         param, sep, name = r.partition("=")
         if not sep or not param or not name:
             raise typer.BadParameter(f"'--rule' takes PARAM=RULE, got {r!r}")
         rules[param] = name
-    report = specan.ingest(
-        run, top_k=top_k, vectors=False if no_vectors else None,
+    kwargs = dict(
+        top_k=top_k, vectors=False if no_vectors else None,
         sigma=sigma.value if sigma else None, family=family.value if family else None,
         layers=layers, heads=heads, rules=rules or None, strict=strict, backend=backend,
         vector_dtype=vector_dtype, overwrite=overwrite, workers=workers, store=store,
         scheduler=scheduler, progress=for_console(err),
     )  # fmt: skip
+    if watch:
+        _watch(run, interval, report_html, kwargs)
+        return
+    _print_ingest(run, specan.ingest(run, **kwargs))
+
+
+def _print_ingest(run: Path, report: IngestReport) -> None:
     for path, reason in report.bad:
         err.print(f"[yellow]skipped[/] {_e(path)}: {_e(reason)}")
     for name, original in report.duplicates:
@@ -177,6 +212,33 @@ def ingest(
             f"{_e(run)}: up to date ({report.unchanged} checkpoints, {report.views} views) "
             f"-> {_e(report.store)}"
         )
+
+
+def _watch(run: Path, interval: float, report_html: bool, kwargs: dict[str, Any]) -> None:
+    """`--watch`: print each pass that ingested something, and files seen still being written."""
+    from specan.watch import watch
+
+    said: set[Path] = set()
+
+    def on_pass(report: IngestReport | None, writing: list[tuple[Path, str]]) -> None:
+        if report is not None and report.computed:
+            _print_ingest(run, report)
+        for path, reason in writing:
+            if path not in said:
+                err.print(f"[dim]waiting[/] {_e(path)}: {_e(reason)}")
+        said.clear()
+        said.update(p for p, _ in writing)
+
+    done = watch(run, interval=interval, report=report_html, on_pass=on_pass, **kwargs)
+    why = {"finished": "the run finished", "interrupted": "interrupted"}.get(
+        done.stopped, "stopped"
+    )
+    out.print(
+        f"{_e(run)}: watch ended ({why}): {len(done.computed)} checkpoint(s) ingested in "
+        f"{done.passes} pass(es), {len(done.bad)} bad"
+        + (f", {done.reports} report(s) written" if done.reports else "")
+        + (f" -> {_e(done.store)}" if done.store else "")
+    )
 
 
 # -- info -------------------------------------------------------------------------------------

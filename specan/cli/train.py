@@ -88,11 +88,11 @@ def train(
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="NAME") from None
     from specan.errors import OptionError
-    from specan_trainers.checkpoint import OptionValueError
+    from specan_trainers.checkpoint import OptionValueError, finish_runs
     from specan_trainers.data import DataError
 
     try:
-        module.main([*ctx.args])
+        finish_runs(module.main, [*ctx.args])
     except (DataError, FileExistsError, OptionValueError) as e:
         # a bad --data path, an unavailable --device, or --out holding another run
         raise OptionError(str(e)) from None
