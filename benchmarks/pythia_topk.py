@@ -71,14 +71,14 @@ def main() -> None:
     rows, per_checkpoint = [], {"seconds": 0.0, "bytes": 0}
     count = Counter()
     for key, v in st.views.items():
-        n = layers if ".layers.0." in v["param"] else 1
-        n *= 2 if v["param"] == "gpt_neox.embed_in.weight" else 1  # and embed_out
+        n = layers if ".layers.0." in v.param else 1
+        n *= 2 if v.param == "gpt_neox.embed_in.weight" else 1  # and embed_out
         nbytes = store._du(sp / "views" / key)
         rows.append({
             "view": key,
-            "shape": [v["heads"], *v["shape"]] if v["heads"] else v["shape"],
-            "route": "+".join(v.get("routes", [])),
-            "sigma_kept": v.get("sigma_top") or min(v["shape"]),
+            "shape": [v.heads, *v.shape] if v.heads else list(v.shape),
+            "route": "+".join(v.routes),
+            "sigma_kept": v.sigma_top or min(v.shape),
             "seconds": round(seconds[key], 2),
             "stored_MiB": round(nbytes / 2**20, 1),
             "per_checkpoint": n,
