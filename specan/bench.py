@@ -338,7 +338,7 @@ def run(opts: BenchOptions, progress: Callable[[str], None] | None = None) -> di
     import torch
 
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda: CUDA is not available here")
+        raise ValueError("device='cuda': CUDA is not available here")
     repeats = opts.repeats or (1 if opts.quick else 3)
     if opts.shapes:
         shapes = {name: parse_shape(name) for name in opts.shapes}

@@ -225,11 +225,13 @@ def select_splits(splits: Sequence[int], per_epoch: int, spec: str | None) -> li
                     raise LookupError(f"no split at epoch {w:g}")
                 keep += hit
     except ValueError:
-        raise ValueError(f"--split-epochs {spec!r}: expected A..B or a list of epochs") from None
+        raise ValueError(
+            f"the split_epochs argument {spec!r}: expected A..B or a list of epochs"
+        ) from None
     except LookupError as e:
-        raise ValueError(f"--split-epochs {spec!r}: {e}; {have}") from None
+        raise ValueError(f"the split_epochs argument {spec!r}: {e}; {have}") from None
     if not keep:
-        raise ValueError(f"--split-epochs {spec!r} selects no split; {have}")
+        raise ValueError(f"the split_epochs argument {spec!r} selects no split; {have}")
     return sorted(set(keep))
 
 
@@ -300,7 +302,7 @@ def barriers(
         if split_epochs is not None:
             raise OptionError(
                 f"{root}: a perturbation folder has one split (epoch "
-                f"{split / meta['per_epoch']:g}); --split-epochs does not apply"
+                f"{split / meta['per_epoch']:g}); the split_epochs argument does not apply"
             )
         dim, groups = "eta", list(meta["etas"])
 
@@ -319,7 +321,9 @@ def barriers(
     trunks, seeds = meta["trunks"], meta["branch_seeds"]
     if cross_trunk:
         if len(trunks) < 2:
-            raise OptionError(f"{root}: --cross-trunk needs two trunks; this folder has one")
+            raise OptionError(
+                f"{root}: the cross_trunk argument needs two trunks; this folder has one"
+            )
         labels = [
             (f"{s}:{a}-{b}", (a, s), (b, s)) for s in seeds for a, b in combinations(trunks, 2)
         ]

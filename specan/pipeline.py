@@ -144,7 +144,7 @@ def _settings(opts: IngestOptions, attrs: Mapping[str, Any] | None, path: Path) 
         if v is not None and v != stored.get(k, defaults[k]):
             raise StoreError(
                 f"{path}: made with {k}={stored.get(k, defaults[k])!r}, asked for {v!r};"
-                " pass --overwrite to recompute everything with the new setting"
+                " pass overwrite=True to recompute everything with the new setting"
             )
         out[k] = stored.get(k, defaults[k])
     return out
@@ -325,8 +325,8 @@ def ingest(
     made_from = Path((attrs or {}).get("run") or root)
     if made_from.is_dir() and not made_from.samefile(root):
         raise StoreError(
-            f"{spath}: holds the run {made_from}, not {root}; give another --store, or "
-            "--overwrite to replace it"
+            f"{spath}: holds the run {made_from}, not {root}; give another store=PATH, or "
+            "overwrite=True to replace it"
         )
     settings = _settings(opts, attrs, spath)
     stored = {c["name"]: c for c in (attrs or {}).get("checkpoints", [])}
@@ -356,7 +356,7 @@ def ingest(
             where = where.parent
         if not os.access(where, os.W_OK):
             raise StoreError(
-                f"{where}: read-only, no store can be written here; pass --store PATH to "
+                f"{where}: read-only, no store can be written here; pass store=PATH to "
                 "keep the store elsewhere (a Hugging Face cache is best left untouched)"
             )
         with store.lock(spath):
@@ -403,7 +403,7 @@ def _ingest_locked(
     try:
         backend = resolve_backend(opts.backend)
     except ValueError as e:
-        raise OptionError(f"--backend: {e}") from None
+        raise OptionError(f"the backend argument: {e}") from None
 
     def reject(err: BadCheckpointError) -> None:
         if opts.strict:
@@ -473,7 +473,7 @@ def _create_store(
             f"{unknown[0].param}{more}: number of attention heads unknown (no run.json or "
             "config.json); whole-matrix spectra only, per-head Q/K views"
             + (" and GPT-NeoX's W_V view" if interleaved else "")
-            + " skipped: pass --heads N to get them"
+            + " skipped: pass heads=N to get them"
         )
         report.warnings.append(msg)
         prog.warn(msg)
@@ -773,7 +773,9 @@ def _scheduler(opts: IngestOptions) -> Iterator[Client | None]:
     if spec.startswith("local:"):
         n = spec.removeprefix("local:")
         if not n.isdigit() or int(n) < 1:
-            raise OptionError(f"--scheduler: local:N takes a number of worker processes, not {n!r}")
+            raise OptionError(
+                f"the scheduler argument: local:N takes a number of worker processes, not {n!r}"
+            )
         cores = os.cpu_count() or 1
         with (
             LocalCluster(
@@ -787,7 +789,9 @@ def _scheduler(opts: IngestOptions) -> Iterator[Client | None]:
     try:
         client = Client(spec, timeout="20s")
     except (OSError, TimeoutError, ValueError) as e:
-        raise OptionError(f"--scheduler: cannot reach a Dask scheduler at {spec} ({e})") from None
+        raise OptionError(
+            f"the scheduler argument: cannot reach a Dask scheduler at {spec} ({e})"
+        ) from None
     with client:
         yield client
 

@@ -242,7 +242,7 @@ def test_barriers_against_perturbation_size(perturb_root, monkeypatch):
         assert ds["barrier"].values[i, 0] == pytest.approx(
             np_barrier(np.linspace(0, 1, 3), direct["train_loss"].values)
         )
-    with pytest.raises(OptionError, match="one split .* --split-epochs does not apply"):
+    with pytest.raises(OptionError, match="one split .* the split_epochs argument does not apply"):
         lmc.barriers(perturb_root, split_epochs="0..1")
 
     # cached: a second call computes nothing, until an endpoint changes

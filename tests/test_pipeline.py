@@ -508,7 +508,7 @@ def test_a_read_only_run_folder_asks_for_store(
     small_run: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(pipeline.os, "access", lambda path, mode: False)  # root writes anyway
-    with pytest.raises(StoreError, match=r"read-only, .* pass --store PATH"):
+    with pytest.raises(StoreError, match=r"read-only, .* pass store=PATH"):
         ingest(small_run)
     assert not store.store_path(small_run).exists()
 

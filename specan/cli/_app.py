@@ -159,6 +159,12 @@ ARGUMENT_FLAGS = (
     ("heads=N", "--heads N"),
     ("the layers selection", "--layers"),
     ("limit=0", "--max-figures 0"),
+    ("store=PATH", "--store PATH"),
+    ("the backend argument", "--backend"),
+    ("the scheduler argument", "--scheduler"),
+    ("the split_epochs argument", "--split-epochs"),
+    ("the cross_trunk argument", "--cross-trunk"),
+    ("device='cuda'", "--device cuda"),
 )
 
 
