@@ -6,6 +6,7 @@ Both implement `specan.pipeline.Progress`; the library calls them and never prin
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from rich.console import Console
 from rich.markup import escape
@@ -23,9 +24,12 @@ from rich.progress import (
 class BarProgress:
     """Checkpoints done, views per checkpoint, MB/s, time left; warnings printed above the bar."""
 
-    def __init__(self, console: Console, label: str = "ingest") -> None:
+    def __init__(
+        self, console: Console, label: str = "ingest", translate: Callable[[str], str] = str
+    ) -> None:
         self.console = console
         self.label = label
+        self.translate = translate  # library wording -> the caller's (the CLI: argument -> flag)
         self._bar: Progress | None = None
         self._task: TaskID | None = None
         self._bytes = 0
@@ -53,7 +57,8 @@ class BarProgress:
             self._bar.update(self._task, advance=1, rate=f"{rate:.1f} MB/s")
 
     def warn(self, message: str) -> None:
-        self.console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
+        text = escape(self.translate(message))
+        self.console.print(f"[yellow]warning:[/] {text}", highlight=False)
 
     def finish(self) -> None:
         if self._bar is not None:
@@ -64,9 +69,12 @@ class BarProgress:
 class LineProgress:
     """For logs and CI: a line per checkpoint with running totals, no control characters."""
 
-    def __init__(self, console: Console, label: str = "ingest") -> None:
+    def __init__(
+        self, console: Console, label: str = "ingest", translate: Callable[[str], str] = str
+    ) -> None:
         self.console = console
         self.label = label
+        self.translate = translate
         self._n = self._total = self._bytes = 0
         self._t0 = 0.0
 
@@ -90,12 +98,17 @@ class LineProgress:
         )
 
     def warn(self, message: str) -> None:
-        self.console.print(f"warning: {message}", highlight=False, markup=False)
+        self.console.print(f"warning: {self.translate(message)}", highlight=False, markup=False)
 
     def finish(self) -> None:
         pass
 
 
-def for_console(console: Console, label: str = "ingest") -> BarProgress | LineProgress:
-    """The bar on an interactive terminal, plain lines when output goes to a file or pipe."""
-    return BarProgress(console, label) if console.is_terminal else LineProgress(console, label)
+def for_console(
+    console: Console, label: str = "ingest", translate: Callable[[str], str] = str
+) -> BarProgress | LineProgress:
+    """The bar on an interactive terminal, plain lines when output goes to a file or pipe;
+    warnings pass through ``translate`` (the CLI's names its flags where the library names
+    arguments)."""
+    kind = BarProgress if console.is_terminal else LineProgress
+    return kind(console, label, translate)

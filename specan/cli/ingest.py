@@ -19,6 +19,7 @@ from specan.cli._app import (
     _e,
     app,
     err,
+    for_cli,
     out,
 )
 
@@ -182,7 +183,7 @@ def ingest(
         sigma=sigma.value if sigma else None, family=family.value if family else None,
         layers=layers, heads=heads, rules=rules or None, strict=strict, backend=backend,
         vector_dtype=vector_dtype, overwrite=overwrite, workers=workers, store=store,
-        scheduler=scheduler, progress=for_console(err),
+        scheduler=scheduler, progress=for_console(err, translate=for_cli),
     )  # fmt: skip
     if watch:
         _watch(run, interval, report_html, kwargs)

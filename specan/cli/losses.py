@@ -8,7 +8,18 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from specan.cli._app import OutFormat, OutFormatOpt, RunArg, StepsOpt, _e, _emit_long, app, err, out
+from specan.cli._app import (
+    OutFormat,
+    OutFormatOpt,
+    RunArg,
+    StepsOpt,
+    _e,
+    _emit_long,
+    app,
+    err,
+    for_cli,
+    out,
+)
 
 KEEPS = ("full", "top-half", "bottom-half")
 DeviceOpt = Annotated[
@@ -73,7 +84,7 @@ def prune(
     if bad or not keeps:
         raise typer.BadParameter(f"'--sv' takes {', '.join(KEEPS)}, not {sv!r}")
     dev = _device(device)
-    progress = for_console(err, "prune")
+    progress = for_console(err, "prune", translate=for_cli)
     if store.store_path(run).exists():
         ds = specan.open(run).analyse("prune", progress=progress, device=dev).sel(keep=keeps)
     else:
@@ -180,7 +191,7 @@ def lmc(
         raise typer.BadParameter(f"'--alphas' needs at least 3 points (one interior), not {alphas}")
     ds = barriers(
         root, split_epochs=split_epochs, cross_trunk=cross_trunk, n=alphas,
-        device=_device(device), progress=for_console(err, "lmc"), cache=cache,
+        device=_device(device), progress=for_console(err, "lmc", translate=for_cli), cache=cache,
     )  # fmt: skip
     if plot is not None:
         from specan.lmc_plots import save_figures

@@ -11,6 +11,7 @@ from rich.table import Table
 from specan.cli._app import (
     app,
     err,
+    for_cli,
     out,
 )
 
@@ -33,7 +34,9 @@ def demo(
     from specan.progress import for_console
 
     err.print(f"training grokking twice (wd 1.0, wd 0) into {out_dir}; progress every 100 steps")
-    result = run_grokking_demo(out_dir, lambda name: for_console(err, f"ingest {name}"))
+    result = run_grokking_demo(
+        out_dir, lambda name: for_console(err, f"ingest {name}", translate=for_cli)
+    )
     table = Table(title="grokking demo", title_justify="left")
     for col in ("run", "final val acc", "mean erank first", "mean erank last"):
         table.add_column(col, justify="left" if col == "run" else "right")
