@@ -11,10 +11,11 @@ through those pointers, with nothing new to build or install.
 
 The eigensolver is also cheaper than ``dsyevr`` called twice (once for all values, once for
 the top-k vectors): one Householder tridiagonalisation (``dsytrd``) serves both, then
-``dsterf`` gives every eigenvalue, ``dstemr`` (MRRR) the top-k eigenvectors of the tridiagonal
-matrix and ``dormtr`` carries them back. That is what ``dsyevr`` does inside, without the
-second reduction. With k above ``n / 2`` the divide-and-conquer ``dsyevd`` is faster for
-vectors and is used instead.
+``dsterf`` gives every eigenvalue, inverse iteration from the top k of them (``dstein``) their
+eigenvectors of the tridiagonal matrix and ``dormtr`` carries them back: at n = 768, k = 128,
+0.045 s against 0.062 s with MRRR (``dstemr``, what ``dsyevr`` runs inside, which bisects the k
+values again), the fallback when an inverse iteration does not converge. With k above
+``n / 2`` the divide-and-conquer ``dsyevd`` is faster for vectors and is used instead.
 
 Matrices are Fortran-ordered throughout: a C-contiguous ``(m, n)`` array is the Fortran
 ``(n, m)`` array ``Aᵀ``, so ``syrk`` reads a weight (or its transpose) without a copy and writes
@@ -140,27 +141,13 @@ def eigh_top(g: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray | None]:
     if not k:
         return lam[::-1].copy(), None
 
-    # top-k eigenvectors of the tridiagonal matrix (d, e), index range n-k+1 .. n
-    z = np.empty((k, n))  # Fortran (n, k)
-    w = np.empty(n)
-    isuppz = np.empty(2 * max(1, k), np.intc)
-    found = np.zeros(1, np.intc)
-    args = _ints(n - k + 1, n, n, k, 0)  # il, iu, ldz, nzc, tryrac
-    vl = vu = np.zeros(1)
-    stemr = _routine("cython_lapack", "dstemr")
-
-    def _stemr(work: np.ndarray, iwork: np.ndarray, lwork: np.ndarray) -> None:
-        stemr(
-            _V, _I, _p(nn), _p(d), _p(e), _p(vl), _p(vu), _p(args), _p(args[1:]), _p(found),
-            _p(w), _p(z), _p(args[2:]), _p(args[3:]), _p(isuppz), _p(args[4:]), _p(work),
-            _p(lwork), _p(iwork), _p(lwork[1:]), _p(info),
-        )  # fmt: skip
-
-    work, iwork = _workspace(lambda w_, iw: _stemr(w_, iw, _ints(-1, -1)), liwork=True)
-    _stemr(work, iwork, _ints(len(work), len(iwork)))
-    _check(info, "dstemr")
-    if found[0] != k:
-        raise RuntimeError(f"LAPACK dstemr found {int(found[0])} of {k} eigenvectors")
+    # top-k eigenvectors of the tridiagonal matrix (d, e), by inverse iteration from their
+    # eigenvalues (dstein): 13 ms at n = 768, k = 128 against 30 ms for MRRR's (dstemr) own
+    # bisection of the same k values. dstein reorthogonalises within clusters; a vector it
+    # cannot converge (info > 0) sends the matrix to dstemr.
+    z = _stein(d, e, lam, k)
+    if z is None:
+        z = _stemr(d, e, k)
 
     # back to g's basis: z <- Q z, Q the product of dsytrd's reflectors kept in g and tau
     ormtr = _routine("cython_lapack", "dormtr")
@@ -176,6 +163,57 @@ def eigh_top(g: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray | None]:
     _ormtr(work, _ints(len(work)))
     _check(info, "dormtr")
     return lam[::-1].copy(), z[::-1].T.copy()
+
+
+def _stein(d: np.ndarray, e: np.ndarray, lam: np.ndarray, k: int) -> np.ndarray | None:
+    """The top-k eigenvectors (Fortran ``(n, k)``, ascending) of the tridiagonal matrix (d, e)
+    by inverse iteration from its ascending eigenvalues ``lam``; None if one did not converge."""
+    n = len(d)
+    info = np.zeros(1, np.intc)
+    w = np.ascontiguousarray(lam[n - k :])
+    # one block: dstein's inverse iteration is right on a matrix that splits too, and its
+    # cluster test (|λᵢ − λⱼ| < 1e-3·‖T‖₁) works on the eigenvalues, not on the blocks
+    iblock, isplit = np.ones(k, np.intc), _ints(n)
+    z = np.empty((k, n))
+    work, iwork, ifail = np.empty(5 * n), np.empty(n, np.intc), np.empty(k, np.intc)
+    dims = _ints(n, k)
+    _routine("cython_lapack", "dstein")(
+        _p(dims), _p(d), _p(e), _p(dims[1:]), _p(w), _p(iblock), _p(isplit), _p(z), _p(dims),
+        _p(work), _p(iwork), _p(ifail), _p(info),
+    )  # fmt: skip
+    if info[0] > 0:
+        return None
+    _check(info, "dstein")
+    return z
+
+
+def _stemr(d: np.ndarray, e: np.ndarray, k: int) -> np.ndarray:
+    """The top-k eigenvectors (Fortran ``(n, k)``, ascending) of the tridiagonal matrix (d, e)
+    by MRRR (``dstemr``, index range n-k+1 .. n). d and e are overwritten."""
+    n = len(d)
+    info = np.zeros(1, np.intc)
+    nn = _ints(n)
+    z = np.empty((k, n))
+    w = np.empty(n)
+    isuppz = np.empty(2 * max(1, k), np.intc)
+    found = np.zeros(1, np.intc)
+    args = _ints(n - k + 1, n, n, k, 0)  # il, iu, ldz, nzc, tryrac
+    vl = vu = np.zeros(1)
+    stemr = _routine("cython_lapack", "dstemr")
+
+    def _call(work: np.ndarray, iwork: np.ndarray, lwork: np.ndarray) -> None:
+        stemr(
+            _V, _I, _p(nn), _p(d), _p(e), _p(vl), _p(vu), _p(args), _p(args[1:]), _p(found),
+            _p(w), _p(z), _p(args[2:]), _p(args[3:]), _p(isuppz), _p(args[4:]), _p(work),
+            _p(lwork), _p(iwork), _p(lwork[1:]), _p(info),
+        )  # fmt: skip
+
+    work, iwork = _workspace(lambda w_, iw: _call(w_, iw, _ints(-1, -1)), liwork=True)
+    _call(work, iwork, _ints(len(work), len(iwork)))
+    _check(info, "dstemr")
+    if found[0] != k:
+        raise RuntimeError(f"LAPACK dstemr found {int(found[0])} of {k} eigenvectors")
+    return z
 
 
 def _syevd(g: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -79,6 +79,36 @@ def test_eigh_top_on_a_clustered_and_decaying_spectrum() -> None:
     np.testing.assert_allclose(g @ vec, vec * lam[:10], atol=1e-10)
 
 
+@pytest.mark.parametrize(
+    "g",
+    [
+        # already tridiagonal with every off-diagonal zero: the reduction leaves a matrix that
+        # splits into 1 x 1 blocks, with a value repeated across them
+        np.diag([3.0, 1.0, 3.0, 2.0, 0.5, 3.0, 0.25, 2.0]),
+        # rank 3 of 12: zero eigenvalues inside the top 6
+        (lambda x: x.T @ x)(np.random.default_rng(4).standard_normal((3, 12))),
+    ],
+    ids=["splits", "rank-deficient"],
+)
+def test_eigh_top_on_matrices_that_split_or_lack_rank(g) -> None:
+    k = 6
+    lam, vec = lapack.eigh_top(_lower_only(g), k)
+    np.testing.assert_allclose(lam, np.linalg.eigvalsh(g)[::-1], rtol=0, atol=1e-12 * lam[0])
+    np.testing.assert_allclose(vec.T @ vec, np.eye(k), atol=1e-10)
+    np.testing.assert_allclose(g @ vec, vec * lam[:k], atol=1e-10 * lam[0])
+
+
+@pytest.mark.parametrize("n, k", [(9, 3), (200, 25)])
+def test_eigh_top_falls_back_to_mrrr_when_inverse_iteration_fails(monkeypatch, n, k) -> None:
+    monkeypatch.setattr(lapack, "_stein", lambda *args: None)
+    g = _spd(n, n + k)
+    ref_lam, ref_vec = np.linalg.eigh(g)
+    lam, vec = lapack.eigh_top(_lower_only(g), k)
+    np.testing.assert_allclose(lam, ref_lam[::-1], rtol=0, atol=1e-12 * ref_lam[-1])
+    ref = ref_vec[:, ::-1][:, :k]
+    np.testing.assert_allclose(np.abs(np.sum(vec * ref, axis=0)), 1.0, atol=1e-9)
+
+
 def test_eigh_top_refuses_a_matrix_it_would_misread() -> None:
     with pytest.raises(ValueError, match="float64"):
         lapack.eigh_top(np.eye(4, dtype=np.float32), 1)
