@@ -9,7 +9,8 @@ Layout (``schema_version`` 1)::
         settings     {family, layers, heads, rules}            how the views were chosen
         views        {key: {param, rule, shape, heads, k, sigma_top, routes, info}}  one
                      per matrix view; sigma_top: only the top k σ kept (effective rank is
-                     then a bound); routes: the kernel routes that computed it
+                     then a bound); routes: the kernel routes that computed it; info: the
+                     fields of its `ViewFacts` that its rule set, plus param_shape
         checkpoints  [{name, size, mtime_ns, step, epoch, row, done, [bad], [content],
                       [duplicate_of]}]  bad: why its spectra could not be computed (skipped
                      until the file changes); content: what the files hold (runs.content_id);
@@ -40,6 +41,7 @@ at a time (a lock file beside it); inside that process only the caller's thread 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -53,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 from specan import __version__
 from specan.errors import RunNotFoundError, StoreError, StoreExistsError, StoreLockedError
 from specan.order import views_in_model_order
-from specan.views import StoredView
+from specan.views import StoredView, ViewFacts
 
 if TYPE_CHECKING:
     import numpy as np
@@ -287,7 +289,7 @@ class Store:
     @property
     def views(self) -> dict[str, StoredView]:
         """The store's views by key, in the order they were planned."""
-        return _views_from_json(self.group.attrs.get("views", {}))
+        return _views_from_json(self.group.attrs.get("views", {}), self.path)
 
     @property
     def checkpoints(self) -> list[dict[str, Any]]:
@@ -602,15 +604,42 @@ def create(
 def _view_to_json(v: StoredView, k: int) -> dict[str, Any]:
     """A view as the store's ``views`` attribute keeps it (the parameter's shape in ``info``,
     where stores have always kept it)."""
-    info = dict(v.info)
+    info = _facts_to_json(v.facts)
     if v.param_shape is not None:
         info["param_shape"] = list(v.param_shape)
     return {"param": v.param, "rule": v.rule, "shape": list(v.shape), "heads": v.heads, "k": k,
             "sigma_top": v.sigma_top, "info": info}  # fmt: skip
 
 
-def _views_from_json(views: Mapping[str, Mapping[str, Any]]) -> dict[str, StoredView]:
-    """The store's ``views`` attribute as typed views, by key."""
+def _facts_to_json(facts: ViewFacts) -> dict[str, Any]:
+    """A view's facts as its ``info`` object: the fields a rule set (tuples as lists); a field
+    left unset (None, or ``heads_unknown`` False) is left out, as stores have always had it."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(facts):
+        value = getattr(facts, f.name)
+        if value is None or value is False:
+            continue
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+_FACT_NAMES = frozenset(f.name for f in dataclasses.fields(ViewFacts))
+
+
+def _facts_from_json(info: Mapping[str, Any], where: str) -> ViewFacts:
+    """The inverse of `_facts_to_json` (an older store's ``"heads": null`` reads as unset)."""
+    unknown = sorted(set(info) - _FACT_NAMES)
+    if unknown:
+        raise StoreError(f"{where}: unknown view facts {unknown} (a newer specan wrote it?)")
+    values = {n: tuple(v) if isinstance(v, list) else v for n, v in info.items()}
+    values["heads_unknown"] = bool(values.get("heads_unknown"))
+    return ViewFacts(**values)
+
+
+def _views_from_json(
+    views: Mapping[str, Mapping[str, Any]], path: Path | str
+) -> dict[str, StoredView]:
+    """The ``views`` attribute of the store at ``path`` as typed views, by key."""
     out = {}
     for key, v in views.items():
         info = dict(v.get("info") or {})
@@ -618,8 +647,9 @@ def _views_from_json(views: Mapping[str, Mapping[str, Any]]) -> dict[str, Stored
         m, n = v["shape"]
         out[key] = StoredView(
             key=key, param=v["param"], rule=v["rule"], shape=(int(m), int(n)),
-            heads=v.get("heads"), info=info, k=int(v.get("k") or 0),
-            sigma_top=v.get("sigma_top"), routes=tuple(v.get("routes") or ()),
+            heads=v.get("heads"), facts=_facts_from_json(info, f"{path}: view {key!r}"),
+            k=int(v.get("k") or 0), sigma_top=v.get("sigma_top"),
+            routes=tuple(v.get("routes") or ()),
             param_shape=tuple(shape) if shape is not None else None,
         )  # fmt: skip
     return out
@@ -689,7 +719,7 @@ def summary(path: Path | str) -> dict[str, Any]:
     views = [
         {"key": key, "param": v.param, "rule": v.rule, "shape": list(v.shape),
          "heads": v.heads, "k": v.k, "bytes": _du(path / "views" / key)}
-        for key, v in views_in_model_order(_views_from_json(attrs.get("views", {}))).items()
+        for key, v in views_in_model_order(_views_from_json(attrs.get("views", {}), path)).items()
     ]  # fmt: skip
     return {
         "path": str(path),
