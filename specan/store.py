@@ -20,6 +20,7 @@ Layout (``schema_version`` 1)::
         run          the checkpoints' folder (absolute), so a store kept elsewhere
                      (``ingest --store``) still finds run.json and metrics.jsonl
       step                  int64   [T]                  dims (checkpoint,)
+      views/<key>/          attrs param, rule, row_order ("step" or "ingestion", below)
       views/<key>/step      int64   [T]                  the same, beside each view's arrays,
                                                          which name it their "coordinates"
       views/<key>/sigma     float32 [T, (H,) R]           dims (checkpoint, (head,) rank)
@@ -31,6 +32,12 @@ Layout (``schema_version`` 1)::
 
 Rows are in ingestion order and are never moved: appending a checkpoint resizes the arrays and
 writes only the new row's chunks. ``step`` says which step a row holds; readers sort by it.
+Each view group's ``row_order`` attribute says "step" while its rows happen to be in step order
+(every checkpoint so far came in order) and "ingestion" from the first one that came late (a
+``--watch`` catching an earlier step after a later one, a re-ingest adding one): then
+``xarray.open_zarr(store, group="views/<key>").sortby("step")`` gives step order. Keeping rows
+sorted instead would move every later row's chunks, the singular vectors included, on each late
+checkpoint; appending stays one row's writes. Stores made before this carry no ``row_order``.
 A duplicate checkpoint has no row of its own: its entry points at its original's row, so the
 ``step`` array holds the original's step there, and readers go by the entries.
 A row counts only once its checkpoint entry has ``done: true``, which is written after all its
@@ -309,7 +316,7 @@ class Store:
         """
         ckpts = self.checkpoints
         by_name = {c["name"]: c for c in ckpts}
-        n_rows = self._array("step").shape[0]
+        n_rows = old_rows = self._array("step").shape[0]
         for e in entries:
             c = by_name.get(e["name"])
             if c is None:
@@ -327,13 +334,24 @@ class Store:
         self._ensure_rows(n_rows)
         step = self._array("step")
         values = step[:]  # one read and one write of the small step array, not one per entry
+        was_in_order = _in_step_order(values[:old_rows])  # new rows hold the fill value, -1
         for e in entries:
             c = by_name[e["name"]]
             values[c["row"]] = -1 if c["step"] is None else int(c["step"])
+        if was_in_order and not _in_step_order(values):
+            # said before the rows exist: a crash in between leaves the warning, never a false
+            # "step"; once out of order, rows never return to it (they do not move)
+            self._set_row_order("ingestion")
         step[:] = values
         self._write_view_steps(values)
         self._set_attrs(checkpoints=ckpts)
         return {e["name"]: by_name[e["name"]]["row"] for e in entries}
+
+    def _set_row_order(self, order: str) -> None:
+        """Say in every view group's ``row_order`` attribute whether its rows are in step order
+        ("step") or no longer ("ingestion"); written once per store, when an append breaks it."""
+        for key in self.views:
+            self.group[f"views/{key}"].update_attributes({"row_order": order})
 
     def _view_steps(self) -> list[str]:
         """The per-view copies of ``step`` (empty for stores made before views carried one)."""
@@ -554,7 +572,9 @@ def create(
         heads = v.heads
         hd = (heads,) if heads else ()
         hn = ["head"] if heads else []
-        g = vgroup.create_group(v.key, attributes={"param": v.param, "rule": v.rule})
+        g = vgroup.create_group(
+            v.key, attributes={"param": v.param, "rule": v.rule, "row_order": "step"}
+        )
         # each row's step beside the spectra: xarray reads it as the coordinate the arrays'
         # "coordinates" attribute names (CF), so the group opens labelled without specan
         g.create_array(
@@ -653,6 +673,11 @@ def _views_from_json(
             param_shape=tuple(shape) if shape is not None else None,
         )  # fmt: skip
     return out
+
+
+def _in_step_order(steps: np.ndarray) -> bool:
+    """Rows whose steps never decrease (a step unknown, -1, after a known one breaks it)."""
+    return bool((steps[1:] >= steps[:-1]).all())
 
 
 def dedupe(entries: Sequence[Mapping[str, Any]]) -> list[Any]:

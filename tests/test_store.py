@@ -131,7 +131,9 @@ def test_summary_lists_views_and_sizes(tmp_path: Path) -> None:
 def test_a_view_group_opens_with_its_steps_in_xarray_alone(tmp_path: Path) -> None:
     st = store.create(tmp_path / "s.zarr", views=VIEWS, kernel=KERNEL, settings=SETTINGS)
     written = fill(st, [("a", 0), ("b", 5)])
+    assert _row_order(tmp_path / "s.zarr") == {"fc.weight": "step", "attn__q": "step"}
     written |= fill(st, [("c", 2)], seed=1)  # appended later, a step between the others
+    assert _row_order(tmp_path / "s.zarr") == {"fc.weight": "ingestion", "attn__q": "ingestion"}
     code = (  # plain xarray in a fresh interpreter: specan is never imported
         "import json, sys, xarray as xr\n"
         "ds = xr.open_zarr(sys.argv[1], group='views/fc.weight', consolidated=False)\n"
@@ -227,3 +229,63 @@ def test_unknown_view_facts_are_refused_by_name(tmp_path: Path) -> None:
         StoreError, match=r"s\.zarr: view 'fc\.weight': unknown view facts \['colour'\]"
     ):
         _ = store.open_store(spath).views
+
+
+def _row_order(spath: Path) -> dict[str, str]:
+    views = json.loads((spath / "zarr.json").read_text())["attributes"]["views"]
+    return {
+        key: json.loads((spath / "views" / key / "zarr.json").read_text())["attributes"].get(
+            "row_order"
+        )
+        for key in views
+    }
+
+
+def test_a_store_ingested_out_of_order_reads_in_step_order_with_xarray_alone(
+    tmp_path: Path,
+) -> None:
+    """A checkpoint that lands after a later one (a watch catching it late, a re-ingest adding
+    it) is appended, not inserted: the view groups say so in ``row_order``, plain xarray sorts
+    by the ``step`` coordinate, and the API is in step order already."""
+    from safetensors.numpy import save_file
+
+    import specan
+
+    rng = np.random.default_rng(7)
+    raw = {
+        s: {"fc.weight": rng.standard_normal((6, 4)).astype(np.float32)} for s in (0, 10, 20, 30)
+    }
+    run = tmp_path / "run"
+    run.mkdir()
+
+    def land(*steps: int) -> None:
+        for s in steps:
+            save_file(raw[s], str(run / f"step-{s:04d}.safetensors"), {"step": str(s)})
+        specan.ingest(run, top_k=2, workers=1)
+
+    land(0, 20)
+    assert set(_row_order(run / store.STORE_NAME).values()) == {"step"}
+    land(10)  # late: an earlier step after a later one
+    land(30)  # in order again; the rows stay out of order
+    assert set(_row_order(run / store.STORE_NAME).values()) == {"ingestion"}
+    code = (  # plain xarray in a fresh interpreter: specan is never imported
+        "import json, sys, xarray as xr\n"
+        "ds = xr.open_zarr(sys.argv[1], group='views/fc.weight', consolidated=False)\n"
+        "s = ds.sortby('step')\n"
+        "assert 'specan' not in sys.modules\n"
+        "print(json.dumps({'order': ds.attrs['row_order'], 'raw': ds.step.values.tolist(),\n"
+        "                  'step': s.step.values.tolist(), 'sigma': s.sigma.values.tolist()}))\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code, str(run / store.STORE_NAME)], capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    assert got["order"] == "ingestion" and got["raw"] == [0, 20, 10, 30]
+    assert got["step"] == [0, 10, 20, 30]
+    expect = [np.linalg.svd(raw[s]["fc.weight"].astype(np.float64), compute_uv=False)
+              for s in (0, 10, 20, 30)]  # fmt: skip
+    np.testing.assert_allclose(got["sigma"], expect, rtol=1e-5)
+    api = specan.open(run).sigma("fc.weight")
+    assert api.step.values.tolist() == [0, 10, 20, 30]
+    np.testing.assert_allclose(api.values, expect, rtol=1e-5)
