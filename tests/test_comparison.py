@@ -84,6 +84,12 @@ def test_cli_compare_table_csv_and_figure(runs: tuple[list[Path], dict], tmp_pat
     ]
     want = np.mean([erank_norm(raw["wd10"][20][v]) for v in MATRICES])
     assert float(mean[0]["rank"]) == pytest.approx(want, abs=TOL)
+    res = CliRunner().invoke(app, [*args, "--format", "json"])
+    api = specan.compare(paths).result("rank")  # the library's numbers, cell for cell
+    got = json.loads(res.stdout[res.stdout.index("[") :])
+    assert len(got) == api.size
+    for r in got:
+        assert r["rank"] == float(api.sel(run=r["run"], view=r["view"], step=r["step"]))
     res = CliRunner().invoke(app, [*args, "--metric", "val_acc", "--format", "json"])
     got = json.loads(res.stdout[res.stdout.index("[") :])
     assert [r["val_acc"] for r in got if r["run"] == "wd1"] == pytest.approx([0.2, 0.3])
