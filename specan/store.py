@@ -339,8 +339,8 @@ class Store:
             c = by_name[e["name"]]
             values[c["row"]] = -1 if c["step"] is None else int(c["step"])
         if was_in_order and not _in_step_order(values):
-            # said before the rows exist: a crash in between leaves the warning, never a false
-            # "step"; once out of order, rows never return to it (they do not move)
+            # said before the late step is written: a crash in between leaves the warning, never
+            # a false "step"; once out of order, rows never return to it (they do not move)
             self._set_row_order("ingestion")
         step[:] = values
         self._write_view_steps(values)

@@ -143,7 +143,8 @@ class ViewSpec:
     """One matrix view of one parameter: what the store keeps spectra of.
 
     `facts` holds what the rule knows beyond the shape (`ViewFacts`); it is left out of
-    equality and hash, so two plans of one checkpoint compare by key, parameter, rule and shape.
+    equality and hash: two plans of one checkpoint compare by key, parameter, rule, shape and
+    heads.
     """
 
     key: str
