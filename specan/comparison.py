@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from specan.analysis import span as _span
 from specan.api import Run
-from specan.errors import RunsMismatchError
+from specan.errors import OptionError, RunsMismatchError
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -188,6 +188,8 @@ def compare(runs: Sequence[Run | Path | str], *, by: str = "step") -> Comparison
     ------
     RunsMismatchError
         The runs share no step (or epoch).
+    OptionError
+        One store is given twice (a run folder and its ``specan.zarr``, say).
 
     Examples
     --------
@@ -199,4 +201,12 @@ def compare(runs: Sequence[Run | Path | str], *, by: str = "step") -> Comparison
     opened = [r if isinstance(r, Run) else Run(r) for r in runs]
     if len(opened) < 2:
         raise ValueError(f"compare needs two or more runs, got {len(opened)}")
+    seen: dict[Path, Run] = {}
+    for r in opened:  # one store twice (a run and its specan.zarr) would be two equal labels
+        first = seen.setdefault(r.store_path.resolve(), r)
+        if first is not r:
+            raise OptionError(
+                f"runs: {first.label!r} and {r.label!r} are one store ({r.store_path}); "
+                "give each run once"
+            )
     return Comparison(opened, by=by)

@@ -191,7 +191,7 @@ def _lstm_pairs(
             layers[(direction, m.group(2), int(m.group(3)))] = p
     top = max(k for _, _, k in layers)
     last = max(layers.values(), key=params.index)
-    hidden = whole[last].hidden or whole[last].shape[0] // 4
+    hidden = whole[last].facts.hidden or whole[last].shape[0] // 4
     width = hidden * (2 if any(d == "reverse" for d, _, _ in layers) else 1)
     linear = {p: whole[p].shape[1] for p in params if rules[p] in ("linear", "linear_t")}
     output = lstm_output(params, last, width, linear)
@@ -248,7 +248,7 @@ def _view(views: Mapping[str, ViewSpec], param: str, rules: Sequence[str]) -> st
 def _half(views: Mapping[str, ViewSpec], param: str, direction: str) -> str | None:
     for key, v in views.items():
         if v.param == param and v.rule == "col_half":
-            if v.direction == direction:
+            if v.facts.direction == direction:
                 return key
     return None
 
@@ -291,7 +291,7 @@ def resolve(
     else:
         prev = load("U", prev_key)
     if prev_view.rule == "lstm":
-        h = prev_view.hidden
+        h = prev_view.facts.hidden
         prev = prev[..., 2 * h : 3 * h, :]  # the g gate's block of U, not renormalised
     next_key = _view(views, pair.next, WHOLE_RULES)
     if pair.direction in ("forward", "reverse"):
@@ -302,8 +302,8 @@ def resolve(
     d = prev.shape[-2]
     if nxt.shape[-2] == d:
         return prev, nxt
-    kernel = views[next_key].kernel
-    if kernel and views[next_key].c_in == d:
+    kernel = views[next_key].facts.kernel
+    if kernel and views[next_key].facts.c_in == d:
         # a conv's right vector reshapes to (c_in, *kernel): take the centre position
         centre = int(np.ravel_multi_index(tuple(s // 2 for s in kernel), tuple(kernel)))
         size = int(np.prod(kernel))

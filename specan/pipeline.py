@@ -465,9 +465,9 @@ def _create_store(
     from specan.views import StoredView
 
     specs = _plan(header, settings, run)
-    unknown = [s for s in specs if s.info.get("heads_unknown")]
+    unknown = [s for s in specs if s.facts.heads_unknown]
     if unknown:
-        interleaved = any(s.info.get("layout") == "interleaved" for s in unknown)
+        interleaved = any(s.facts.layout == "interleaved" for s in unknown)
         more = f" and {len(unknown) - 1} more" if len(unknown) > 1 else ""
         msg = (
             f"{unknown[0].param}{more}: number of attention heads unknown (no run.json or "
@@ -484,7 +484,7 @@ def _create_store(
             s.rule,
             s.shape,
             s.heads,
-            s.info,
+            s.facts,
             sigma_top=_sigma_top(s, settings, backend),
             # the stored parameter's shape, to check later checkpoints against
             param_shape=tuple(header[s.param].shape),

@@ -9,7 +9,8 @@ Layout (``schema_version`` 1)::
         settings     {family, layers, heads, rules}            how the views were chosen
         views        {key: {param, rule, shape, heads, k, sigma_top, routes, info}}  one
                      per matrix view; sigma_top: only the top k σ kept (effective rank is
-                     then a bound); routes: the kernel routes that computed it
+                     then a bound); routes: the kernel routes that computed it; info: the
+                     fields of its `ViewFacts` that its rule set, plus param_shape
         checkpoints  [{name, size, mtime_ns, step, epoch, row, done, [bad], [content],
                       [duplicate_of]}]  bad: why its spectra could not be computed (skipped
                      until the file changes); content: what the files hold (runs.content_id);
@@ -19,6 +20,7 @@ Layout (``schema_version`` 1)::
         run          the checkpoints' folder (absolute), so a store kept elsewhere
                      (``ingest --store``) still finds run.json and metrics.jsonl
       step                  int64   [T]                  dims (checkpoint,)
+      views/<key>/          attrs param, rule, row_order ("step" or "ingestion", below)
       views/<key>/step      int64   [T]                  the same, beside each view's arrays,
                                                          which name it their "coordinates"
       views/<key>/sigma     float32 [T, (H,) R]           dims (checkpoint, (head,) rank)
@@ -30,6 +32,12 @@ Layout (``schema_version`` 1)::
 
 Rows are in ingestion order and are never moved: appending a checkpoint resizes the arrays and
 writes only the new row's chunks. ``step`` says which step a row holds; readers sort by it.
+Each view group's ``row_order`` attribute says "step" while its rows happen to be in step order
+(every checkpoint so far came in order) and "ingestion" from the first one that came late (a
+``--watch`` catching an earlier step after a later one, a re-ingest adding one): then
+``xarray.open_zarr(store, group="views/<key>").sortby("step")`` gives step order. Keeping rows
+sorted instead would move every later row's chunks, the singular vectors included, on each late
+checkpoint; appending stays one row's writes. Stores made before this carry no ``row_order``.
 A duplicate checkpoint has no row of its own: its entry points at its original's row, so the
 ``step`` array holds the original's step there, and readers go by the entries.
 A row counts only once its checkpoint entry has ``done: true``, which is written after all its
@@ -40,6 +48,7 @@ at a time (a lock file beside it); inside that process only the caller's thread 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -53,7 +62,7 @@ from typing import TYPE_CHECKING, Any
 from specan import __version__
 from specan.errors import RunNotFoundError, StoreError, StoreExistsError, StoreLockedError
 from specan.order import views_in_model_order
-from specan.views import StoredView
+from specan.views import StoredView, ViewFacts
 
 if TYPE_CHECKING:
     import numpy as np
@@ -287,7 +296,7 @@ class Store:
     @property
     def views(self) -> dict[str, StoredView]:
         """The store's views by key, in the order they were planned."""
-        return _views_from_json(self.group.attrs.get("views", {}))
+        return _views_from_json(self.group.attrs.get("views", {}), self.path)
 
     @property
     def checkpoints(self) -> list[dict[str, Any]]:
@@ -307,7 +316,7 @@ class Store:
         """
         ckpts = self.checkpoints
         by_name = {c["name"]: c for c in ckpts}
-        n_rows = self._array("step").shape[0]
+        n_rows = old_rows = self._array("step").shape[0]
         for e in entries:
             c = by_name.get(e["name"])
             if c is None:
@@ -325,13 +334,24 @@ class Store:
         self._ensure_rows(n_rows)
         step = self._array("step")
         values = step[:]  # one read and one write of the small step array, not one per entry
+        was_in_order = _in_step_order(values[:old_rows])  # new rows hold the fill value, -1
         for e in entries:
             c = by_name[e["name"]]
             values[c["row"]] = -1 if c["step"] is None else int(c["step"])
+        if was_in_order and not _in_step_order(values):
+            # said before the late step is written: a crash in between leaves the warning, never
+            # a false "step"; once out of order, rows never return to it (they do not move)
+            self._set_row_order("ingestion")
         step[:] = values
         self._write_view_steps(values)
         self._set_attrs(checkpoints=ckpts)
         return {e["name"]: by_name[e["name"]]["row"] for e in entries}
+
+    def _set_row_order(self, order: str) -> None:
+        """Say in every view group's ``row_order`` attribute whether its rows are in step order
+        ("step") or no longer ("ingestion"); written once per store, when an append breaks it."""
+        for key in self.views:
+            self.group[f"views/{key}"].update_attributes({"row_order": order})
 
     def _view_steps(self) -> list[str]:
         """The per-view copies of ``step`` (empty for stores made before views carried one)."""
@@ -552,7 +572,9 @@ def create(
         heads = v.heads
         hd = (heads,) if heads else ()
         hn = ["head"] if heads else []
-        g = vgroup.create_group(v.key, attributes={"param": v.param, "rule": v.rule})
+        g = vgroup.create_group(
+            v.key, attributes={"param": v.param, "rule": v.rule, "row_order": "step"}
+        )
         # each row's step beside the spectra: xarray reads it as the coordinate the arrays'
         # "coordinates" attribute names (CF), so the group opens labelled without specan
         g.create_array(
@@ -602,15 +624,42 @@ def create(
 def _view_to_json(v: StoredView, k: int) -> dict[str, Any]:
     """A view as the store's ``views`` attribute keeps it (the parameter's shape in ``info``,
     where stores have always kept it)."""
-    info = dict(v.info)
+    info = _facts_to_json(v.facts)
     if v.param_shape is not None:
         info["param_shape"] = list(v.param_shape)
     return {"param": v.param, "rule": v.rule, "shape": list(v.shape), "heads": v.heads, "k": k,
             "sigma_top": v.sigma_top, "info": info}  # fmt: skip
 
 
-def _views_from_json(views: Mapping[str, Mapping[str, Any]]) -> dict[str, StoredView]:
-    """The store's ``views`` attribute as typed views, by key."""
+def _facts_to_json(facts: ViewFacts) -> dict[str, Any]:
+    """A view's facts as its ``info`` object: the fields a rule set (tuples as lists); a field
+    left unset (None, or ``heads_unknown`` False) is left out, as stores have always had it."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(facts):
+        value = getattr(facts, f.name)
+        if value is None or value is False:
+            continue
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+_FACT_NAMES = frozenset(f.name for f in dataclasses.fields(ViewFacts))
+
+
+def _facts_from_json(info: Mapping[str, Any], where: str) -> ViewFacts:
+    """The inverse of `_facts_to_json` (an older store's ``"heads": null`` reads as unset)."""
+    unknown = sorted(set(info) - _FACT_NAMES)
+    if unknown:
+        raise StoreError(f"{where}: unknown view facts {unknown} (a newer specan wrote it?)")
+    values = {n: tuple(v) if isinstance(v, list) else v for n, v in info.items()}
+    values["heads_unknown"] = bool(values.get("heads_unknown"))
+    return ViewFacts(**values)
+
+
+def _views_from_json(
+    views: Mapping[str, Mapping[str, Any]], path: Path | str
+) -> dict[str, StoredView]:
+    """The ``views`` attribute of the store at ``path`` as typed views, by key."""
     out = {}
     for key, v in views.items():
         info = dict(v.get("info") or {})
@@ -618,11 +667,17 @@ def _views_from_json(views: Mapping[str, Mapping[str, Any]]) -> dict[str, Stored
         m, n = v["shape"]
         out[key] = StoredView(
             key=key, param=v["param"], rule=v["rule"], shape=(int(m), int(n)),
-            heads=v.get("heads"), info=info, k=int(v.get("k") or 0),
-            sigma_top=v.get("sigma_top"), routes=tuple(v.get("routes") or ()),
+            heads=v.get("heads"), facts=_facts_from_json(info, f"{path}: view {key!r}"),
+            k=int(v.get("k") or 0), sigma_top=v.get("sigma_top"),
+            routes=tuple(v.get("routes") or ()),
             param_shape=tuple(shape) if shape is not None else None,
         )  # fmt: skip
     return out
+
+
+def _in_step_order(steps: np.ndarray) -> bool:
+    """Rows whose steps never decrease (a step unknown, -1, after a known one breaks it)."""
+    return bool((steps[1:] >= steps[:-1]).all())
 
 
 def dedupe(entries: Sequence[Mapping[str, Any]]) -> list[Any]:
@@ -689,7 +744,7 @@ def summary(path: Path | str) -> dict[str, Any]:
     views = [
         {"key": key, "param": v.param, "rule": v.rule, "shape": list(v.shape),
          "heads": v.heads, "k": v.k, "bytes": _du(path / "views" / key)}
-        for key, v in views_in_model_order(_views_from_json(attrs.get("views", {}))).items()
+        for key, v in views_in_model_order(_views_from_json(attrs.get("views", {}), path)).items()
     ]  # fmt: skip
     return {
         "path": str(path),

@@ -26,6 +26,7 @@ __all__ = [
     "FAMILIES",
     "WHOLE_RULES",
     "StoredView",
+    "ViewFacts",
     "ViewSpec",
     "detect_family",
     "extract",
@@ -64,11 +65,86 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
 @dataclass(frozen=True)
+class ViewFacts:
+    """What a view's rule knows of its parameter beyond the matrix shape (SPEC §1, §3).
+
+    Each rule sets the fields it needs to cut the view out of the stored tensor, or that later
+    analyses read; every other field stays None (``heads_unknown`` False). `specan.store` alone
+    turns these into JSON (a store's ``views[key]["info"]``) and back.
+
+    Attributes
+    ----------
+    c_in : int, optional
+        Convolutions: the input channels.
+    kernel : tuple of int, optional
+        Convolutions: the kernel's spatial shape.
+    output_space : str, optional
+        Embeddings: ``"V"``, the layer's output space is spanned by the right singular vectors
+        (an embedding's output is its d columns).
+    hidden : int, optional
+        LSTM weights and column halves: the hidden size h.
+    layer : int, optional
+        LSTM weights: the layer index k of ``weight_ih_l<k>``.
+    direction : {"forward", "reverse"}, optional
+        LSTM weights and column halves: the direction whose inputs or weights they are.
+    kind : {"ih", "hh"}, optional
+        LSTM weights: input-to-hidden or hidden-to-hidden.
+    gate_g_rows : tuple of int, optional
+        LSTM weights: the rows ``[lo, hi)`` of the cell (g) gate.
+    module : str, optional
+        LSTM weights: the name prefix of the owning ``nn.LSTM`` (``""`` at top level).
+    cols : tuple of int, optional
+        Column halves: the columns ``[lo, hi)`` of one direction's inputs.
+    width : int, optional
+        Column halves: the input width 2h of the whole weight.
+    of : {"lstm", "linear"}, optional
+        Column halves: the kind of layer they are cut from.
+    layout : {"stacked", "interleaved", "transposed", "split"}, optional
+        Attention: how Q/K/V sit in the stored weight (torch's [Q; K; V], GPT-NeoX's per-head
+        interleaving, GPT-2's transposed ``c_attn``, or separate Q and K projections).
+    d : int, optional
+        Attention: the model width.
+    heads : int, optional
+        Attention: the query head count (`ViewSpec.heads` is the count of stacked matrices,
+        set on per-head views only).
+    head_dim : int, optional
+        Attention: the width of one head.
+    kv_heads : int, optional
+        Grouped W_O: the key/value head count.
+    part : {"q", "k", "v"}, optional
+        Attention: which projection a split view takes.
+    heads_unknown : bool
+        Attention: the head count was not known at planning, so no per-head views exist.
+    """
+
+    c_in: int | None = None
+    kernel: tuple[int, ...] | None = None
+    output_space: str | None = None
+    hidden: int | None = None
+    layer: int | None = None
+    direction: str | None = None
+    kind: str | None = None
+    gate_g_rows: tuple[int, int] | None = None
+    module: str | None = None
+    cols: tuple[int, int] | None = None
+    width: int | None = None
+    of: str | None = None
+    layout: str | None = None
+    d: int | None = None
+    heads: int | None = None
+    head_dim: int | None = None
+    kv_heads: int | None = None
+    part: str | None = None
+    heads_unknown: bool = False
+
+
+@dataclass(frozen=True)
 class ViewSpec:
     """One matrix view of one parameter: what the store keeps spectra of.
 
-    `info` holds rule facts for later analyses (conv "c_in"/"kernel", lstm "hidden"/"gate_g_rows",
-    embedding "output_space", fused-QKV "layout"/"d"/"heads"); it is left out of equality and hash.
+    `facts` holds what the rule knows beyond the shape (`ViewFacts`); it is left out of
+    equality and hash: two plans of one checkpoint compare by key, parameter, rule, shape and
+    heads.
     """
 
     key: str
@@ -76,28 +152,7 @@ class ViewSpec:
     rule: str
     shape: tuple[int, int]
     heads: int | None = None
-    info: dict = field(default_factory=dict, compare=False)
-
-    @property
-    def hidden(self) -> int | None:
-        """LSTM and column-half views: the hidden size h of the LSTM (None for other rules)."""
-        return self.info.get("hidden")
-
-    @property
-    def kernel(self) -> tuple[int, ...] | None:
-        """Convolution views: the kernel's spatial shape (None for other rules)."""
-        kernel = self.info.get("kernel")
-        return tuple(kernel) if kernel else None
-
-    @property
-    def c_in(self) -> int | None:
-        """Convolution views: the input channels (None for other rules)."""
-        return self.info.get("c_in")
-
-    @property
-    def direction(self) -> str | None:
-        """LSTM and column-half views: ``"forward"`` or ``"reverse"`` (None for other rules)."""
-        return self.info.get("direction")
+    facts: ViewFacts = field(default=ViewFacts(), compare=False)
 
 
 @dataclass(frozen=True)
@@ -245,24 +300,25 @@ def _auto_rule(param: str, ndim: int, family: str) -> str:
     return "linear"
 
 
-Part = tuple  # (key suffix, rule, (m, n), heads or None, info)
+Part = tuple  # (key suffix, rule, (m, n), heads or None, ViewFacts)
 
 
 def _plan_param(param: str, shape: tuple[int, ...], rule: str, heads: int | None) -> list[Part]:
     where = f"{param} {shape}"
     if rule in ("conv", "conv_transpose"):
         c_in, c_out = (shape[0], shape[1]) if rule == "conv_transpose" else (shape[1], shape[0])
-        kernel = list(shape[2:])
-        info = {"c_in": c_in, "kernel": kernel}
-        return [("", rule, (c_out, c_in * math.prod(kernel)), None, info)]
+        kernel = shape[2:]
+        facts = ViewFacts(c_in=c_in, kernel=kernel)
+        return [("", rule, (c_out, c_in * math.prod(kernel)), None, facts)]
     if len(shape) != 2:
         raise ViewRuleError(f"{where}: rule {rule!r} needs a 2-D weight")
     rows, cols = shape
     if rule in ("linear", "embedding"):
-        info = {"output_space": "V"} if rule == "embedding" else {}  # embedding output is d: V
-        return [("", rule, (rows, cols), None, info)]
+        # an embedding's output is its d columns: the right singular vectors span it
+        facts = ViewFacts(output_space="V") if rule == "embedding" else ViewFacts()
+        return [("", rule, (rows, cols), None, facts)]
     if rule == "linear_t":  # stored (in, out): the view is the transpose, U spans the output
-        return [("", rule, (cols, rows), None, {})]
+        return [("", rule, (cols, rows), None, ViewFacts())]
     if rule in ("q_proj", "k_proj"):
         return _plan_split_heads(param, shape, rule[0], heads)
     if rule == "lstm":
@@ -275,15 +331,15 @@ def _plan_param(param: str, shape: tuple[int, ...], rule: str, heads: int | None
                 "(a GRU stacks 3: give it rule 'linear')"
             )
         h = rows // 4
-        info = {
-            "hidden": h,
-            "layer": int(m[2]),
-            "direction": "reverse" if m[3] else "forward",
-            "kind": m[1],
-            "gate_g_rows": [2 * h, 3 * h],
-            "module": param[: m.start()],
-        }
-        return [("", "lstm", (rows, cols), None, info)]
+        facts = ViewFacts(
+            hidden=h,
+            layer=int(m[2]),
+            direction="reverse" if m[3] else "forward",
+            kind=m[1],
+            gate_g_rows=(2 * h, 3 * h),
+            module=param[: m.start()],
+        )
+        return [("", "lstm", (rows, cols), None, facts)]
     # fused Q/K/V: "in_proj" (torch MultiheadAttention, stacked), "qkv_interleaved" (GPT-NeoX),
     # "qkv_transposed" (GPT-2's c_attn, (d, 3d): its transpose is stacked [Q; K; V])
     layout = {"qkv_interleaved": "interleaved", "qkv_transposed": "transposed"}.get(rule, "stacked")
@@ -292,7 +348,7 @@ def _plan_param(param: str, shape: tuple[int, ...], rule: str, heads: int | None
         raise ViewRuleError(f"{where}: a fused Q/K/V weight needs 3 x {d} = {3 * d} rows")
     if heads is not None and d % heads:
         raise ViewRuleError(f"{where}: width {d} is not divisible by {heads} heads")
-    whole = {"layout": layout, "d": d, **({"heads": heads} if heads else {"heads_unknown": True})}
+    whole = ViewFacts(layout=layout, d=d, heads=heads, heads_unknown=heads is None)
     parts: list[Part] = [("", "in_proj", (3 * d, d), None, whole)]
     if heads is None and layout == "interleaved":
         # GPT-NeoX interleaves Q/K/V per head: without the head count not even W_V can be cut out
@@ -301,10 +357,9 @@ def _plan_param(param: str, shape: tuple[int, ...], rule: str, heads: int | None
         hd = d // heads
         # W_V per head too: the per-head V -> O alignment, offered beside the whole one
         for part, suffix in (("q", "__q"), ("k", "__k"), ("v", "__vh")):
-            info = {"layout": layout, "d": d, "heads": heads, "head_dim": hd, "part": part}
-            parts.append((suffix, f"{part}_heads", (hd, d), heads, info))
-    v_info = {"layout": layout, "d": d, "heads": heads, "part": "v"}
-    parts.append(("__v", "v", (d, d), None, v_info))
+            facts = ViewFacts(layout=layout, d=d, heads=heads, head_dim=hd, part=part)
+            parts.append((suffix, f"{part}_heads", (hd, d), heads, facts))
+    parts.append(("__v", "v", (d, d), None, ViewFacts(layout=layout, d=d, heads=heads, part="v")))
     return parts
 
 
@@ -315,14 +370,14 @@ def _plan_split_heads(
     Linear, plus its rows cut per head, ``(heads, head_dim, d)``, each head its own SVD."""
     rows, d = shape
     if heads is None:
-        return [("", "linear", (rows, d), None, {"heads_unknown": True})]
+        return [("", "linear", (rows, d), None, ViewFacts(heads_unknown=True))]
     if rows % heads:
         raise ViewRuleError(f"{param} {shape}: {rows} rows are not divisible by {heads} heads")
     hd = rows // heads
-    info = {"layout": "split", "d": d, "heads": heads, "head_dim": hd, "part": part}
+    facts = ViewFacts(layout="split", d=d, heads=heads, head_dim=hd, part=part)
     return [
-        ("", "linear", (rows, d), None, {"heads": heads}),
-        (f"__{part}", f"{part}_heads", (hd, d), heads, info),
+        ("", "linear", (rows, d), None, ViewFacts(heads=heads)),
+        (f"__{part}", f"{part}_heads", (hd, d), heads, facts),
     ]
 
 
@@ -407,9 +462,9 @@ def plan_views(
     _plan_lstm_halves(planned)
     base = _unique_bases(planned)
     return [
-        ViewSpec(base[p] + sfx, p, rule, shape, h, info)
+        ViewSpec(base[p] + sfx, p, rule, shape, h, facts)
         for p, parts in planned
-        for sfx, rule, shape, h, info in parts
+        for sfx, rule, shape, h, facts in parts
     ]
 
 
@@ -452,8 +507,8 @@ def _plan_grouped_o(param: str, shape: tuple[int, ...], heads: int, kv: int) -> 
     if cols % heads:
         raise ViewRuleError(f"{param} {tuple(shape)}: {cols} columns are not {heads} heads")
     hd = cols // heads
-    info = {"heads": heads, "kv_heads": kv, "head_dim": hd}
-    return ("__grouped", "o_grouped", (d, kv * hd), None, info)
+    facts = ViewFacts(heads=heads, kv_heads=kv, head_dim=hd)
+    return ("__grouped", "o_grouped", (d, kv * hd), None, facts)
 
 
 def lstm_output(
@@ -476,28 +531,27 @@ def _plan_lstm_halves(planned: list[tuple[str, list[Part]]]) -> None:
     """
     order = [p for p, _ in planned]
     parts_of = dict(planned)
-    whole = {p: parts[0] for p, parts in planned}  # (suffix, rule, shape, heads, info)
+    whole = {p: parts[0] for p, parts in planned}  # (suffix, rule, shape, heads, facts)
     modules: dict[str, list[str]] = {}
-    for p, (_, rule, _shape, _heads, info) in whole.items():
+    for p, (_, rule, _shape, _heads, facts) in whole.items():
         if rule == "lstm":
-            modules.setdefault(info["module"], []).append(p)
+            modules.setdefault(facts.module, []).append(p)
 
     def halves(p: str, h: int, of: str) -> None:
         rows = whole[p][2][0]
         for sfx, direction, lo in (("__fwd", "forward", 0), ("__rev", "reverse", h)):
-            info = {"cols": [lo, lo + h], "width": 2 * h, "direction": direction, "of": of,
-                    "hidden": h}  # fmt: skip
-            parts_of[p].append((sfx, "col_half", (rows, h), None, info))
+            facts = ViewFacts(cols=(lo, lo + h), width=2 * h, direction=direction, of=of, hidden=h)
+            parts_of[p].append((sfx, "col_half", (rows, h), None, facts))
 
     for params in modules.values():
-        infos = {p: whole[p][4] for p in params}
-        if not any(i["direction"] == "reverse" for i in infos.values()):
+        facts = {p: whole[p][4] for p in params}
+        if not any(f.direction == "reverse" for f in facts.values()):
             continue  # unidirectional: the next layer takes h inputs, nothing to cut
-        for p, i in infos.items():
-            if i["kind"] == "ih" and i["layer"] >= 1 and whole[p][2][1] == 2 * i["hidden"]:
-                halves(p, i["hidden"], "lstm")
+        for p, f in facts.items():
+            if f.kind == "ih" and f.layer >= 1 and whole[p][2][1] == 2 * f.hidden:
+                halves(p, f.hidden, "lstm")
         last = max(params, key=order.index)
-        h = max(infos.values(), key=lambda i: i["layer"])["hidden"]
+        h = max(facts.values(), key=lambda f: f.layer).hidden
         linear = {p: whole[p][2][1] for p in order if whole[p][1] == "linear"}
         out = lstm_output(order, last, 2 * h, linear)
         if out is not None:
@@ -522,24 +576,39 @@ def _unique_bases(planned: list[tuple[str, list[Part]]]) -> dict[str, str]:
     raise AssertionError("unreachable")
 
 
+# The facts each rule cannot be cut out without (a hand-built or damaged spec may lack them).
+_NEEDS = {
+    "conv": ("c_in", "kernel"),
+    "conv_transpose": ("c_in", "kernel"),
+    "col_half": ("cols", "width"),
+    "o_grouped": ("heads", "kv_heads", "head_dim"),
+}
+
+
 def _stored_shape(spec: ViewSpec) -> tuple[int, ...]:
-    # What the raw tensor must look like, from the spec alone (it may come back from store JSON).
+    # What the raw tensor must look like, from the spec alone (it may come back from a store).
     m, n = spec.shape
-    layout = spec.info.get("layout")
+    f = spec.facts
+    lacking = [name for name in _NEEDS.get(spec.rule, ()) if getattr(f, name) is None]
+    if lacking:
+        raise ViewRuleError(
+            f"{spec.param} (view {spec.key}, rule {spec.rule}): the view's facts lack "
+            + ", ".join(lacking)
+        )
     if spec.rule == "conv":
-        return (m, spec.info["c_in"], *spec.info["kernel"])
+        return (m, f.c_in, *f.kernel)
     if spec.rule == "conv_transpose":
-        return (spec.info["c_in"], m, *spec.info["kernel"])
-    if spec.rule == "linear_t" or (spec.rule == "in_proj" and layout == "transposed"):
+        return (f.c_in, m, *f.kernel)
+    if spec.rule == "linear_t" or (spec.rule == "in_proj" and f.layout == "transposed"):
         return (n, m)
     if spec.rule == "col_half":
-        return (m, spec.info["width"])
+        return (m, f.width)
     if spec.rule == "o_grouped":
-        return (m, spec.info["heads"] * spec.info["head_dim"])
-    if spec.rule in _QKV_PART and layout == "split":
+        return (m, f.heads * f.head_dim)
+    if spec.rule in _QKV_PART and f.layout == "split":
         return (spec.heads * m, n)
     if spec.rule in _QKV_PART:
-        return (n, 3 * n) if layout == "transposed" else (3 * n, n)
+        return (n, 3 * n) if f.layout == "transposed" else (3 * n, n)
     return (m, n)
 
 
@@ -561,15 +630,13 @@ def extract(
         raise ViewRuleError(f"{where}: unknown rule")
     if not t.is_floating_point():
         raise ViewRuleError(f"{where}: dtype {t.dtype} is not a floating-point weight")
-    try:
-        expected = _stored_shape(spec)
-    except (KeyError, TypeError) as e:
-        raise ViewRuleError(f"{where}: view info lacks {e}") from e
+    expected = _stored_shape(spec)
     if tuple(t.shape) != expected:
         got = tuple(t.shape)
         raise ViewRuleError(f"{where}: the plan expects shape {expected}, the tensor has {got}")
     m, n = spec.shape
-    rule, layout, h = spec.rule, spec.info.get("layout"), spec.heads or spec.info.get("heads")
+    f = spec.facts
+    rule, layout, h = spec.rule, f.layout, spec.heads or f.heads
     want = (spec.heads, m, n) if spec.heads else (m, n)
     if layout == "split":  # a separate Q or K projection: rows [head][head_dim]
         if not spec.heads:
@@ -586,13 +653,12 @@ def extract(
     elif rule == "linear_t":
         out = t.T
     elif rule == "col_half":
-        lo, hi = spec.info["cols"]
+        lo, hi = f.cols
         out = t[:, lo:hi]  # one direction's inputs of the layer after a bidirectional LSTM
     elif layout == "split":
         out = t.reshape(spec.heads, m, n)
     elif rule == "o_grouped":  # input columns [head][head_dim], head h = group j * g + r
-        kv, hd = spec.info["kv_heads"], spec.info["head_dim"]
-        out = t.reshape(m, kv, spec.info["heads"] // kv, hd).sum(dim=2).reshape(m, n)
+        out = t.reshape(m, f.kv_heads, f.heads // f.kv_heads, f.head_dim).sum(dim=2).reshape(m, n)
     elif rule in _QKV_PART and layout == "interleaved":
         # NeoX rows are [head][q|k|v][head_dim]: W.view(H, 3, hd, d)
         part = t.reshape(h, 3, n // h, n)[:, _QKV_PART[rule]]
@@ -603,7 +669,7 @@ def extract(
         out = block if rule == "v" else block.reshape(spec.heads, m, n)
     else:
         out = t
-    if tuple(out.shape) != want:  # a hand-built spec whose shape disagrees with its own info
+    if tuple(out.shape) != want:  # a hand-built spec whose shape disagrees with its own facts
         raise ViewRuleError(f"{where}: view has shape {tuple(out.shape)}, the spec says {want}")
     return out.to(torch.float32 if dtype is None else dtype).contiguous()
 
@@ -628,7 +694,7 @@ def restore(spec: ViewSpec, matrix: torch.Tensor) -> torch.Tensor:
         out = matrix.reshape(stored)
     elif spec.rule == "conv_transpose":
         out = matrix.reshape(stored[1], stored[0], *stored[2:]).transpose(0, 1)
-    elif spec.rule == "linear_t" or spec.info.get("layout") == "transposed":
+    elif spec.rule == "linear_t" or spec.facts.layout == "transposed":
         out = matrix.T
     else:
         out = matrix

@@ -129,7 +129,11 @@ def test_align_and_sva_equal_the_cli(run: tuple[Path, dict]) -> None:
     rows = cli_json("sva", str(root))
     assert len(rows) == g.sizes["view"] * g.sizes["step"]
     for row in rows:
-        assert row["score"] == pytest.approx(float(g.score.sel(view=row["view"], step=row["step"])))
+        cell = g.sel(view=row["view"], step=row["step"])
+        assert row["score"] == pytest.approx(float(cell.score))
+        n = len(row["diag"])
+        np.testing.assert_allclose(row["diag"], cell.diag.values[:n], rtol=1e-6)
+        assert np.isnan(cell.diag.values[n:]).all()
     # S_ii at step 0 against the final checkpoint, from the raw weights
     u0, _, v0 = svd64(raw[0]["block.linear1.weight"])
     u1, _, v1 = svd64(raw[STEPS[-1]]["block.linear1.weight"])
@@ -236,3 +240,61 @@ def test_one_cache_keyed_by_version_and_parameters(
     monkeypatch.setattr(analysis, "ALIGN", dataclasses.replace(analysis.ALIGN, version=99))
     np.testing.assert_array_equal(specan.open(root).align().diag.values, whole.diag.values)
     assert calls  # a new version is recomputed
+
+
+# A whole analysis as a user would add it: this module, and the one line registering it.
+_FROBENIUS = """
+import numpy as np
+import xarray as xr
+
+from specan.registry import Analysis
+
+
+def compute(run):
+    rows = [np.sqrt((run.sigma(v).values.astype(float) ** 2).sum(-1)
+                    + np.nan_to_num(run.tail(v).values.astype(float))) for v in run.views]
+    values = np.array([r.mean(-1) if r.ndim == 2 else r for r in rows])
+    return xr.Dataset({"value": (("view", "step"), values)},
+                      coords={"view": run.views, "step": run.steps})
+
+
+ANALYSIS = Analysis(name="frobenius", title="Frobenius norm", reads=("sigma", "tail"),
+                    compute=compute, summary="mean Frobenius norm", bounds=None)
+"""
+
+
+def test_a_new_analysis_is_one_module_and_one_registration_line(
+    run: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Registered, an analysis is computed, cached, compared, plotted and reported with no edit
+    anywhere else."""
+    from specan import registry
+
+    root, raw = run
+    (tmp_path / "frobenius_analysis.py").write_text(_FROBENIUS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(registry.ANALYSES, "frobenius", "frobenius_analysis:ANALYSIS")
+
+    def want(step: int, name: str) -> float:
+        return float(np.linalg.norm(np.asarray(raw[step][name], dtype=np.float64)))
+
+    ds = specan.open(root).analyse("frobenius")
+    for step in STEPS:
+        for name in MATRICES:
+            assert float(ds.value.sel(view=name, step=step)) == pytest.approx(want(step, name))
+    assert (root / "specan.zarr" / "derived" / "frobenius").is_dir()  # cached
+    other = write_run(tmp_path / "other", STEPS, seed=9)
+    rows = cli_json("compare", str(root), str(tmp_path / "other"), "--metric", "frobenius")
+    head = [r for r in rows if r["view"] == "head.weight"]
+    assert len(head) == 2 * len(STEPS)
+    for r in head:
+        w = (raw if r["run"] == "run" else other)[r["step"]]["head.weight"]
+        assert r["frobenius"] == pytest.approx(float(np.linalg.norm(w.astype(np.float64))))
+    out = tmp_path / "figs"
+    res = CliRunner().invoke(app, ["plot", str(root), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert (out / "frobenius.png").stat().st_size > 0
+    page = tmp_path / "report.html"
+    res = CliRunner().invoke(app, ["report", str(root), "--out", str(page)])
+    assert res.exit_code == 0, res.output
+    assert 'id="frobenius"' in page.read_text() and "mean Frobenius norm" in page.read_text()

@@ -119,6 +119,8 @@ def test_demo_trains_twice_ingests_and_reports(
     assert "grok-wd1" in res.output and "grok-wd0" in res.output
     report = tmp_path / "demo" / "report.html"
     assert report.exists() and report.read_text().count("data:image/png;base64") >= 2
+    # the two runs on shared axes (the README's figure), not two per-run figures side by side
+    assert 'id="compare_loss_rank"' in report.read_text()
     for name in ("grok-wd1", "grok-wd0"):
         assert (tmp_path / "demo" / name / "specan.zarr" / "zarr.json").exists()
         assert (tmp_path / "demo" / name / "report.html").exists()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ from typer.testing import CliRunner
 
 import specan
 from specan.cli import app
-from specan.errors import RunsMismatchError
+from specan.errors import OptionError, RunsMismatchError
 
 pytest.importorskip("xarray")
 
@@ -82,9 +84,27 @@ def test_cli_compare_table_csv_and_figure(runs: tuple[list[Path], dict], tmp_pat
     ]
     want = np.mean([erank_norm(raw["wd10"][20][v]) for v in MATRICES])
     assert float(mean[0]["rank"]) == pytest.approx(want, abs=TOL)
+    res = CliRunner().invoke(app, [*args, "--format", "json"])
+    api = specan.compare(paths).result("rank")  # the library's numbers, cell for cell
+    got = json.loads(res.stdout[res.stdout.index("[") :])
+    assert len(got) == api.size
+    for r in got:
+        assert r["rank"] == float(api.sel(run=r["run"], view=r["view"], step=r["step"]))
     res = CliRunner().invoke(app, [*args, "--metric", "val_acc", "--format", "json"])
     got = json.loads(res.stdout[res.stdout.index("[") :])
     assert [r["val_acc"] for r in got if r["run"] == "wd1"] == pytest.approx([0.2, 0.3])
+
+
+def test_one_store_given_twice_is_refused_by_name(runs: tuple[list[Path], dict]) -> None:
+    paths, _ = runs
+    with pytest.raises(OptionError, match=r"runs: '.*wd1' and '.*wd1/specan\.zarr' are one store"):
+        specan.compare([paths[1], paths[0], paths[1] / "specan.zarr"])
+    res = subprocess.run(  # the console entry point, its error table included
+        [sys.executable, "-m", "specan.cli", "compare", str(paths[0]), str(paths[0])],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert res.returncode == 2 and "give each run once" in res.stderr
+    assert res.stderr.startswith("error: runs: ") and "Traceback" not in res.stderr
 
 
 def test_runs_sharing_no_step_say_so(runs: tuple[list[Path], dict], tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ import pytest
 
 from specan import metrics
 from specan.pairs import Pair, pairs_for, per_head_vo, resolve
-from specan.views import ViewSpec
+from specan.views import ViewFacts, ViewSpec
 
 rng = np.random.default_rng(0)
 
@@ -53,8 +53,10 @@ def svd_loader(mats: dict[str, np.ndarray]):
     return load
 
 
-def view(param: str, rule: str, shape, heads: int | None = None, **info) -> ViewSpec:
-    return ViewSpec(param, param, rule, tuple(shape), heads, info)
+def view(param: str, rule: str, shape, heads: int | None = None, **facts) -> ViewSpec:
+    if "kernel" in facts:
+        facts["kernel"] = tuple(facts["kernel"])
+    return ViewSpec(param, param, rule, tuple(shape), heads, ViewFacts(**facts))
 
 
 def test_linear_pair_next_is_transpose_gives_diagonal_one() -> None:

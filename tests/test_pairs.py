@@ -426,7 +426,7 @@ def test_llama_heads_option_and_a_config_that_disagrees() -> None:
         plan_views(shapes, heads=H, kv_heads=4)
     whole = plan_views(shapes)  # no head count: whole matrices only
     assert all(s.rule in WHOLE_RULES for s in whole)
-    assert [s.info.get("heads_unknown") for s in whole if "_proj" in s.param][:2] == [True, True]
+    assert [s.facts.heads_unknown for s in whole if "_proj" in s.param][:2] == [True, True]
 
 
 # --- GPT-2 -----------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from specan.views import (
     FAMILIES,
     KEY_MAX,
     WHOLE_RULES,
+    ViewFacts,
     ViewSpec,
     detect_family,
     extract,
@@ -44,12 +45,16 @@ def test_import_does_not_load_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_viewspec_is_frozen_and_info_not_compared():
-    a = ViewSpec("k", "p", "linear", (2, 3), None, {"x": 1})
-    b = ViewSpec("k", "p", "linear", (2, 3), None, {"x": 2})
+def test_viewspec_is_frozen_and_facts_not_compared():
+    a = ViewSpec("k", "p", "linear", (2, 3), None, ViewFacts(hidden=1))
+    b = ViewSpec("k", "p", "linear", (2, 3), None, ViewFacts(hidden=2))
     assert a == b and hash(a) == hash(b)
+    assert a != ViewSpec("k", "p", "linear", (3, 2), None, ViewFacts(hidden=1))
     with pytest.raises(AttributeError):
         a.key = "z"  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        a.facts.hidden = 3  # type: ignore[misc]
+    assert ViewSpec("k", "p", "linear", (2, 3)).facts == ViewFacts()
 
 
 # --- linear and embedding --------------------------------------------------------------------
@@ -72,7 +77,7 @@ def test_linear_as_stored():
 def test_embedding_names(name):
     spec = one({name: (11, 4)})
     assert spec.rule == "embedding" and spec.shape == (11, 4)
-    assert spec.info["output_space"] == "V"
+    assert spec.facts.output_space == "V"
     w = torch.randn(11, 4)
     assert torch.equal(extract(spec, w), w)
 
@@ -110,7 +115,7 @@ def test_conv_rows_reshape_back(kernel):
     for x in kernel:
         k *= x
     assert spec.rule == "conv" and spec.shape == (c_out, c_in * k)
-    assert spec.info == {"c_in": c_in, "kernel": list(kernel)}
+    assert spec.facts == ViewFacts(c_in=c_in, kernel=tuple(kernel))
     view = extract(spec, w)
     for i in range(c_out):
         assert torch.equal(view[i].reshape(c_in, *kernel), w[i])
@@ -128,7 +133,7 @@ def test_conv_transpose_by_name(name):
     w = torch.randn(c_in, c_out, *kernel)
     spec = one({name: w.shape})
     assert spec.rule == "conv_transpose" and spec.shape == (c_out, c_in * 4)
-    assert spec.info == {"c_in": c_in, "kernel": [2, 2]}
+    assert spec.facts == ViewFacts(c_in=c_in, kernel=(2, 2))
     view = extract(spec, w)
     swapped = w.transpose(0, 1).contiguous()
     for o in range(c_out):
@@ -182,23 +187,18 @@ def test_lstm_views():
     by = {s.param: s for s in specs if s.rule in WHOLE_RULES}
     s = by["rnn.weight_ih_l1_reverse"]
     assert s.rule == "lstm" and s.shape == (4 * h, 2 * h)
-    assert s.info == {
-        "hidden": h,
-        "layer": 1,
-        "direction": "reverse",
-        "kind": "ih",
-        "gate_g_rows": [2 * h, 3 * h],
-        "module": "rnn",
-    }
-    assert by["rnn.weight_hh_l0"].info["kind"] == "hh"
-    assert by["rnn.weight_hh_l0"].info["direction"] == "forward"
-    assert by["weight_hh_l2"].info["layer"] == 2 and by["weight_hh_l2"].info["module"] == ""
+    assert s.facts == ViewFacts(
+        hidden=h, layer=1, direction="reverse", kind="ih", gate_g_rows=(2 * h, 3 * h), module="rnn"
+    )
+    assert by["rnn.weight_hh_l0"].facts.kind == "hh"
+    assert by["rnn.weight_hh_l0"].facts.direction == "forward"
+    assert by["weight_hh_l2"].facts.layer == 2 and by["weight_hh_l2"].facts.module == ""
     assert by["fc.weight"].rule == "linear"
     # one view of the whole matrix; the g block is rows 2h:3h of it
     w = torch.randn(4 * h, 2 * h)
     view = extract(s, w)
     assert torch.equal(view, w)
-    lo, hi = s.info["gate_g_rows"]
+    lo, hi = s.facts.gate_g_rows
     assert torch.equal(view[lo:hi], w[2 * h : 3 * h])
 
 
@@ -206,8 +206,8 @@ def test_lstm_matches_torch_naming():
     lstm = torch.nn.LSTM(4, 6, num_layers=2, bidirectional=True)
     shapes = {f"lstm.{k}": tuple(v.shape) for k, v in lstm.state_dict().items()}
     specs = [s for s in plan_views(shapes) if s.rule in WHOLE_RULES]
-    assert len(specs) == 8 and all(s.rule == "lstm" and s.info["hidden"] == 6 for s in specs)
-    assert sum(s.info["direction"] == "reverse" for s in specs) == 4
+    assert len(specs) == 8 and all(s.rule == "lstm" and s.facts.hidden == 6 for s in specs)
+    assert sum(s.facts.direction == "reverse" for s in specs) == 4
 
 
 def test_lstm_rows_not_multiple_of_four():
@@ -231,7 +231,7 @@ def test_in_proj_views():
         (name + "__vh", "v_heads", (hd, d), heads),
         (name + "__v", "v", (d, d), None),
     ]
-    assert specs[0].info["heads"] == heads and "heads_unknown" not in specs[0].info
+    assert specs[0].facts.heads == heads and not specs[0].facts.heads_unknown
     whole, q, k, vh, v = (extract(s, w) for s in specs)
     assert torch.equal(whole, w)
     assert q.shape == (heads, hd, d) and k.shape == (heads, hd, d) and vh.shape == (heads, hd, d)
@@ -260,7 +260,7 @@ def test_in_proj_heads_unknown():
     w = torch.randn(3 * d, d)
     specs = plan_views({"attn.in_proj_weight": w.shape})
     assert [s.rule for s in specs] == ["in_proj", "v"]
-    assert specs[0].info["heads_unknown"] is True
+    assert specs[0].facts.heads_unknown is True
     assert torch.equal(extract(specs[1], w), w[2 * d :])
 
 
@@ -295,7 +295,7 @@ def test_neox_deinterleave():
     shapes = {name: w.shape, name.replace("weight", "bias"): (3 * d,)}
     specs = plan_views(shapes, heads=heads)
     assert [s.rule for s in specs] == ["in_proj", "q_heads", "k_heads", "v_heads", "v"]
-    assert specs[0].info["layout"] == "interleaved"
+    assert specs[0].facts.layout == "interleaved"
     whole, q, k, vh, v = (extract(s, w) for s in specs)
     assert torch.equal(whole, w)
     assert torch.equal(q, Q) and torch.equal(k, K) and torch.equal(vh, V)
@@ -311,20 +311,20 @@ def test_neox_without_heads_and_family_choices():
     name = "layers.0.attention.query_key_value.weight"
     # without the head count: the whole matrix only (not even W_V can be cut out), no error
     (whole,) = plan_views({name: (24, 8)})
-    assert (whole.rule, whole.info["layout"], whole.info["heads_unknown"]) == (
+    assert (whole.rule, whole.facts.layout, whole.facts.heads_unknown) == (
         "in_proj", "interleaved", True)  # fmt: skip
     w = torch.randn(24, 8)
     assert torch.equal(extract(whole, w), w)
     # an explicit torch-style family reads the same name as stacked [Q; K; V]
     specs = plan_views({name: (24, 8)}, family="transformer", heads=2)
-    assert specs[0].info["layout"] == "stacked"
+    assert specs[0].facts.layout == "stacked"
     w = torch.randn(24, 8)
     assert torch.equal(extract(specs[1], w)[1], w[4:8])
     # the interleaved layout can also be asked for by rule
     specs = plan_views(
         {"attn.qkv.weight": (24, 8)}, heads=2, rules={"attn.qkv.weight": "qkv_interleaved"}
     )
-    assert specs[0].info["layout"] == "interleaved"
+    assert specs[0].facts.layout == "interleaved"
     # family=neox without any fused weight is fine
     assert one({"fc.weight": (2, 3)}, family="neox").rule == "linear"
 
@@ -477,11 +477,14 @@ def test_extract_from_json_round_trip_spec():
     # specs read back from the store's attrs have lists, not tuples
     w = torch.randn(2, 3, 2)
     spec = one({"up.deconv.weight": w.shape})
-    back = ViewSpec(spec.key, spec.param, spec.rule, list(spec.shape), spec.heads, dict(spec.info))
+    back = ViewSpec(spec.key, spec.param, spec.rule, list(spec.shape), spec.heads, spec.facts)
     assert torch.equal(extract(back, w), extract(spec, w))
-    broken = ViewSpec("k", "p", "conv", (2, 6), None, {})
-    with pytest.raises(ViewRuleError, match="info lacks"):
+    broken = ViewSpec("k", "p", "conv", (2, 6))
+    with pytest.raises(ViewRuleError, match=r"facts lack c_in, kernel"):
         extract(broken, torch.randn(2, 3, 2))
+    half = ViewSpec("k", "p", "col_half", (4, 2), None, ViewFacts(cols=(0, 2)))
+    with pytest.raises(ViewRuleError, match=r"rule col_half\): the view's facts lack width"):
+        extract(half, torch.randn(4, 4))
 
 
 # --- names of other families -----------------------------------------------------------------
@@ -563,7 +566,7 @@ def test_bidirectional_lstm_next_layer_halves():
     w = torch.randn(4 * h, 2 * h)
     assert torch.equal(extract(halves[0], w), w[:, :h])
     assert torch.equal(extract(halves[1], w), w[:, h:])
-    assert halves[-1].shape == (5, h) and halves[-1].info["of"] == "linear"
+    assert halves[-1].shape == (5, h) and halves[-1].facts.of == "linear"
 
 
 @pytest.mark.parametrize(
