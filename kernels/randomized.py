@@ -55,13 +55,15 @@ def _ritz(gram: Array, k: int) -> Array:
 def _grow(gram: Array | None, ws: list[Array]) -> Array:
     """``WᵀW`` of ``W = [W₀ … Wᵢ]`` from that of ``[W₀ … Wᵢ₋₁]``: only the new block's products
     (n·L·b flops instead of n·L² for the whole Gram every iteration)."""
-    new = ws[-1]
+    # products in float64: the Gram of the float32 W exactly (to eps64), so that its
+    # eigenvectors are W's right singular vectors as accurately as an SVD of W would give them
+    new = xp.as_f64(ws[-1])
     if gram is None:
-        return xp.as_f64(xp.mT(new) @ new)
+        return xp.mT(new) @ new
     ns = xp.namespace(new)
-    cross = xp.as_f64(xp.mT(ns.concatenate(ws[:-1], -1)) @ new)  # [B, L_old, b]
+    cross = xp.mT(xp.as_f64(ns.concatenate(ws[:-1], -1))) @ new  # [B, L_old, b]
     top = ns.concatenate([gram, cross], -1)
-    bottom = ns.concatenate([xp.mT(cross), xp.as_f64(xp.mT(new) @ new)], -1)
+    bottom = ns.concatenate([xp.mT(cross), xp.mT(new) @ new], -1)
     return ns.concatenate([top, bottom], -2)
 
 
@@ -147,13 +149,19 @@ def randomized_svd(
         ws.append(xp.mT(a) @ qs[-1])
         gram = _grow(gram, ws)
         done += 1
-    w = ns.concatenate(ws, -1)
     if vectors:
-        # W = AᵀQ = V Σ Ũᵀ, so A ≈ Q Wᵀ = (Q Ũ) Σ Vᵀ.
-        v, s, uh = ns.linalg.svd(w, full_matrices=False)
-        sigma = s[..., :k]
-        u = xp.contiguous(ns.concatenate(qs, -1) @ xp.mT(uh)[..., :k])
-        v = xp.contiguous(v[..., :k])
+        # W = AᵀQ = V Σ Ũᵀ, so A ≈ Q Wᵀ = (Q Ũ) Σ Vᵀ; Ũ and Σ from the float64 Gram WᵀW the
+        # loop already holds (an L x L eigenproblem instead of an SVD of the n x L W: 28 ms
+        # against 90 ms at n = 4096, L = 384), then V = W Ũ Σ⁻¹.
+        lam, vecs = ns.linalg.eigh(gram)
+        lam, vecs = ns.flip(lam, (-1,))[..., :k], ns.flip(vecs, (-1,))[..., :k]
+        s64 = ns.sqrt(ns.clip(lam, 0, None))
+        sigma = xp.as_f32(s64)
+        u = xp.contiguous(ns.concatenate(qs, -1) @ xp.as_f32(vecs))
+        w = xp.as_f64(ns.concatenate(ws, -1))
+        # a zero σ (a matrix of rank below k) leaves its v undefined: 0, not a division by 0
+        inv = ns.where(s64 > 0, 1 / ns.where(s64 > 0, s64, 1), 0)
+        v = xp.contiguous(xp.as_f32((w @ vecs) * inv[..., None, :]))
     else:
         sigma, u, v = xp.as_f32(_ritz(gram, k)), None, None
     dec = Decomposition(sigma, u, v, tail_energy(a, sigma, k), ["randomized"] * b)

@@ -250,6 +250,9 @@ def test_randomized_topk(kind) -> None:
     assert np.all(cos >= COS_MIN)
     cos = np.abs(np.sum(res.V[0].double().numpy()[:, idx] * v_ref[:, idx], axis=0))
     assert np.all(cos >= COS_MIN)
+    for got_v in (res.U[0], res.V[0]):  # orthonormal columns, not only the right directions
+        gram = got_v.double().numpy().T @ got_v.double().numpy()
+        np.testing.assert_allclose(gram, np.eye(k), atol=1e-4)
 
 
 def test_randomized_power_iterations() -> None:
@@ -462,6 +465,8 @@ def test_randomized_on_numpy(kind) -> None:
     idx = _well_defined(s_ref, k)
     for got_v, ref in ((dec.U[0], u_ref), (dec.V[0], v_ref)):
         assert np.all(np.abs(np.sum(got_v[:, idx] * ref[:, idx], axis=0)) >= COS_MIN)
+        gram = got_v.astype(np.float64).T @ got_v.astype(np.float64)
+        np.testing.assert_allclose(gram, np.eye(k), atol=1e-4)
     only, _ = sk.randomized_svd(w.numpy()[None], k, vectors=False)
     assert only.U is None and np.allclose(only.sigma, dec.sigma, rtol=1e-3)
 
