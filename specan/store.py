@@ -49,6 +49,7 @@ at a time (a lock file beside it); inside that process only the caller's thread 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -257,6 +258,27 @@ def _zstd() -> list[Any]:
 
     # level 1: the same ratio as 3 on singular vectors (0.925, near-random floats) at 2x the speed
     return [ZstdCodec(level=1)]
+
+
+@functools.cache
+def _array_meta(
+    shape: tuple[int, ...],
+    chunks: tuple[int, ...],
+    dtype: str,
+    fill: int | str,
+    dims: tuple[str, ...],
+    attrs: tuple[tuple[str, str], ...],
+) -> Any:
+    """The zarr metadata of an empty zstd-compressed array, for `zarr.create_hierarchy`: made
+    once per distinct array (a store's views share a few shapes) by zarr itself, in memory.
+    ``fill`` "nan" is NaN (a float NaN, unequal to itself, would defeat the cache)."""
+    import zarr
+
+    return zarr.create_array(
+        zarr.storage.MemoryStore(), shape=shape, chunks=chunks, dtype=dtype,
+        fill_value=float(fill) if fill == "nan" else fill,
+        dimension_names=list(dims), compressors=_zstd(), attributes=dict(attrs),
+    ).metadata  # fmt: skip
 
 
 def _hand_over(ckpts: Sequence[dict[str, Any]], name: str) -> bool:
@@ -545,6 +567,7 @@ def create(
     import shutil
 
     import zarr
+    from zarr.core.group import GroupMetadata
 
     path = Path(path)
     if path.exists() and not overwrite:
@@ -555,15 +578,11 @@ def create(
     # leave a store without its attributes where the next ingest would find it.
     building = path.with_name(f"{path.name}.partial-{os.getpid()}")
     _clear_leftovers(path)
-    group = zarr.open_group(building, mode="w-", zarr_format=3)
     top_k = kernel.get("top_k")
     vectors = bool(kernel.get("vectors", True))
     vdtype = kernel.get("vector_dtype", "float32")
-    group.create_array(
-        "step", shape=(0,), chunks=(1024,), dtype="int64", fill_value=-1,
-        dimension_names=["checkpoint"], compressors=_zstd(),
-    )  # fmt: skip
-    vgroup = group.create_group("views")
+    steps = _array_meta((0,), (1024,), "int64", -1, ("checkpoint",), ())
+    nodes: dict[str, Any] = {"step": steps, "views": GroupMetadata(zarr_format=3)}
     view_attrs: dict[str, Any] = {}
     for v in views:
         m, n = v.shape
@@ -571,36 +590,31 @@ def create(
         r = v.sigma_top or min(m, n)  # σ kept: all, or only the top k
         heads = v.heads
         hd = (heads,) if heads else ()
-        hn = ["head"] if heads else []
-        g = vgroup.create_group(
-            v.key, attributes={"param": v.param, "rule": v.rule, "row_order": "step"}
+        hn = ("head",) if heads else ()
+        at = f"views/{v.key}"
+        nodes[at] = GroupMetadata(
+            attributes={"param": v.param, "rule": v.rule, "row_order": "step"}, zarr_format=3
         )
         # each row's step beside the spectra: xarray reads it as the coordinate the arrays'
         # "coordinates" attribute names (CF), so the group opens labelled without specan
-        g.create_array(
-            "step", shape=(0,), chunks=(1024,), dtype="int64", fill_value=-1,
-            dimension_names=["checkpoint"], compressors=_zstd(),
+        nodes[f"{at}/step"] = steps
+        nodes[f"{at}/sigma"] = _array_meta(
+            (0, *hd, r), (SIGMA_CHUNK_ROWS, *hd, r), "float32", "nan",
+            ("checkpoint", *hn, "rank"), tuple(STEP_COORD.items()),
         )  # fmt: skip
-        g.create_array(
-            "sigma", shape=(0, *hd, r), chunks=(SIGMA_CHUNK_ROWS, *hd, r), dtype="float32",
-            fill_value=float("nan"), dimension_names=["checkpoint", *hn, "rank"],
-            compressors=_zstd(), attributes=STEP_COORD,
-        )  # fmt: skip
-        g.create_array(
-            "tail", shape=(0, *hd), chunks=(1024, *hd), dtype="float32",
-            fill_value=float("nan"), dimension_names=["checkpoint", *hn], compressors=_zstd(),
-            attributes=STEP_COORD,
+        nodes[f"{at}/tail"] = _array_meta(
+            (0, *hd), (1024, *hd), "float32", "nan", ("checkpoint", *hn),
+            tuple(STEP_COORD.items()),
         )  # fmt: skip
         if vectors:
             for name, rows, dim in (("U", m, "row"), ("V", n, "col")):
-                g.create_array(
-                    name, shape=(0, *hd, rows, k), chunks=(1, *hd, rows, k), dtype=vdtype,
-                    fill_value=float("nan"), dimension_names=["checkpoint", *hn, dim, "component"],
-                    compressors=_zstd(), attributes=STEP_COORD,
+                nodes[f"{at}/{name}"] = _array_meta(
+                    (0, *hd, rows, k), (1, *hd, rows, k), vdtype, "nan",
+                    ("checkpoint", *hn, dim, "component"), tuple(STEP_COORD.items()),
                 )  # fmt: skip
         view_attrs[v.key] = _view_to_json(v, k if vectors else 0)
-    group.update_attributes(
-        {
+    nodes[""] = GroupMetadata(
+        attributes={
             "schema_version": SCHEMA_VERSION,
             "specan_version": __version__,
             "kernel": dict(kernel),
@@ -609,8 +623,13 @@ def create(
             "checkpoints": [],
             "bad_files": [],
             "run": str(Path(run).resolve()) if run is not None else None,
-        }
+        },
+        zarr_format=3,
     )
+    # every node's zarr.json written concurrently: 0.3 s for a Pythia-160m store's 600 nodes
+    # against 1.4 s one create_array at a time
+    for _ in zarr.create_hierarchy(store=zarr.storage.LocalStore(building), nodes=nodes):
+        pass
     if path.exists():  # overwrite=True: the old store goes only once the new one is complete
         old = path.with_name(f"{path.name}.old-{os.getpid()}")
         path.rename(old)
