@@ -185,10 +185,26 @@ def ingest(
         vector_dtype=vector_dtype, overwrite=overwrite, workers=workers, store=store,
         scheduler=scheduler, progress=for_console(err, translate=for_cli),
     )  # fmt: skip
+    _fewer_collections()
     if watch:
         _watch(run, interval, report_html, kwargs)
         return
     _print_ingest(run, specan.ingest(run, **kwargs))
+
+
+def _fewer_collections() -> None:
+    """Let Python's cyclic garbage collector run less often for the rest of this process.
+
+    An ingest allocates many small objects (its task graph, the store's metadata, zarr's async
+    calls): on a Pythia-160m-shaped run of four checkpoints the collector ran 1,100 times for
+    0.8 s, holding the GIL that the decomposing threads need between LAPACK calls; with the
+    objects of the imports frozen and a young generation of 20,000 objects, 60 times for 0.18 s.
+    The command line only: a library caller's process is left as it is.
+    """
+    import gc
+
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
 
 
 def _print_ingest(run: Path, report: IngestReport) -> None:
