@@ -253,10 +253,13 @@ class RunWriter:
         """Load the newest resume state into ``model`` (and ``optimizer``); return its step.
 
         None when there is nothing to resume. Metrics logged after that step (the killed
-        run's work since its last checkpoint) are dropped, so steps stay monotone.
+        run's work since its last checkpoint, and half a line a kill cut) are dropped, so the
+        run goes on as if never killed: steps stay monotone and no evaluation is logged twice.
         """
         path = self.out / "resume.safetensors"
         if not path.exists():
+            # killed before its first checkpoint: the run starts over and logs step 0 again
+            (self.out / "metrics.jsonl").unlink(missing_ok=True)
             return None
         from safetensors import safe_open
 
@@ -272,13 +275,21 @@ class RunWriter:
         _set_rng_state(tensors)
         metrics = self.out / "metrics.jsonl"
         if metrics.exists():
-            kept = [
-                line
-                for line in metrics.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step
-            ]
+            kept = [line for line in metrics.read_text().splitlines() if _logged_by(line, step)]
             _atomic(metrics, lambda p: p.write_text("".join(x + "\n" for x in kept)))
+        # a run killed after its last checkpoint resumes with nothing left to save, and its end
+        # marker still names that checkpoint
+        self.last_step = step
         return step
+
+
+def _logged_by(line: str, step: int) -> bool:
+    """Whether a metrics.jsonl line is a whole record of a step up to ``step``."""
+    try:
+        record = json.loads(line)
+    except ValueError:  # half a line: the kill came mid-write
+        return False
+    return isinstance(record, dict) and record.get("step", 0) <= step
 
 
 _OPEN: list[RunWriter] = []  # writers of the training now running, finished when it returns
