@@ -58,7 +58,8 @@ WRITING_SECONDS = 5.0
 _TEMPORARY = re.compile(r"\.(tmp|partial)\b")
 # _read_file_header's reasons for a file that ends before its header says it does: its data, or
 # a header of plausible length (garbage read as a length is far beyond any header), or all of it
-_CUT_SHORT = re.compile(r"^truncated|header length \d{1,8} > file size|\(0 bytes\)$")
+# (up to 7 bytes: not even the header's length yet)
+_CUT_SHORT = re.compile(r"^truncated|header length \d{1,8} > file size|\([0-7] bytes\)$")
 
 
 class _StillWriting(Exception):

@@ -286,3 +286,40 @@ def test_readers_never_see_a_half_written_store_while_an_ingest_appends(tmp_path
         t.join(DEADLINE)
     assert not errors, repr(errors[0])
     assert reads and reads[0] >= 2
+
+
+def test_a_file_shorter_than_the_header_length_waits_while_recent_and_is_bad_once_old(
+    tmp_path: Path,
+) -> None:
+    """1 to 7 bytes: not even safetensors' 8-byte header length. Just written, it is a file a
+    training has begun (waited for, and named so by `--watch`); a minute old, it is bad, in one
+    line (the ingest is not `--watch`)."""
+    root = tmp_path / "run"
+    w, saved = started(root)
+    full = w.save(model(2), 2).read_bytes()
+    target = w.checkpoint_path(2)
+    target.unlink()
+    ingest(root)
+    w.finish()  # so that the watch below makes one pass and stops
+    runner = CliRunner()
+    for cut in range(1, 8):
+        target.write_bytes(full[:cut])
+        run = runs.discover(root)
+        assert [p for p, _ in run.writing] == [target] and not run.bad, cut
+        res = runner.invoke(app, ["ingest", str(root), "--watch", "--workers", "1"])
+        assert res.exit_code == 0, res.output
+        said = f"waiting {target}: still being written (not a safetensors file ({cut} bytes))"
+        assert "".join(said.split()) in "".join(res.stderr.split()), res.stderr  # however wrapped
+        assert ", 0 bad" in res.stdout, res.stdout
+        old = time.time_ns() - 60 * 10**9
+        os.utime(target, ns=(old, old))
+        report = ingest(root)
+        assert report.bad == [(str(target), f"not a safetensors file ({cut} bytes)")], cut
+        res = runner.invoke(app, ["ingest", str(root), "--workers", "1"])
+        skipped = [line for line in res.stderr.splitlines() if line.startswith("skipped")]
+        assert len(skipped) == 1 and f"({cut} bytes)" in skipped[0], res.stderr
+    target.write_bytes(full)  # complete at last: taken
+    saved[2] = raw(model(2))
+    report = ingest(root)
+    assert [runs.step_from_name(n) for n in report.computed] == [2] and not report.bad
+    check_sigmas(root, saved)
