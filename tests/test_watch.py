@@ -323,3 +323,33 @@ def test_a_file_shorter_than_the_header_length_waits_while_recent_and_is_bad_onc
     report = ingest(root)
     assert [runs.step_from_name(n) for n in report.computed] == [2] and not report.bad
     check_sigmas(root, saved)
+
+
+def test_the_synthetic_run_ends_with_the_end_marker_so_a_watch_stops(tmp_path: Path) -> None:
+    from safetensors.numpy import load_file
+
+    from specan.demo import write_synthetic_run
+
+    root = write_synthetic_run(tmp_path / "syn", checkpoints=3, width=8)
+    assert json.loads((root / FINISHED).read_text()) == {"step": 200}
+    done = watch(root, interval=60, workers=1)  # a watch waiting for more would block here
+    assert done.stopped == "finished" and done.passes == 1 and len(done.computed) == 3
+    saved = {}
+    for p in sorted((root / "checkpoints").iterdir()):
+        weights = load_file(str(p))
+        saved[int(p.stem.split("-")[1])] = {
+            k: v.astype(np.float64) for k, v in weights.items() if k == "head.weight"
+        }
+    st = store.open_store(store.store_path(root))
+    rows, entries = st.done_rows()
+    for row, e in zip(rows, entries, strict=True):
+        s = np.linalg.svd(saved[e["step"]]["head.weight"], compute_uv=False)
+        got = st.read_sigma("head.weight")[rows.index(row)]
+        np.testing.assert_allclose(got, s, rtol=1e-5, atol=1e-6)
+    # a complete run is kept as it is; one the writer did not finish is written again
+    mtime = (root / FINISHED).stat().st_mtime_ns
+    write_synthetic_run(root, checkpoints=3, width=8)
+    assert (root / FINISHED).stat().st_mtime_ns == mtime
+    (root / FINISHED).unlink()
+    write_synthetic_run(root, checkpoints=3, width=8)
+    assert json.loads((root / FINISHED).read_text()) == {"step": 200}
