@@ -179,6 +179,9 @@ class RunWriter:
             "view_rules": view_rules or {},
             **({"parent": parent} if parent else {}),
         }
+        # made first: in an --out like new/../run, "new" must exist before the system can see
+        # run/run.json, or another run there would be taken for none and written over
+        self.out.mkdir(parents=True, exist_ok=True)
         run_json = self.out / "run.json"
         if run_json.exists():
             from specan.runfile import read_config
@@ -323,11 +326,14 @@ def _clash(old: dict[str, Any], new: dict[str, Any]) -> str:
     ``--out`` itself is not compared: the same folder may be spelt another way.
     """
     if old.get("trainer") != new["trainer"]:
-        return f"a {old.get('trainer')} run, not {new['trainer']}"
+        return f"a {_shown(old.get('trainer'))} run, not {new['trainer']}"
     was, now = old.get("config", {}), json.loads(json.dumps(new["config"]))
+    if not isinstance(was, dict):
+        return "a run whose run.json config is not a JSON object"
     keys = [k for k in {**was, **now} if k != "out" and was.get(k, _UNSET) != now.get(k, _UNSET)]
     return ("a run with " if keys else "") + "; ".join(
-        f"--{k.replace('_', '-')} {_shown(was.get(k, _UNSET))}, not {_shown(now.get(k, _UNSET))}"
+        f"--{_shown(k).replace('_', '-')} {_shown(was.get(k, _UNSET))}, "
+        f"not {_shown(now.get(k, _UNSET))}"
         for k in keys
     )
 
@@ -338,7 +344,13 @@ _UNSET = object()
 def _shown(value: Any) -> str:
     if value is _UNSET:
         return "(unset)"
-    return repr(value) if value == "" else str(value)
+    # quoted when empty or holding control characters: the refusal stays one readable line
+    shown = (
+        repr(value)
+        if isinstance(value, str) and not value.isprintable() or value == ""
+        else str(value)
+    )
+    return shown[:80]
 
 
 def _rng_state() -> dict[str, torch.Tensor]:
