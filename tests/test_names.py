@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -123,30 +124,36 @@ def refused(res: Result) -> str:
     return line
 
 
+def trained(args: list[str], out: Path) -> dict[Path, bytes]:
+    """`specan train ARGS --out OUT`, which must succeed and write only under the folder OUT
+    names; what the folder above OUT's folder holds afterwards."""
+    where = Path(os.path.normpath(out))
+    kept = contents(where.parent)
+    res = CliRunner().invoke(app, ["train", *args, "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    made = contents(where.parent)
+    assert all(made[p] == b for p, b in kept.items())  # nothing there before was changed
+    new = set(made) - set(kept)
+    assert new and all(where in p.parents for p in new), sorted(map(str, new))
+    return made
+
+
 def test_train_writes_only_under_its_out_and_never_over_another_run(tmp_path: Path) -> None:
     base = tmp_path / "base"
     base.mkdir()
     runner = CliRunner()
-    other = base / "other"
-    res = runner.invoke(app, ["train", *GROKKING, "--out", str(other)])
-    assert res.exit_code == 0, res.output
-    kept = contents(base)
-
+    trained(GROKKING, base / "other")
     # an --out with ".." segments: the run lands in the folder it names, nothing beside it
-    res = runner.invoke(app, ["train", *GROKKING, "--out", str(base / "a" / ".." / "grok")])
-    assert res.exit_code == 0, res.output
-    made = contents(base)
-    assert all(made[p] == b for p, b in kept.items())
-    new = set(made) - set(kept)
-    assert new and all((base / "grok") in p.parents for p in new), sorted(map(str, new))
+    trained(GROKKING, base / "a" / ".." / "grok")
     assert json.loads((base / "grok" / "finished.json").read_text()) == {"step": 2}
-    kept = made
 
     # --out spelt with ".." onto another run: refused in one line, naming what differs
+    kept = contents(base)
     line = refused(
         runner.invoke(app, ["train", *GROKKING, "--wd", "0", "--out", f"{base}/x/../other"])
     )
     assert "other" in line and "--wd 1.0, not 0" in line
+    assert contents(base) == kept
     # a folder whose run.json holds hostile values: refused, nothing written
     hostile = base / "hostile"
     hostile.mkdir()
@@ -173,24 +180,15 @@ def test_train_from_a_run_with_hostile_values_writes_only_under_its_out(tmp_path
     else, the --from run included, changes."""
     base = tmp_path / "base"
     base.mkdir()
-    runner = CliRunner()
     dense = base / "dense"
-    res = runner.invoke(app, ["train", *VGG, "--out", str(dense)])
-    assert res.exit_code == 0, res.output
+    trained(VGG, dense)
     meta = json.loads((dense / "run.json").read_text())
     meta["config"].update(out="../../escape", init_from="/abs/escape.safetensors", from_="..")
     meta["parent"] = {"run": "../../..", "step": 0}
     meta["pairs"] = [{"prev": "../../escape", "next": "/abs/w", "kind": "linear"}]
     (dense / "run.json").write_text(json.dumps(meta))
-    kept = contents(base)
-    out = base / "b" / ".." / "ticket"
-    res = runner.invoke(app, ["train", *VGG, "--ticket", "magnitude", "--rewind-epoch", "-1",
-                              "--from", str(dense), "--out", str(out)])  # fmt: skip
-    assert res.exit_code == 0, res.output
-    made = contents(base)
-    assert all(made[p] == b for p, b in kept.items())
-    new = set(made) - set(kept)
-    assert all((base / "ticket") in p.parents for p in new), sorted(map(str, new))
+    ticket = ["--ticket", "magnitude", "--rewind-epoch", "-1", "--from", str(dense)]
+    trained([*VGG, *ticket], base / "b" / ".." / "ticket")
     assert (base / "ticket" / "mask.safetensors").is_file()
     assert json.loads((base / "ticket" / "run.json").read_text())["parent"]["run"] == str(
         dense.resolve()
