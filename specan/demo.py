@@ -45,12 +45,14 @@ def write_synthetic_run(
     """Write the run to ``out`` (created); a run already there with the same settings is kept.
 
     Keeping it matters: rewriting would change the files' mtimes and force a re-ingest. Written
-    through the trainers' run writer, so it has exactly the layout a trainer writes.
+    through the trainers' run writer, so it has exactly the layout a trainer writes, the end
+    marker included (`specan ingest --watch` on it stops); a run without it was cut short and is
+    written again.
     """
     import torch
 
     from specan.runfile import read_config
-    from specan_trainers.checkpoint import SCHEMA_VERSION, RunWriter
+    from specan_trainers.checkpoint import FINISHED, SCHEMA_VERSION, RunWriter
 
     out = Path(out)
     config = {"width": width, "n_heads": heads, "seed": seed, "checkpoints": checkpoints}
@@ -58,7 +60,7 @@ def write_synthetic_run(
     view_rules = {"deconv.weight": "conv_transpose"}
     expected = {"schema_version": SCHEMA_VERSION, "trainer": "synthetic", "config": config,
                 "model": model_config, "pairs": [], "view_rules": view_rules}  # fmt: skip
-    if read_config(out) == expected:
+    if read_config(out) == expected and (out / FINISHED).is_file():
         if len(list((out / "checkpoints").glob("step-*.safetensors"))) == checkpoints:
             return out
     (out / "metrics.jsonl").unlink(missing_ok=True)  # an interrupted write starts over
@@ -82,6 +84,7 @@ def write_synthetic_run(
         model.load_state_dict(state)
         writer.save(model, 100 * t, epoch=t)
         writer.log({"step": 100 * t, "epoch": t, "blend": a})
+    writer.finish()
     return out
 
 

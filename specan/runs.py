@@ -58,7 +58,11 @@ WRITING_SECONDS = 5.0
 _TEMPORARY = re.compile(r"\.(tmp|partial)\b")
 # _read_file_header's reasons for a file that ends before its header says it does: its data, or
 # a header of plausible length (garbage read as a length is far beyond any header), or all of it
-_CUT_SHORT = re.compile(r"^truncated|header length \d{1,8} > file size|\(0 bytes\)$")
+# (up to 7 bytes: not even the header's length yet)
+_CUT_SHORT = re.compile(r"^truncated|header length \d{1,8} > file size|\([0-7] bytes\)$")
+# _model_files' reasons for a sharded model folder whose shards or index have not all landed
+_UNFINISHED = re.compile(r"names missing shard|and no shard index")
+_SHARD = re.compile(r"-(\d+)-of-(\d+)\.")  # model-00001-of-00004.safetensors
 
 
 class _StillWriting(Exception):
@@ -415,6 +419,9 @@ def _model_files(folder: Path) -> tuple[Path, list[Path]] | str | None:
             return folder / single, [folder / single]
     files = _weights(folder)
     if len(files) == 1:
+        part = _SHARD.search(files[0].name)
+        if part and int(part[2]) > 1:  # one shard of several: the others and the index to come
+            return f"{files[0].name}: one shard of {int(part[2])} and no shard index"
         return files[0], files
     if files:
         kind = "safetensors" if files[0].suffix == ".safetensors" else "torch"
@@ -422,6 +429,24 @@ def _model_files(folder: Path) -> tuple[Path, list[Path]] | str | None:
             f"{len(files)} {kind} files and no shard index (*{INDEX_SUFFIX}, *{BIN_INDEX_SUFFIX})"
         )
     return None
+
+
+def _unfinished(folder: Path, reason: str | None) -> list[tuple[Path, str]]:
+    """Why a checkpoint folder without a complete model (`_model_files` gave `reason`, or None
+    for no model) is one still being written, file by file; [] when it is not.
+
+    Files under a temporary name will be renamed into place. Shards are written before their
+    index (as transformers' ``save_pretrained`` does) and one at a time, so a folder of shards
+    without an index, or with an index naming a shard not there yet, is still being written
+    while it changed in the last ``WRITING_SECONDS``; later it is bad.
+    """
+    temporaries = _temporaries(folder)
+    if temporaries or reason is None or not _UNFINISHED.search(reason):
+        return temporaries
+    newest = max((p.stat().st_mtime_ns for p in folder.iterdir() if p.is_file()), default=0)
+    if time.time_ns() - newest < WRITING_SECONDS * 1e9:
+        return [(folder, f"still being written ({reason})")]
+    return []
 
 
 def _make(
@@ -527,7 +552,10 @@ def discover(
                       key=lambda p: natural_key(p.name))  # fmt: skip
         for sub in subs:
             got = _model_files(sub)
-            if isinstance(got, str):
+            waits = [] if isinstance(got, tuple) else _unfinished(sub, got)
+            if waits:
+                writing += waits
+            elif isinstance(got, str):
                 bad.append((sub, got))
             elif got is not None:
                 found.append((got[0], got[1], sub.name))
@@ -536,7 +564,7 @@ def discover(
             (root / n).is_file() for n in ("model.safetensors", "pytorch_model.bin")
         )
         has_root_model = has_root_model or _index(root) is not None
-        if found or bad:
+        if found or bad or writing:  # a run whose first checkpoint folder is being written
             pythia = all(_PYTHIA_DIR.match(p.parent.name) for p, _, _ in found)
             layout = "pythia" if found and pythia else "hf"
             if not has_root_model:  # loose files beside the folders are checkpoints too

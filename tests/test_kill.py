@@ -1,14 +1,17 @@
-"""`kill -9` during `specan ingest`, at many points: the store stays readable, what it calls done
-is right, and the next ingest completes it, equal to an uninterrupted one.
+"""`kill -9` during `specan ingest` and `specan train`, at many points: what was written stays
+readable, and the next run completes it, equal to an uninterrupted one.
 
-The kill points are the store's file writes: the ingest runs in a child process whose Zarr writer
-is wrapped to write half of its N-th file and then SIGKILL its own process (a torn write, as a
-real crash leaves). ``SPECAN_KILL_POINTS`` (default 5) kill points are spread over the writes of
-an uninterrupted ingest, the first and the last among them.
+The kill points are file writes: the command runs in a child process whose writer (Zarr's for
+ingest; the run writer's files and metrics lines for train) is wrapped to write half of its N-th
+file and then SIGKILL its own process (a torn write, as a real crash leaves).
+``SPECAN_KILL_POINTS`` (default 5; 6 for train, so that they fall on a metrics line and before the
+first checkpoint too) kill points are spread over the writes of an uninterrupted run, the first
+and the last among them.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -18,12 +21,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
 
 from specan import store
+from specan.errors import EmptyRunError
 from specan.pipeline import IngestOptions, ingest
 
 POINTS = int(os.environ.get("SPECAN_KILL_POINTS", "5"))
+TRAIN_POINTS = int(os.environ.get("SPECAN_KILL_POINTS", "6"))
 
 # The child: the real console entry point, its Zarr writer wrapped.
 CHILD = """
@@ -147,8 +153,8 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"pristine": base / "pristine", "writes": writes, "want": snap, "weights": weights}
 
 
-def kill_points(writes: int) -> list[int]:
-    return sorted({int(round(x)) for x in np.linspace(1, writes, POINTS)})
+def kill_points(writes: int, points: int = POINTS) -> list[int]:
+    return sorted({int(round(x)) for x in np.linspace(1, writes, points)})
 
 
 @pytest.mark.parametrize("phase", ["pristine", "append"])
@@ -216,3 +222,116 @@ def test_a_full_disk_during_ingest_is_one_error_and_the_next_run_completes(
             check_against_weights(snapshot(spath), weights)
         ingest(run, IngestOptions(workers=1))
         assert snapshot(spath) == want, f"disk full at write {k} of {writes}"
+
+
+# -- train --------------------------------------------------------------------------------------
+# The child: `specan train`, the run writer's file writes and metrics lines wrapped; KILL_AT=0
+# never kills and prints how many writes it made.
+TRAIN_CHILD = """
+import atexit, json, os, signal, sys
+from specan_trainers import checkpoint as ck
+
+kill_at, calls, atomic, log = int(os.environ["KILL_AT"]), [0], ck._atomic, ck.RunWriter.log
+atexit.register(lambda: print("writes", calls[0], file=sys.stderr))
+
+def due():
+    calls[0] += 1
+    return calls[0] == kill_at
+
+def torn_atomic(path, write):
+    def torn(tmp):
+        write(tmp)
+        if due():
+            os.truncate(tmp, os.path.getsize(tmp) // 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+    atomic(path, torn)
+
+def torn_log(self, record):
+    if due():
+        line = json.dumps(record) + "\\n"
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(line[: len(line) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+    log(self, record)
+
+ck._atomic, ck.RunWriter.log = torn_atomic, torn_log
+sys.argv = ["specan", *sys.argv[1:]]
+from specan.cli import main
+main()
+"""
+# a tiny grokking run: an evaluation every step, a checkpoint every second one
+TRAIN = ["train", "grokking", "--p", "11", "--d-model", "16", "--n-heads", "2", "--d-mlp", "32",
+         "--train-frac", "0.5", "--steps", "4", "--save-every", "2",
+         "--eval-every", "1"]  # fmt: skip
+
+
+def train_child(out: Path, kill_at: int) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "SPECAN_DEBUG"}
+    return subprocess.run(
+        [sys.executable, "-c", TRAIN_CHILD, *TRAIN, "--out", str(out)],
+        capture_output=True, text=True, env={**env, "KILL_AT": str(kill_at)},
+    )  # fmt: skip
+
+
+def run_files(run: Path) -> dict[str, object]:
+    """What a finished run holds: each checkpoint's (and the resume state's) tensors and
+    metadata, the metrics lines, run.json, the end marker; and every other file's name."""
+    out: dict[str, object] = {}
+    for p in sorted(run.rglob("*")):
+        if not p.is_file() or store.STORE_NAME in p.relative_to(run).parts:
+            continue
+        name = p.relative_to(run).as_posix()
+        if p.suffix == ".safetensors":
+            with safe_open(str(p), "np") as f:
+                meta = f.metadata()
+            out[name] = (meta, {k: v.tobytes() for k, v in load_file(str(p)).items()})
+        elif p.name in ("metrics.jsonl", "finished.json", "run.json"):
+            out[name] = p.read_text()
+        else:
+            out[name] = None
+    return out
+
+
+def test_train_killed_at_many_points_is_completed_by_the_next(tmp_path: Path) -> None:
+    """After each kill the run folder ingests with no bad file and only whole checkpoints, each
+    done row NumPy's σ of the weights a whole run saved; the same command run again finishes
+    the run with the same checkpoints (bitwise), metrics lines and end marker."""
+    # every attempt trains into the same folder: the config (and so each checkpoint's metadata)
+    # holds --out
+    run = tmp_path / "run"
+    ref = train_child(run, 0)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    writes = int(ref.stderr.split("writes")[-1])
+    want = run_files(run)
+    assert json.loads(want["finished.json"]) == {"step": 4}
+    weights = {p.name: load_file(str(p)) for p in (run / "checkpoints").iterdir()}
+    shutil.rmtree(run)
+    assert writes > 10  # run.json, the metrics lines, checkpoints, resume states, end marker
+    for k in kill_points(writes, TRAIN_POINTS):
+        res = train_child(run, k)
+        assert res.returncode == -signal.SIGKILL, (k, res.returncode, res.stderr[-2000:])
+        assert not (run / "finished.json").exists(), k
+        try:
+            report = ingest(run, IngestOptions(workers=1))
+        except EmptyRunError:  # killed before its first checkpoint was whole
+            assert not list((run / "checkpoints").glob("*.safetensors")), k
+        else:
+            assert not report.bad, (k, report.bad)
+            st = store.open_store(store.store_path(run))
+            rows, entries = st.done_rows()
+            assert entries, k
+            checked = 0
+            for row, e in zip(rows, entries, strict=True):
+                for param, w in weights[Path(e["name"]).name].items():
+                    if param not in st.views:  # a vector, or a matrix split into heads
+                        continue
+                    s = np.linalg.svd(w.astype(np.float64), compute_uv=False)
+                    got = st.read_sigma(param)[rows.index(row)]
+                    np.testing.assert_allclose(got[: len(s)], s, rtol=1e-5, atol=1e-6)
+                    checked += 1
+            assert checked >= 2 * len(entries), k  # the embedding, decoder, MLP matrices
+        again = train_child(run, 0)
+        assert again.returncode == 0, (k, again.stderr[-2000:])
+        got = run_files(run)
+        assert got == want, f"kill at write {k} of {writes}: {sorted(set(got) ^ set(want))}"
+        shutil.rmtree(run)

@@ -3,16 +3,19 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 import specan
 from specan import plots, store
 from specan.cli import app
+from specan.errors import SpecanError
 
 # Each pair after the first lines collides once made safe: "/" and "_", case, a cut at the
 # length limit that keeps the same prefix.
@@ -99,3 +102,95 @@ def test_every_command_that_writes_stays_inside(
     inside = {p for p in made if spath in p.parents or p.parent == figs or p == page}
     assert made == inside, sorted(map(str, made - inside))
     assert not (base.parent / "escape.weight").exists() and not Path("/abs/w").exists()
+
+
+# tiny settings: a few steps in a few seconds
+GROKKING = ["grokking", "--p", "11", "--d-model", "16", "--n-heads", "2", "--d-mlp", "32",
+            "--train-frac", "0.5", "--steps", "2", "--save-every", "2",
+            "--eval-every", "2"]  # fmt: skip
+VGG = ["vgg", "--width-mult", "0.0625", "--limit-train", "64", "--val-frac", "0.05",
+       "--batch-size", "32", "--epochs", "1"]  # fmt: skip
+
+
+def contents(root: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in files(root)}
+
+
+def refused(res: Result) -> str:
+    """The one line `specan train` stops with (main() prints a SpecanError as one line)."""
+    assert res.exit_code != 0 and isinstance(res.exception, SpecanError), res.output
+    line = str(res.exception)
+    assert "\n" not in line
+    return line
+
+
+def trained(args: list[str], out: Path) -> dict[Path, bytes]:
+    """`specan train ARGS --out OUT`, which must succeed and write only under the folder OUT
+    names; what the folder above OUT's folder holds afterwards."""
+    where = Path(os.path.normpath(out))
+    kept = contents(where.parent)
+    res = CliRunner().invoke(app, ["train", *args, "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    made = contents(where.parent)
+    assert all(made[p] == b for p, b in kept.items())  # nothing there before was changed
+    new = set(made) - set(kept)
+    assert new and all(where in p.parents for p in new), sorted(map(str, new))
+    return made
+
+
+def test_train_writes_only_under_its_out_and_never_over_another_run(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    base.mkdir()
+    runner = CliRunner()
+    trained(GROKKING, base / "other")
+    # an --out with ".." segments: the run lands in the folder it names, nothing beside it
+    trained(GROKKING, base / "a" / ".." / "grok")
+    assert json.loads((base / "grok" / "finished.json").read_text()) == {"step": 2}
+
+    # --out spelt with ".." onto another run: refused in one line, naming what differs
+    kept = contents(base)
+    line = refused(
+        runner.invoke(app, ["train", *GROKKING, "--wd", "0", "--out", f"{base}/x/../other"])
+    )
+    assert "other" in line and "--wd 1.0, not 0" in line
+    assert contents(base) == kept
+    # a folder whose run.json holds hostile values: refused, nothing written
+    hostile = base / "hostile"
+    hostile.mkdir()
+    values = [
+        {"trainer": "../../escape", "config": {"out": "/abs"}},
+        {"trainer": "grokking", "config": ["../../escape"], "pairs": "/abs"},
+        {"trainer": "grokking", "config": {"out": "../../escape", "p": "\x00\n" * 5000}},
+        {"trainer": "\n" * 10_000, "config": {}},
+        {"trainer": "grokking", "config": {"\n" * 10_000: 1}},
+        [],
+    ]
+    for meta in values:
+        (hostile / "run.json").write_text(json.dumps(meta))
+        kept = contents(base)
+        line = refused(runner.invoke(app, ["train", *GROKKING, "--out", str(hostile)]))
+        assert "hostile" in line, line
+        assert contents(base) == kept, meta
+    assert not (tmp_path / "escape").exists() and not Path("/abs").exists()
+
+
+def test_train_from_a_run_with_hostile_values_writes_only_under_its_out(tmp_path: Path) -> None:
+    """A lottery ticket ``--from`` a run whose run.json names paths outside (its --out, where it
+    started, its parent, its pairs): the ticket is written under its own --out, and nothing
+    else, the --from run included, changes."""
+    base = tmp_path / "base"
+    base.mkdir()
+    dense = base / "dense"
+    trained(VGG, dense)
+    meta = json.loads((dense / "run.json").read_text())
+    meta["config"].update(out="../../escape", init_from="/abs/escape.safetensors", from_="..")
+    meta["parent"] = {"run": "../../..", "step": 0}
+    meta["pairs"] = [{"prev": "../../escape", "next": "/abs/w", "kind": "linear"}]
+    (dense / "run.json").write_text(json.dumps(meta))
+    ticket = ["--ticket", "magnitude", "--rewind-epoch", "-1", "--from", str(dense)]
+    trained([*VGG, *ticket], base / "b" / ".." / "ticket")
+    assert (base / "ticket" / "mask.safetensors").is_file()
+    assert json.loads((base / "ticket" / "run.json").read_text())["parent"]["run"] == str(
+        dense.resolve()
+    )
+    assert not (tmp_path / "escape").exists() and not Path("/abs").exists()

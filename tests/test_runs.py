@@ -145,6 +145,9 @@ def test_hf_index_names_missing_shard(tmp_path: Path) -> None:
     wm = json.loads(idx.read_text())
     wm["weight_map"]["b"] = "model-00002-of-00002.safetensors"
     idx.write_text(json.dumps(wm))
+    old = time.time_ns() - 60 * 10**9  # written a minute ago: bad, not a shard still to come
+    for f in idx.parent.iterdir():
+        os.utime(f, ns=(old, old))
     run = discover(tmp_path)
     assert steps(run) == [1]
     [(path, reason)] = run.bad
@@ -369,6 +372,8 @@ def test_text_file_renamed(tmp_path: Path) -> None:
     save(tmp_path / "step-1.safetensors")
     (tmp_path / "step-2.safetensors").write_text("this is not a checkpoint at all, just text")
     (tmp_path / "step-3.safetensors").write_bytes(b"abc")
+    old = time.time_ns() - 60 * 10**9  # 3 bytes a minute ago: bad, not a file being written
+    os.utime(tmp_path / "step-3.safetensors", ns=(old, old))
     run = discover(tmp_path)
     assert steps(run) == [1]
     reasons = dict((p.name, r) for p, r in run.bad)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -286,3 +287,164 @@ def test_readers_never_see_a_half_written_store_while_an_ingest_appends(tmp_path
         t.join(DEADLINE)
     assert not errors, repr(errors[0])
     assert reads and reads[0] >= 2
+
+
+def test_a_file_shorter_than_the_header_length_waits_while_recent_and_is_bad_once_old(
+    tmp_path: Path,
+) -> None:
+    """1 to 7 bytes: not even safetensors' 8-byte header length. Just written, it is a file a
+    training has begun (waited for, and named so by `--watch`); a minute old, it is bad, in one
+    line (the ingest is not `--watch`)."""
+    root = tmp_path / "run"
+    w, saved = started(root)
+    full = w.save(model(2), 2).read_bytes()
+    target = w.checkpoint_path(2)
+    target.unlink()
+    ingest(root)
+    w.finish()  # so that the watch below makes one pass and stops
+    runner = CliRunner()
+    for cut in range(1, 8):
+        target.write_bytes(full[:cut])
+        run = runs.discover(root)
+        assert [p for p, _ in run.writing] == [target] and not run.bad, cut
+        res = runner.invoke(app, ["ingest", str(root), "--watch", "--workers", "1"])
+        assert res.exit_code == 0, res.output
+        said = f"waiting {target}: still being written (not a safetensors file ({cut} bytes))"
+        assert "".join(said.split()) in "".join(res.stderr.split()), res.stderr  # however wrapped
+        assert ", 0 bad" in res.stdout, res.stdout
+        old = time.time_ns() - 60 * 10**9
+        os.utime(target, ns=(old, old))
+        report = ingest(root)
+        assert report.bad == [(str(target), f"not a safetensors file ({cut} bytes)")], cut
+        res = runner.invoke(app, ["ingest", str(root), "--workers", "1"])
+        skipped = [line for line in res.stderr.splitlines() if line.startswith("skipped")]
+        assert len(skipped) == 1 and f"({cut} bytes)" in skipped[0], res.stderr
+    target.write_bytes(full)  # complete at last: taken
+    saved[2] = raw(model(2))
+    report = ingest(root)
+    assert [runs.step_from_name(n) for n in report.computed] == [2] and not report.bad
+    check_sigmas(root, saved)
+
+
+def test_the_synthetic_run_ends_with_the_end_marker_so_a_watch_stops(tmp_path: Path) -> None:
+    from safetensors.numpy import load_file
+
+    from specan.demo import write_synthetic_run
+
+    root = write_synthetic_run(tmp_path / "syn", checkpoints=3, width=8)
+    assert json.loads((root / FINISHED).read_text()) == {"step": 200}
+    done = watch(root, interval=60, workers=1)  # a watch waiting for more would block here
+    assert done.stopped == "finished" and done.passes == 1 and len(done.computed) == 3
+    saved = {}
+    for p in sorted((root / "checkpoints").iterdir()):
+        weights = load_file(str(p))
+        saved[int(p.stem.split("-")[1])] = {
+            k: v.astype(np.float64) for k, v in weights.items() if k == "head.weight"
+        }
+    st = store.open_store(store.store_path(root))
+    rows, entries = st.done_rows()
+    for row, e in zip(rows, entries, strict=True):
+        s = np.linalg.svd(saved[e["step"]]["head.weight"], compute_uv=False)
+        got = st.read_sigma("head.weight")[rows.index(row)]
+        np.testing.assert_allclose(got, s, rtol=1e-5, atol=1e-6)
+    # a complete run is kept as it is; one the writer did not finish is written again
+    mtime = (root / FINISHED).stat().st_mtime_ns
+    write_synthetic_run(root, checkpoints=3, width=8)
+    assert (root / FINISHED).stat().st_mtime_ns == mtime
+    (root / FINISHED).unlink()
+    write_synthetic_run(root, checkpoints=3, width=8)
+    assert json.loads((root / FINISHED).read_text()) == {"step": 200}
+
+
+def hf_step(folder: Path, m: torch.nn.Module, shards: int = 1) -> list[tuple[Path, bytes]]:
+    """A Hugging Face-style checkpoint folder's files as a writer would leave them: config.json,
+    then model.safetensors, or `shards` shards and their index (written last)."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().contiguous() for k, v in m.state_dict().items()}
+    config = (folder / "config.json", json.dumps({"model_type": "mlp"}).encode())
+    if shards == 1:
+        return [config, (folder / "model.safetensors", save(state))]
+    names = sorted(state)
+    files, weight_map = [config], {}
+    for i in range(shards):
+        shard = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: state[k] for k in names[i::shards]}
+        weight_map.update(dict.fromkeys(part, shard))
+        files.append((folder / shard, save(part)))
+    index = {"metadata": {}, "weight_map": weight_map}
+    return [*files, (folder / "model.safetensors.index.json", json.dumps(index).encode())]
+
+
+def test_hf_checkpoint_folders_still_being_written_wait_named(tmp_path: Path) -> None:
+    """``stepN/`` folders: a model or shard under a temporary name, cut short in place, shards
+    without their index yet, an index before its last shard. Each waits, named by discovery and
+    by `ingest --watch`'s waiting line, and is taken once complete; shards a writer left
+    incomplete a minute ago are bad."""
+    root = tmp_path / "run"
+    saved = {}
+    for step, shards in ((0, 1), (1, 2)):
+        (root / f"step{step}").mkdir(parents=True)
+        m = model(step)
+        for path, data in hf_step(root / f"step{step}", m, shards):
+            path.write_bytes(data)
+        saved[step] = raw(m)
+    (root / FINISHED).write_text("{}")  # so that each watch below makes one pass and stops
+    ingest(root)
+    runner = CliRunner()
+    step2 = root / "step2"
+    m2 = model(2)
+    single, sharded = hf_step(step2, m2), hf_step(step2, m2, shards=2)
+    config, shard1, shard2, index = sharded
+    tmp = step2 / "model.safetensors.tmp"
+    cases = {  # what is on disk -> the file the waiting line names
+        "temporary name": ([config, (tmp, single[1][1])], tmp),
+        "cut short": ([config, (single[1][0], single[1][1][:100])], single[1][0]),
+        "a shard under a temporary name": (
+            [config, shard1, (shard2[0].with_name(shard2[0].name + ".partial"), shard2[1])],
+            shard2[0].with_name(shard2[0].name + ".partial"),
+        ),
+        "shards, no index yet": ([config, shard1, shard2], step2),
+        "an index before its last shard": ([config, shard1, index], step2),
+        "the last shard cut short": (
+            [config, shard1, (shard2[0], shard2[1][:-5]), index], shard2[0]
+        ),
+        "one shard of two, no index yet": ([config, shard1], step2),
+    }  # fmt: skip
+    for case, (files, named) in cases.items():
+        shutil.rmtree(step2, ignore_errors=True)
+        step2.mkdir()
+        for path, data in files:
+            path.write_bytes(data)
+        run = runs.discover(root)
+        assert [c.step for c in run.checkpoints] == [0, 1] and not run.bad, case
+        assert [p for p, _ in run.writing] == [named], case
+        res = runner.invoke(app, ["ingest", str(root), "--watch", "--workers", "1"])
+        assert res.exit_code == 0, res.output
+        said = "".join(f"waiting {named}:".split())
+        assert said in "".join(res.stderr.split()), (case, res.stderr)  # however wrapped
+        assert ", 0 bad" in res.stdout, (case, res.stdout)
+    # shards whose writer stopped a minute ago: bad, in one line
+    stopped = (
+        "shards, no index yet",
+        "an index before its last shard",
+        "one shard of two, no index yet",
+    )
+    for files in (cases[c][0] for c in stopped):
+        shutil.rmtree(step2)
+        step2.mkdir()
+        old = time.time_ns() - 60 * 10**9
+        for path, data in files:
+            path.write_bytes(data)
+            os.utime(path, ns=(old, old))
+        run = runs.discover(root)
+        assert [p for p, _ in run.bad] == [step2] and not run.writing, run.bad
+    # complete: taken
+    shutil.rmtree(step2)
+    step2.mkdir()
+    for path, data in sharded:
+        path.write_bytes(data)
+    saved[2] = raw(m2)
+    report = ingest(root)
+    assert len(report.computed) == 1 and not report.bad
+    check_sigmas(root, saved)

@@ -179,6 +179,9 @@ class RunWriter:
             "view_rules": view_rules or {},
             **({"parent": parent} if parent else {}),
         }
+        # made first: in an --out like new/../run, "new" must exist before the system can see
+        # run/run.json, or another run there would be taken for none and written over
+        self.out.mkdir(parents=True, exist_ok=True)
         run_json = self.out / "run.json"
         if run_json.exists():
             from specan.runfile import read_config
@@ -253,10 +256,13 @@ class RunWriter:
         """Load the newest resume state into ``model`` (and ``optimizer``); return its step.
 
         None when there is nothing to resume. Metrics logged after that step (the killed
-        run's work since its last checkpoint) are dropped, so steps stay monotone.
+        run's work since its last checkpoint, and half a line a kill cut) are dropped, so the
+        run goes on as if never killed: steps stay monotone and no evaluation is logged twice.
         """
         path = self.out / "resume.safetensors"
         if not path.exists():
+            # killed before its first checkpoint: the run starts over and logs step 0 again
+            (self.out / "metrics.jsonl").unlink(missing_ok=True)
             return None
         from safetensors import safe_open
 
@@ -272,13 +278,21 @@ class RunWriter:
         _set_rng_state(tensors)
         metrics = self.out / "metrics.jsonl"
         if metrics.exists():
-            kept = [
-                line
-                for line in metrics.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step
-            ]
+            kept = [line for line in metrics.read_text().splitlines() if _logged_by(line, step)]
             _atomic(metrics, lambda p: p.write_text("".join(x + "\n" for x in kept)))
+        # a run killed after its last checkpoint resumes with nothing left to save, and its end
+        # marker still names that checkpoint
+        self.last_step = step
         return step
+
+
+def _logged_by(line: str, step: int) -> bool:
+    """Whether a metrics.jsonl line is a whole record of a step up to ``step``."""
+    try:
+        record = json.loads(line)
+    except ValueError:  # half a line: the kill came mid-write
+        return False
+    return isinstance(record, dict) and record.get("step", 0) <= step
 
 
 _OPEN: list[RunWriter] = []  # writers of the training now running, finished when it returns
@@ -312,11 +326,14 @@ def _clash(old: dict[str, Any], new: dict[str, Any]) -> str:
     ``--out`` itself is not compared: the same folder may be spelt another way.
     """
     if old.get("trainer") != new["trainer"]:
-        return f"a {old.get('trainer')} run, not {new['trainer']}"
+        return f"a {_shown(old.get('trainer'))} run, not {new['trainer']}"
     was, now = old.get("config", {}), json.loads(json.dumps(new["config"]))
+    if not isinstance(was, dict):
+        return "a run whose run.json config is not a JSON object"
     keys = [k for k in {**was, **now} if k != "out" and was.get(k, _UNSET) != now.get(k, _UNSET)]
     return ("a run with " if keys else "") + "; ".join(
-        f"--{k.replace('_', '-')} {_shown(was.get(k, _UNSET))}, not {_shown(now.get(k, _UNSET))}"
+        f"--{_shown(k).replace('_', '-')} {_shown(was.get(k, _UNSET))}, "
+        f"not {_shown(now.get(k, _UNSET))}"
         for k in keys
     )
 
@@ -327,7 +344,13 @@ _UNSET = object()
 def _shown(value: Any) -> str:
     if value is _UNSET:
         return "(unset)"
-    return repr(value) if value == "" else str(value)
+    # quoted when empty or holding control characters: the refusal stays one readable line
+    shown = (
+        repr(value)
+        if isinstance(value, str) and not value.isprintable() or value == ""
+        else str(value)
+    )
+    return shown[:80]
 
 
 def _rng_state() -> dict[str, torch.Tensor]:
