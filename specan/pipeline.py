@@ -251,8 +251,9 @@ def _svd_group(
     from specan.views import extract
     from specan_kernels import svd
 
-    # Tensor by tensor into one preallocated stack: only one tensor's copies exist beside it
-    # (stacking a list of them with torch.cat held the batch twice).
+    # Tensor by tensor into one preallocated stack, each view converted straight from the
+    # memory-mapped file into its place (stacking a list of float32 copies with torch.cat held
+    # the batch twice; a float32 copy of each parameter first cost a pass and fresh pages).
     sizes = [views[key].heads or 1 for key in keys]
     batch = torch.empty((sum(sizes), *views[keys[0]].shape), dtype=torch.float32)
     try:
@@ -260,12 +261,11 @@ def _svd_group(
             start = 0
             for key, n in zip(keys, sizes, strict=True):
                 spec = views[key]
-                m = extract(spec, reader.get(spec.param))
+                with reader.mapped(spec.param) as raw:
+                    m = extract(spec, raw, out=batch[start : start + n])
                 if not bool(torch.isfinite(m.sum())):  # NaN and Inf survive a sum
                     raise BadCheckpointError(ckpt.files[0], f"{spec.param} has NaN or Inf values")
-                batch[start : start + n] = m.reshape(n, *spec.shape)
                 start += n
-                del m
     except BadCheckpointError as e:
         return _Failed(e)
     k = max(views[key].k for key in keys)

@@ -20,7 +20,8 @@ import re
 import struct
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -716,6 +717,16 @@ class CheckpointReader:
     def get(self, name: str) -> torch.Tensor:
         """A float32 copy of one tensor (the file stays memory-mapped, not loaded)."""
         import torch
+
+        with self.mapped(name) as t:
+            # copy=True: the tensor is a view of the memory map, which a rewrite would change.
+            return t.to(torch.float32, copy=True)
+
+    @contextmanager
+    def mapped(self, name: str) -> Iterator[torch.Tensor]:
+        """One tensor as stored (its dtype), a view of the file's memory map where the format
+        allows: valid inside the block only, where the caller copies what it needs. Inside the
+        lock: `close` may drop the map of a torch file while another thread reads."""
         from safetensors import SafetensorError, safe_open
 
         with self._lock:
@@ -730,6 +741,4 @@ class CheckpointReader:
                 t = h[name] if is_torch_file(path) else h.get_tensor(name)
             except (SafetensorError, OSError) as e:
                 raise BadCheckpointError(path, f"cannot read tensor {name!r}: {e}") from e
-            # copy=True: the tensor is a view of the memory map, which a rewrite would change.
-            # Inside the lock: close() may drop the map of a torch file while another thread reads.
-            return t.to(torch.float32, copy=True)
+            yield t

@@ -613,14 +613,21 @@ def _stored_shape(spec: ViewSpec) -> tuple[int, ...]:
 
 
 def extract(
-    spec: ViewSpec, tensor: torch.Tensor, *, dtype: torch.dtype | None = None
+    spec: ViewSpec,
+    tensor: torch.Tensor,
+    *,
+    dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cut the view `spec` out of the raw stored `tensor` (any float dtype).
 
     Returns a contiguous tensor of shape ``spec.shape``, or ``(spec.heads, *spec.shape)`` for a
     per-head stack, in `dtype` (float32 when None). It may share memory with a contiguous input
-    of that dtype (no copy is made). Raises ViewRuleError when the tensor's shape is not what the
-    plan expects.
+    of that dtype (no copy is made). With ``out`` (a contiguous buffer of that many elements,
+    any float dtype) the view is converted straight into it and ``out`` is returned: one pass
+    from a memory-mapped fp16 weight into an ingest's float32 stack, with no float32 copy of
+    the whole parameter between them. Raises ViewRuleError when the tensor's shape is not what
+    the plan expects.
     """
     import torch
 
@@ -647,31 +654,36 @@ def extract(
     if layout == "transposed":  # GPT-2's c_attn (d, 3d): its transpose is stacked [Q; K; V]
         t = t.T
     if rule == "conv":
-        out = t.reshape(m, n)  # storage order: a row reshapes back to (c_in, *k)
+        view = t.reshape(m, n)  # storage order: a row reshapes back to (c_in, *k)
     elif rule == "conv_transpose":
-        out = t.transpose(0, 1).reshape(m, n)
+        view = t.transpose(0, 1).reshape(m, n)
     elif rule == "linear_t":
-        out = t.T
+        view = t.T
     elif rule == "col_half":
         lo, hi = f.cols
-        out = t[:, lo:hi]  # one direction's inputs of the layer after a bidirectional LSTM
+        view = t[:, lo:hi]  # one direction's inputs of the layer after a bidirectional LSTM
     elif layout == "split":
-        out = t.reshape(spec.heads, m, n)
+        view = t.reshape(spec.heads, m, n)
     elif rule == "o_grouped":  # input columns [head][head_dim], head h = group j * g + r
-        out = t.reshape(m, f.kv_heads, f.heads // f.kv_heads, f.head_dim).sum(dim=2).reshape(m, n)
+        # summed in at least float32, whatever the stored precision
+        acc = torch.promote_types(t.dtype, torch.float32)
+        grouped = t.reshape(m, f.kv_heads, f.heads // f.kv_heads, f.head_dim)
+        view = grouped.sum(dim=2, dtype=acc).reshape(m, n)
     elif rule in _QKV_PART and layout == "interleaved":
         # NeoX rows are [head][q|k|v][head_dim]: W.view(H, 3, hd, d)
         part = t.reshape(h, 3, n // h, n)[:, _QKV_PART[rule]]
-        out = part.reshape(n, n) if rule == "v" else part
+        view = part.reshape(n, n) if rule == "v" else part
     elif rule in _QKV_PART:
         i = _QKV_PART[rule]
         block = t[i * n : (i + 1) * n]  # stacked [W_Q; W_K; W_V]
-        out = block if rule == "v" else block.reshape(spec.heads, m, n)
+        view = block if rule == "v" else block.reshape(spec.heads, m, n)
     else:
-        out = t
-    if tuple(out.shape) != want:  # a hand-built spec whose shape disagrees with its own facts
-        raise ViewRuleError(f"{where}: view has shape {tuple(out.shape)}, the spec says {want}")
-    return out.to(torch.float32 if dtype is None else dtype).contiguous()
+        view = t
+    if tuple(view.shape) != want:  # a hand-built spec whose shape disagrees with its own facts
+        raise ViewRuleError(f"{where}: view has shape {tuple(view.shape)}, the spec says {want}")
+    if out is not None:
+        return out.view(want).copy_(view).view(out.shape)
+    return view.to(torch.float32 if dtype is None else dtype).contiguous()
 
 
 def restore(spec: ViewSpec, matrix: torch.Tensor) -> torch.Tensor:

@@ -453,6 +453,47 @@ def test_extract_casts_to_float32(dtype):
     assert out.dtype == torch.float32 and torch.equal(out, conv.float().reshape(2, 12))
 
 
+def _half_model() -> dict[str, torch.Tensor]:
+    """fp16 weights of every layout that a rule reads differently (conv, transposed conv,
+    LSTM, embedding, GPT-2 Conv1D, NeoX interleaved and stacked Q/K/V, Llama grouped W_O)."""
+    g = torch.Generator().manual_seed(0)
+
+    def w(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).half()
+
+    b = "model.layers.0.self_attn."
+    return {
+        "features.0.weight": w(4, 3, 3, 3), "up.tconv1.weight": w(4, 2, 2, 2),
+        "rnn.weight_ih_l0": w(12, 5), "embed.weight": w(20, 6), "h.0.mlp.c_fc.weight": w(6, 12),
+        "gpt_neox.layers.0.attention.query_key_value.weight": w(24, 8),
+        "attn.in_proj_weight": w(24, 8), f"{b}q_proj.weight": w(8, 6),
+        f"{b}k_proj.weight": w(4, 6), f"{b}o_proj.weight": w(6, 8),
+    }  # fmt: skip
+
+
+def test_extract_into_a_float32_buffer_equals_the_float32_view():
+    weights = _half_model()
+    llama = {k for k in weights if k.startswith("model.")}
+    specs = plan_views({k: v.shape for k, v in weights.items() if k not in llama}, heads=4)
+    specs += plan_views({k: weights[k].shape for k in llama}, heads=4, kv_heads=2)
+    assert {"conv", "conv_transpose", "lstm", "embedding", "q_heads", "o_grouped"} <= {
+        s.rule for s in specs
+    }
+    o_grouped = 0
+    for s in specs:
+        raw = weights[s.param]
+        want = extract(s, raw.float())
+        buf = torch.full((s.heads or 1, *s.shape), float("nan"))
+        got = extract(s, raw, out=buf)
+        assert got.data_ptr() == buf.data_ptr() and got.dtype == torch.float32
+        assert torch.equal(got.reshape(want.shape), want), s.key
+        if s.rule == "o_grouped":  # summed in float32, not in the stored fp16: by hand
+            o_grouped += 1
+            o = raw.double().reshape(6, 2, 2, 2).sum(dim=2).reshape(6, 4)
+            assert torch.allclose(got[0].double(), o, atol=1e-6)
+    assert o_grouped == 1
+
+
 def test_extract_non_contiguous_input():
     w = torch.randn(4, 6).T  # (6, 4), not contiguous
     assert torch.equal(extract(one({"fc.weight": (6, 4)}), w), w)
