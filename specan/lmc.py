@@ -339,9 +339,12 @@ def barriers(
         (g, t, seed): _last_checkpoint(root / t / folder(g, seed))
         for g in groups for _, *sides in labels for t, seed in sides
     }  # fmt: skip
+    # endpoints named relative to the root: the folder spelt another way (a trunk run's
+    # absolute path, the command line's relative one) must find the same result
     key = store.fingerprint(
         "lmc", LMC_VERSION, meta, groups, cross_trunk, n,
-        sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in ends.values()),
+        sorted((p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+               for p in ends.values()),
     )  # fmt: skip
     name = "lmc_cross" if cross_trunk else "lmc"
     cache_at = root / CACHE

@@ -258,6 +258,10 @@ def test_barriers_against_perturbation_size(perturb_root, monkeypatch):
     again = lmc.barriers(perturb_root, n=3)
     np.testing.assert_array_equal(again["barrier"].values, ds["barrier"].values)
     assert list(again["eta"].values) == [0.0, 2.5] and list(again["pair"].values) == ["trunk-0:3-4"]
+    # the folder spelt another way (as a trunk run names it) finds the same result
+    np.testing.assert_array_equal(
+        lmc.barriers(perturb_root / "trunk-0" / "..", n=3)["barrier"].values, ds["barrier"].values
+    )
     with pytest.raises(AssertionError, match="recomputed"):
         lmc.barriers(perturb_root, n=5)  # another path: not the cached result
     last = discover(t / "branch-2-4-eta2.5").checkpoints[-1].files[0]
