@@ -6,7 +6,11 @@ interior points only, so b can be slightly negative (a convex loss gives b ≤ 0
 loss. Every floating state entry is interpolated, buffers included (integer counters such as
 ``num_batches_tracked`` are taken from W¹); then batch-norm statistics are recomputed on the
 training data, at every α, endpoints included, so that the chord and the path are measured alike.
-Only the standard library is imported at module level.
+
+`barriers` computes an LMC folder (`specan lmc`); the registered analysis ``lmc``
+(`specan.registry`) is one trunk's share of it, on the trunk's split steps (`trunk_result`), so
+that `Run.analyse`, `specan plot`, `report` and `compare` treat it as any other analysis of the
+trunk run. Only the standard library and the registry's table are imported at module level.
 """
 
 from __future__ import annotations
@@ -15,10 +19,14 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from specan.registry import Analysis
+
 if TYPE_CHECKING:
     import numpy as np
     import torch
     import xarray as xr
+
+    from specan.api import Run
 
 __all__ = [
     "ALPHAS",
@@ -29,6 +37,8 @@ __all__ = [
     "interpolate",
     "loss_path",
     "select_splits",
+    "store_trunks",
+    "trunk_result",
 ]
 
 ALPHAS = 11  # evenly spaced α in [0, 1], the paper's path
@@ -282,20 +292,14 @@ def barriers(
         (``trunk-0:3-4``, or ``3:trunk-0-trunk-1`` across trunks). attrs: ``protocol``,
         ``cross_trunk``.
     """
-    import json
     from itertools import combinations
 
     from specan import store
-    from specan.errors import ModelError, OptionError
+    from specan.errors import OptionError
     from specan_trainers.checkpoint import branch_name
 
     root = Path(root)
-    meta_path = root / "lmc.json"
-    if not meta_path.is_file():
-        raise ModelError(
-            f"{meta_path}: not an LMC folder (write one with `specan train vgg --lmc`)"
-        )
-    meta = json.loads(meta_path.read_text())
+    meta = _meta(root)
     protocol = meta.get("protocol", "split")
     if protocol == "perturb":
         split = meta["splits"][0]
@@ -335,9 +339,12 @@ def barriers(
         (g, t, seed): _last_checkpoint(root / t / folder(g, seed))
         for g in groups for _, *sides in labels for t, seed in sides
     }  # fmt: skip
+    # endpoints named relative to the root: the folder spelt another way (a trunk run's
+    # absolute path, the command line's relative one) must find the same result
     key = store.fingerprint(
         "lmc", LMC_VERSION, meta, groups, cross_trunk, n,
-        sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in ends.values()),
+        sorted((p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+               for p in ends.values()),
     )  # fmt: skip
     name = "lmc_cross" if cross_trunk else "lmc"
     cache_at = root / CACHE
@@ -357,6 +364,19 @@ def barriers(
         arrays, info, dims = _to_cache(ds)
         store.write_derived(cache_at, name, key, arrays, info, dims=dims)
     return ds
+
+
+def _meta(root: Path) -> dict[str, Any]:
+    """An LMC folder's lmc.json (protocol, trunks, splits, branch seeds)."""
+    import json
+
+    from specan.errors import ModelError
+
+    path = root / "lmc.json"
+    if not path.is_file():
+        raise ModelError(f"{path}: not an LMC folder (write one with `specan train vgg --lmc`)")
+    meta: dict[str, Any] = json.loads(path.read_text())
+    return meta
 
 
 LMC_VERSION = 1  # bump when the computation changes: cached results are then recomputed
@@ -426,3 +446,97 @@ def _barriers(
         },
         coords=coords,
     )
+
+
+# -- the registered analysis: one trunk's branch pairs, on the trunk's split steps -------------
+def trunk_result(ds: xr.Dataset, trunk: str) -> xr.Dataset:
+    """A `barriers` result (branch pairs, not across trunks) as the registered analysis ``lmc``
+    gives it for the trunk run `trunk` (its folder name): every variable on ``(pair, step)``,
+    the step being the split step (``epoch`` on it), ``value`` the barrier.
+
+    A perturbation folder has one split: there a pair is one η and one branch pair, labelled
+    ``η=<η> <pair>``, with coordinates ``eta`` and ``branches`` (the branch pair) on ``pair``.
+    """
+    import numpy as np
+    import xarray as xr
+
+    mine = [str(p) for p in ds["pair"].values if str(p).startswith(f"{trunk}:")]
+    ds = ds.sel(pair=mine)
+    if "eta" in ds.dims:
+        etas = [float(e) for e in ds["eta"].values]
+        data = {}
+        for name, var in ds.data_vars.items():
+            rest = [d for d in var.dims if d not in ("eta", "pair")]
+            values = var.transpose("eta", "pair", *rest).values
+            data[name] = (("pair", *rest), values.reshape(len(etas) * len(mine), *values.shape[2:]))
+        out = xr.Dataset(
+            data,
+            coords={
+                "pair": [f"η={e:g} {p}" for e in etas for p in mine],
+                "eta": ("pair", np.repeat(etas, len(mine))),
+                "branches": ("pair", mine * len(etas)),
+                "alpha": ds["alpha"].values,
+                "view": ds["view"].values,
+            },
+        ).expand_dims(step=[int(ds["split"])])
+        out = out.assign_coords(epoch=("step", [float(ds["epoch"])]))
+    else:
+        out = ds.rename(split="step")
+    out["value"] = out["barrier"]
+    out = out.transpose("pair", "step", ...)
+    out.attrs = {**ds.attrs, "trunk": trunk}
+    return out
+
+
+def _compute(run: Run, *, progress: Any = None, device: str = "cpu") -> xr.Dataset:
+    from specan.errors import ModelError
+
+    root = run.path.parent
+    meta = _meta(root) if (root / "lmc.json").is_file() else {}
+    if run.path.name not in meta.get("trunks", []):
+        raise ModelError(
+            f"{run.label}: not the trunk of an LMC folder (a trunk-<t>/ beside the lmc.json "
+            "that `specan train vgg --lmc` writes)"
+        )
+    ds = barriers(root, device=device, progress=progress)
+    return trunk_result(ds, run.path.name)
+
+
+def store_trunks(root: Path | str, *, device: str = "cpu") -> tuple[list[Path], list[Path]]:
+    """Keep the registered ``lmc`` result of every trunk of an LMC folder in the trunk's store
+    (`Run.analyse`), so that `specan plot`, `report` and `compare` find it: computed through
+    `barriers` with every split and the default path, so read from the folder's cache when
+    `barriers` has run. Returns the trunks so stored and those without a store (not ingested).
+
+    A trunk's own cache key knows the trunk's checkpoints, not its branches' endpoints, so the
+    stored result is replaced here every time rather than trusted.
+    """
+    import shutil
+
+    from specan import store
+    from specan.api import Run
+
+    root = Path(root)
+    done, bare = [], []
+    for trunk in _meta(root)["trunks"]:
+        path = root / trunk
+        where = store.store_path(path)
+        if where.exists():
+            shutil.rmtree(where / "derived" / "lmc", ignore_errors=True)
+            Run(path).analyse("lmc", device=device)
+            done.append(path)
+        else:
+            bare.append(path)
+    return done, bare
+
+
+ANALYSIS = Analysis(
+    name="lmc",
+    title="LMC barrier of the branch pairs (train loss, Eqn 6)",
+    reads=(),
+    compute=_compute,
+    item="pair",
+    summary="LMC barrier, mean of branch pairs, first → last split",
+    figure="lmc",
+    automatic=False,  # it re-evaluates 11 models per pair and split: `specan lmc` computes it
+)

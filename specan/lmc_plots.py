@@ -6,6 +6,7 @@ matplotlib is imported inside the functions, through `specan.plots`' figure fact
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,8 +14,10 @@ if TYPE_CHECKING:
     import xarray as xr
 
     from specan.plots import Plot
+    from specan.registry import Analysis
+    from specan.report import Analyses
 
-__all__ = ["figures", "save_figures"]
+__all__ = ["figures", "registered_figures", "save_figures"]
 
 
 def _axis(ds: xr.Dataset) -> tuple[str, Any, list[str], str]:
@@ -115,3 +118,36 @@ def save_figures(
             plot.figure.savefig(path, format=ext)
             paths.append(path)
     return paths
+
+
+def _grouped(ds: xr.Dataset) -> xr.Dataset:
+    """A trunk's registered result (`specan.lmc.trunk_result`) back in `barriers`' layout: on
+    ``split``, or for a perturbation folder on ``eta`` with its one split as coordinates."""
+    import numpy as np
+    import xarray as xr
+
+    if "eta" not in ds.coords:
+        return ds.rename(step="split")
+    etas = list(dict.fromkeys(float(e) for e in ds["eta"].values))
+    pairs = list(dict.fromkeys(str(p) for p in ds["branches"].values))
+    data = {}
+    for name, var in ds.data_vars.items():
+        rest = [d for d in var.dims if d not in ("pair", "step")]
+        values = var.isel(step=0).transpose("pair", *rest).values
+        data[name] = (
+            ("eta", "pair", *rest),
+            values.reshape(len(etas), len(pairs), *values.shape[1:]),
+        )
+    coords = {"eta": np.array(etas), "pair": pairs, "split": int(ds["step"].values[0]),
+              "epoch": float(ds["epoch"].values[0])}  # fmt: skip
+    coords |= {d: ds[d].values for d in ("alpha", "view") if d in ds.coords}
+    return xr.Dataset(data, coords=coords, attrs=dict(ds.attrs))
+
+
+def registered_figures(
+    an: Analyses, a: Analysis, ds: xr.Dataset, limit: int | None
+) -> Iterator[Plot]:
+    """How `specan plot` and the report draw the registered ``lmc`` result of a trunk
+    (`specan.plots.FIGURES`): the three `figures`, named after the analysis."""
+    del an, limit  # three figures whatever the run: nothing to cap
+    yield from figures(_grouped(ds), name=a.name)

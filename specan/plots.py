@@ -398,6 +398,12 @@ def _registered_figure(an: Analyses, a: Analysis, ds: Any, limit: int | None) ->
     yield Plot(a.name, f"{a.title[:1].upper()}{a.title[1:]} of every {a.item} over training.", fig)
 
 
+def _lmc_figures(an: Analyses, a: Analysis, ds: Any, limit: int | None) -> Iterator[Plot]:
+    from specan.lmc_plots import registered_figures
+
+    return registered_figures(an, a, ds, limit)
+
+
 # How each analysis is drawn (`Analysis.figure`): from its Dataset alone, never computing.
 FIGURES: dict[str, Callable[[Analyses, Analysis, Any, int | None], Iterator[Plot]]] = {
     "heatmap": _registered_figure,
@@ -405,6 +411,7 @@ FIGURES: dict[str, Callable[[Analyses, Analysis, Any, int | None], Iterator[Plot
     "rank": _rank_figures,
     "align": _align_figures,
     "sva": _sva_figures,
+    "lmc": _lmc_figures,
 }
 
 

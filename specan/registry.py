@@ -26,6 +26,7 @@ ANALYSES = {
     "sva": "specan.analysis:SVA",
     "stable_rank": "specan.stable_rank:ANALYSIS",
     "prune": "specan.prune:ANALYSIS",
+    "lmc": "specan.lmc:ANALYSIS",
 }
 
 

@@ -103,14 +103,20 @@ def test_endpoint_losses_of_a_tiny_vgg(tmp_path):
     assert list(ds["alpha"].values) == [0, 0.25, 0.5, 0.75, 1]
     loss = ds["train_loss"].values
     assert ds.attrs["barrier"] == pytest.approx(np_barrier(ds["alpha"].values, loss))
-    # α = 1 by hand: the last checkpoint, batch norm recomputed over the whole training set
-    from safetensors.torch import load_file
+    # α = 1 by hand: the last checkpoint
+    from safetensors.numpy import load_file
 
+    assert loss[-1] == pytest.approx(hand_train_loss(out, load_file(str(ck[-1]))), rel=1e-5)
+
+
+def hand_train_loss(run, state: dict[str, np.ndarray]) -> float:
+    """The training loss of `state` in the run's model, batch norm recomputed by hand over the
+    whole training set (cumulative averages), in eval mode."""
     import specan_trainers
 
-    model = specan_trainers.build_model(out)
-    model.load_state_dict(load_file(str(ck[-1])))
-    data = specan_trainers.eval_data(out)
+    model = specan_trainers.build_model(run)
+    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()})
+    data = specan_trainers.eval_data(run)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.reset_running_stats()
@@ -118,8 +124,7 @@ def test_endpoint_losses_of_a_tiny_vgg(tmp_path):
     with torch.no_grad():
         model.train()(data["x_train"])
         logits = model.eval()(data["x_train"])
-    expected = torch.nn.functional.cross_entropy(logits, data["y_train"]).item()
-    assert loss[-1] == pytest.approx(expected, rel=1e-5)
+    return torch.nn.functional.cross_entropy(logits, data["y_train"]).item()
 
 
 # -- LMC folders (`specan train vgg --lmc`) ----------------------------------------------------
@@ -253,6 +258,10 @@ def test_barriers_against_perturbation_size(perturb_root, monkeypatch):
     again = lmc.barriers(perturb_root, n=3)
     np.testing.assert_array_equal(again["barrier"].values, ds["barrier"].values)
     assert list(again["eta"].values) == [0.0, 2.5] and list(again["pair"].values) == ["trunk-0:3-4"]
+    # the folder spelt another way (as a trunk run names it) finds the same result
+    np.testing.assert_array_equal(
+        lmc.barriers(perturb_root / "trunk-0" / "..", n=3)["barrier"].values, ds["barrier"].values
+    )
     with pytest.raises(AssertionError, match="recomputed"):
         lmc.barriers(perturb_root, n=5)  # another path: not the cached result
     last = discover(t / "branch-2-4-eta2.5").checkpoints[-1].files[0]
@@ -294,3 +303,77 @@ def test_lmc_figures_draw_the_result(lmc_root):
     np.testing.assert_allclose(mean_line.get_ydata(), ds["barrier"].values.mean(axis=1))
     heat = plots[2].figure.axes[0].get_images()[0].get_array()
     np.testing.assert_allclose(heat, ds["sva_view"].values.mean(axis=1).T)
+
+
+# -- the registered analysis `lmc`: one trunk's pairs, through the API, plot and report ----------
+def test_lmc_is_a_registered_analysis_of_each_trunk(lmc_root):
+    from safetensors.numpy import load_file
+    from typer.testing import CliRunner
+
+    import specan
+    from specan import plots, report
+    from specan.cli import app
+    from specan.pipeline import ingest
+    from specan.runs import discover
+
+    trunk = lmc_root / "trunk-1"
+    ingest(trunk)
+    run = specan.open(trunk)
+    assert run.analyse("lmc", compute=False) is None  # too costly to run unasked
+    assert "not computed yet (run `specan lmc` first)" in " ".join(report.analyse(trunk).notes)
+    res = CliRunner().invoke(app, ["lmc", str(lmc_root)])  # every split, the default 11 α
+    assert res.exit_code == 0, res.output
+    ds = run.analyse("lmc", compute=False)  # kept in the trunk's store by `specan lmc`
+    assert ds is not None and ds["value"].dims == ("pair", "step")
+    assert list(ds["step"].values) == [0, 1, 2] and list(ds["epoch"].values) == [0, 0.5, 1]
+    assert list(ds["pair"].values) == ["trunk-1:3-4"]  # this trunk's branch pairs only
+    # split 1 by hand: the endpoints and their midpoint (α = 0.5, in float64), batch norm redone
+    a, b = (load_file(str(discover(trunk / f"branch-1-{s}").checkpoints[-1].files[0]))
+            for s in (3, 4))  # fmt: skip
+    mid = {k: ((v.astype(np.float64) + b[k]) / 2).astype(v.dtype) if v.dtype.kind == "f" else v
+           for k, v in a.items()}  # fmt: skip
+    path = ds["train_loss"].sel(step=1).values[0]
+    expected = [hand_train_loss(trunk, s) for s in (a, mid, b)]
+    np.testing.assert_allclose(path[[0, 5, 10]], expected, rtol=1e-5)
+    assert ds["value"].sel(step=1).item() == pytest.approx(np_barrier(GRID, path))
+    # the API computes the same where nothing is cached
+    again = run.analyse("lmc", cache=False)
+    np.testing.assert_allclose(again["value"].values, ds["value"].values)
+    # plot and report draw it from the store, with no case of their own
+    an = report.analyse(trunk)
+    assert "lmc" in an.results
+    drawn = {p.name: p for p in plots.figures(an)}
+    assert {"lmc-barrier", "lmc-sva", "lmc-sva-layers"} <= set(drawn)
+    mean_line = drawn["lmc-barrier"].figure.axes[0].get_lines()[-1]
+    np.testing.assert_allclose(mean_line.get_ydata(), ds["value"].values.mean(axis=0))
+    html = report.summary_html(an)
+    assert "LMC barrier, mean of branch pairs" in html
+    # a run that is no trunk: one line, naming it
+    branch = trunk / "branch-2-3"
+    ingest(branch)
+    with pytest.raises(ModelError, match="branch-2-3: not the trunk of an LMC folder"):
+        specan.open(branch).analyse("lmc")
+
+
+def test_registered_lmc_of_a_perturbation_trunk(perturb_root):
+    import specan
+    from specan import lmc
+    from specan.lmc_plots import figures, registered_figures
+    from specan.pipeline import ingest
+    from specan.registry import get
+
+    trunk = perturb_root / "trunk-0"
+    ingest(trunk)
+    ds = specan.open(trunk).analyse("lmc")
+    assert list(ds["pair"].values) == ["η=0 trunk-0:3-4", "η=2.5 trunk-0:3-4"]
+    assert list(ds["eta"].values) == [0.0, 2.5] and list(ds["step"].values) == [2]
+    whole = lmc.barriers(perturb_root)
+    np.testing.assert_allclose(ds["value"].values[:, 0], whole["barrier"].values[:, 0])
+    np.testing.assert_allclose(ds["sva_view"].values[:, 0], whole["sva_view"].values[:, 0])
+    # drawn as `specan lmc --plot` draws the folder: barrier against η
+    mine = list(registered_figures(None, get("lmc"), ds, None))
+    theirs = figures(whole)
+    for p, q in zip(mine, theirs, strict=True):
+        assert p.name == q.name
+        for x, y in zip(p.figure.axes[0].get_lines(), q.figure.axes[0].get_lines(), strict=True):
+            np.testing.assert_allclose(x.get_ydata(), y.get_ydata())

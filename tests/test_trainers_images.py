@@ -232,10 +232,16 @@ def test_lmc_split_points_are_the_papers() -> None:
     assert vgg.lmc_splits(2, 4) == [0, 1, 2]  # tiny: rounded, merged
 
 
-def test_lmc_trunks_and_branches_layout(tmp_path: Path) -> None:
-    out = tmp_path / "lmc"
+@pytest.fixture(scope="module")
+def lmc_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("lmc") / "lmc"
     vgg.main([*TINY[vgg], "--epochs", "2", "--lmc", "--trunks", "2", "--branches", "2",
               "--out", str(out)])  # fmt: skip
+    return out
+
+
+def test_lmc_trunks_and_branches_layout(lmc_folder: Path, tmp_path: Path) -> None:
+    out = lmc_folder
     meta = json.loads((out / "lmc.json").read_text())
     assert meta["splits"] == [0, 1, 2] and meta["branch_seeds"] == [3, 4]
     assert meta["trunks"] == ["trunk-0", "trunk-1"]
@@ -248,7 +254,8 @@ def test_lmc_trunks_and_branches_layout(tmp_path: Path) -> None:
             for seed in (3, 4):
                 branch = trunk / f"branch-{split}-{seed}"
                 run = json.loads((branch / "run.json").read_text())
-                assert run["parent"] == {"run": "..", "trunk": t, "step": split, "epoch": split / 2}
+                assert run["parent"] == {"run": "..", "trunk": t, "step": split,
+                                         "epoch": split / 2, "optimizer": True}  # fmt: skip
                 assert run["config"]["seed"] == seed
                 assert _steps(branch) == sorted({split, 2, 4})  # its start, epochs, the end
                 with (
@@ -262,5 +269,50 @@ def test_lmc_trunks_and_branches_layout(tmp_path: Path) -> None:
                 assert discover(branch).checkpoints[-1].step == 4
         assert not torch.equal(finals[0], finals[1])  # two seeds from one split part ways
         assert [c.step for c in discover(trunk).checkpoints] == [0, 1, 2]  # branches not mixed in
+        # the optimizer state kept at every split is no checkpoint: ingest reads the 3 only
+        kept = sorted(p.name for p in (trunk / "optimizer").iterdir())
+        assert kept == [f"step-{s:08d}.safetensors" for s in (0, 1, 2)]
+        report = ingest(trunk)
+        assert len(report.computed) == 3 and not report.bad
     with pytest.raises(OptionValueError, match="--branches >= 2"):
         vgg.main([*TINY[vgg], "--lmc", "--branches", "1", "--out", str(tmp_path / "x")])
+
+
+def test_lmc_branch_resumes_the_trunks_momentum(lmc_folder: Path, tmp_path: Path) -> None:
+    """SGD with momentum, by hand: a branch's first step from split weights w with the trunk's
+    buffer b is w - lr (mu b + g + wd w); from fresh momentum it is w - lr (g + wd w), the same
+    gradient g (same weights, same batch). So the two differ by exactly -lr mu b."""
+    trunk = lmc_folder / "trunk-0"
+    split = 1
+    config = json.loads((trunk / f"branch-{split}-3" / "run.json").read_text())["config"]
+    # the same branch again, from a copy of the split's weights with no optimizer state beside
+    bare = tmp_path / "bare" / "checkpoints"
+    bare.mkdir(parents=True)
+    name = f"step-{split:08d}.safetensors"
+    (bare / name).write_bytes((trunk / "checkpoints" / name).read_bytes())
+    fresh = tmp_path / "fresh"
+    cfg = vgg.Config(**{**config, "init_from": str(bare / name), "out": str(fresh),
+                        "max_steps": split + 1})  # fmt: skip
+    vgg.train(cfg, parent={"run": "elsewhere"})
+    assert json.loads((fresh / "run.json").read_text())["parent"]["optimizer"] is False
+
+    model = vgg.build_model(config)
+    index = {i: n for i, (n, _) in enumerate(model.named_parameters())}
+    with safe_open(str(trunk / "optimizer" / name), "pt") as f:
+        buffers = {
+            index[int(k.split(".")[1])]: f.get_tensor(k).double().numpy()
+            for k in f.keys()  # noqa: SIM118
+            if k.endswith(".momentum_buffer")
+        }
+    assert set(buffers) == set(index.values())
+    after = f"checkpoints/step-{split + 1:08d}.safetensors"
+    with (
+        safe_open(str(trunk / f"branch-{split}-3" / after), "pt") as resumed,
+        safe_open(str(fresh / after), "pt") as started,
+    ):
+        lr, mu = config["lr"], config["momentum"]
+        for n, b in buffers.items():
+            got = resumed.get_tensor(n).double().numpy() - started.get_tensor(n).double().numpy()
+            np.testing.assert_allclose(got, -lr * mu * b, rtol=0, atol=2e-6, err_msg=n)
+        moved = max(np.abs(lr * mu * b).max() for b in buffers.values())
+        assert moved > 1e-3  # the momentum term is far above the tolerance: the test can fail

@@ -122,6 +122,7 @@ def test_perturbed_lmc_layout_and_start_weights(tmp_path: Path) -> None:
             branch = trunk / f"branch-2-{seed}-eta{eta:g}"
             run = json.loads((branch / "run.json").read_text())
             assert run["config"]["eta"] == eta and run["parent"]["step"] == 2
+            assert run["parent"]["optimizer"] is True  # the trunk's momentum, as unperturbed
             first = load_file(str(branch / "checkpoints/step-00000002.safetensors"))
             noise = np_noise([start[n].shape for n in convs], seed)
             for name, eps in zip(convs, noise, strict=True):

@@ -5,6 +5,9 @@
       metrics.jsonl         one JSON object per evaluation: step, epoch, losses, accuracies
       checkpoints/step-XXXXXXXX.safetensors   the model's state_dict; metadata step, epoch, config
       resume.safetensors    the newest model + optimizer + RNG state, to continue a killed run
+      optimizer/step-XXXXXXXX.safetensors   optimizer state at chosen steps (an LMC trunk's
+                            split points), so a branch resumes it; not a checkpoint: ingest
+                            reads checkpoints/ only
       finished.json         written last, when training ends: {"step": the last checkpoint's step}
 
 Every file is written under a temporary name and renamed into place, so a reader (or `specan
@@ -243,6 +246,19 @@ class RunWriter:
         _atomic(path, lambda p: save_file(tensors, str(p), metadata={"mask": json.dumps(meta)}))
         return path
 
+    def save_optimizer(self, optimizer: torch.optim.Optimizer, step: int) -> Path:
+        """Keep the optimizer state at ``step`` (momentum buffers, hyperparameters) in
+        `optimizer_path`, for runs started from this run's checkpoint at that step
+        (`load_optimizer`). Unlike resume.safetensors it is not replaced by later steps."""
+        from safetensors.torch import save_file
+
+        path = optimizer_path(self.checkpoint_path(step))
+        path.parent.mkdir(exist_ok=True)
+        tensors, groups = _flatten_optimizer(optimizer)
+        meta = {"step": str(step), "optimizer_groups": json.dumps(groups)}
+        _atomic(path, lambda p: save_file(tensors, str(p), metadata=meta))
+        return path
+
     def log(self, record: dict[str, Any]) -> None:
         """Append one evaluation to metrics.jsonl (flushed, so a kill loses nothing logged)."""
         with open(self.out / "metrics.jsonl", "a") as f:
@@ -318,6 +334,29 @@ def branch_name(split: int, seed: int, eta: float | None = None) -> str:
 def mask_path(run: Path | str) -> Path:
     """Where a lottery-ticket run keeps its masks (`RunWriter.save_mask`)."""
     return Path(run) / "mask.safetensors"
+
+
+def optimizer_path(checkpoint: Path | str) -> Path:
+    """Where the optimizer state kept with the checkpoint file `checkpoint` lives
+    (`RunWriter.save_optimizer`): ``<run>/optimizer/<the checkpoint's file name>``, outside
+    checkpoints/ so that no reader takes it for weights."""
+    path = Path(checkpoint)
+    return path.parent.parent / "optimizer" / path.name
+
+
+def load_optimizer(checkpoint: Path | str, optimizer: torch.optim.Optimizer) -> bool:
+    """Load into `optimizer` the state kept with the checkpoint file `checkpoint`; False, the
+    optimizer untouched, when none was kept (`RunWriter.save_optimizer`)."""
+    from safetensors import safe_open
+
+    path = optimizer_path(checkpoint)
+    if not path.is_file():
+        return False
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, json.loads(meta["optimizer_groups"])))
+    return True
 
 
 def _clash(old: dict[str, Any], new: dict[str, Any]) -> str:

@@ -14,23 +14,31 @@ channel with CIFAR-10's usual means and deviations. Run as
     python -m specan_trainers.vgg --lmc --trunks 3 --branches 3 --out runs/vgg-lmc
 
 With --lmc (SPEC §4, LMC) --out holds trunk-<t>/ (seed t, trained to the last split point and
-saved at every split point: step 0, 1/5 ... 4/5 of epoch 1, the end of epochs 1-5) and, inside
-each, branch-<split step>-<seed>/ (branch seeds 3, 4, ...), each trained to the end from its
-trunk's weights at that step; its run.json names its parent. A branch starts with fresh SGD
-momentum (a checkpoint holds weights only; the paper's code resumes the trunk's optimizer state)
-and the lr of its split epoch; its seed sets its batch order. lmc.json in --out lists the
-trunks, split steps and branch seeds.
+saved at every split point: step 0, 1/5 ... 4/5 of epoch 1, the end of epochs 1-5, with its
+optimizer state at each in optimizer/) and, inside each, branch-<split step>-<seed>/ (branch
+seeds 3, 4, ...), each trained to the end from its trunk's weights AND optimizer state (SGD
+momentum buffers) at that step, as the paper's code does: its branches are Lightning runs
+resumed from the trunk's checkpoint (``trainer.fit(ckpt_path=...)``), which restores the
+weights, the optimizer state, the lr scheduler and the step/epoch counters. Here the lr is a
+function of the epoch alone, so the schedule continues from the split's step without scheduler
+state; the branch's seed sets its batch order. Its run.json names its parent and says
+``"optimizer": true`` when the trunk's state was resumed. lmc.json in --out lists the trunks,
+split steps and branch seeds.
 
 With --lmc --perturb 0,0.1,... (SPEC §4, perturbed LMC) there is one split, at the end of epoch
 --perturb-epoch, and each trunk's branches are branch-<split>-<seed>-eta<eta>/: the trunk's
-weights perturbed (`specan_trainers.surgery.perturb_`, noise seeded by the branch seed, the output
-layer spared), batch norm re-estimated, then trained to the end.
+weights and optimizer state at the split (the paper resumes these branches from the trunk's
+checkpoint too and perturbs at the start of the next epoch), the weights perturbed
+(`specan_trainers.surgery.perturb_`, noise seeded by the branch seed, the output layer spared,
+the momentum buffers left as they were), batch norm re-estimated, then trained to the end.
 
 With --ticket magnitude|random --from RUN (SPEC §4, lottery tickets): masks from RUN's final
 checkpoint (`specan_trainers.surgery`: one global magnitude threshold keeping --sparsity of the
 weights, or per-layer random masks of the same densities), the weights rewound to RUN's
 checkpoint at the end of epoch --rewind-epoch, masked, batch norm re-estimated, and retrained
-with the masked weights set to 0 after every step; the masks are kept in mask.safetensors.
+with the masked weights set to 0 after every step; the masks are kept in mask.safetensors. A
+ticket starts with fresh SGD momentum unless RUN kept its optimizer state at that step (only LMC
+trunks do, at their splits); the paper's tickets resume the dense run's optimizer state.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -56,6 +64,8 @@ from specan_trainers.checkpoint import (
     OptionValueError,
     RunWriter,
     branch_name,
+    load_optimizer,
+    optimizer_path,
     parse_config,
     resolve_device,
     run_main,
@@ -239,9 +249,14 @@ def train_lmc(cfg: Config) -> None:
         train(dataclasses.replace(
             base, seed=t, out=str(trunk), max_steps=max(splits[-1], 1), save_every=0,
             save_log=0, save_per_epoch=False, save_at=",".join(map(str, splits)),
-        ))  # fmt: skip
+        ), keep_optimizer=splits)  # fmt: skip
         for split in splits:
             start = trunk / "checkpoints" / f"step-{split:08d}.safetensors"
+            if not optimizer_path(start).is_file():  # a trunk written before they were kept
+                raise OptionValueError(
+                    f"{trunk}: no optimizer state kept at split step {split}, so its branches "
+                    "cannot resume it; train the LMC folder again into a new --out"
+                )
             parent = {"run": "..", "trunk": t, "step": split, "epoch": split / per_epoch}
             for seed in seeds:
                 for eta in etas or [None]:
@@ -320,11 +335,15 @@ def train(
     cfg: Config,
     parent: dict[str, Any] | None = None,
     masks: dict[str, torch.Tensor] | None = None,
+    keep_optimizer: Collection[int] = (),
 ) -> None:
-    """One run: from scratch, or from ``cfg.init_from``'s weights and step (a branch), perturbed
-    by ``cfg.eta`` when it is >= 0; with `masks` (a lottery ticket) the masked weights are
-    set to 0 at the start and after every step."""
+    """One run: from scratch, or from ``cfg.init_from``'s weights, step and (where it was
+    kept) optimizer state (a branch), perturbed by ``cfg.eta`` when it is >= 0; with `masks` (a
+    lottery ticket) the masked weights are set to 0 at the start and after every step. The
+    optimizer state at the steps in `keep_optimizer` is kept for branches (an LMC trunk)."""
     config = dataclasses.asdict(cfg)
+    if parent is not None and cfg.init_from:
+        parent = {**parent, "optimizer": optimizer_path(cfg.init_from).is_file()}
     # -- setup
     torch.manual_seed(cfg.seed)
     torch.set_flush_denormal(True)  # denormal floats make CPU steps several times slower
@@ -368,11 +387,15 @@ def train(
         lr = cfg.lr * cfg.lr_decay ** sum(start // per_epoch >= e for e in decays)
         metrics = {"step": start, "epoch": start / per_epoch, "lr": lr}
         writer.log({**metrics, **evaluate(model.eval(), data)})
+        # the trunk's momentum buffers at the split; the lr is set from the step below
+        load_optimizer(cfg.init_from, opt)
         writer.save(model, start, epoch=start / per_epoch, optimizer=opt)
     elif start is None:
         start = 0
         writer.log({"step": 0, "epoch": 0.0, "lr": cfg.lr, **evaluate(model.eval(), data)})
         writer.save(model, 0, epoch=0.0, optimizer=opt)
+        if 0 in keep_optimizer:
+            writer.save_optimizer(opt, 0)
     else:
         print(f"resuming {cfg.out} from step {start}")
     # -- training loop: epoch e shuffles with seed + e, so a resumed run draws the same batches;
@@ -408,6 +431,8 @@ def train(
             )
         if step in saves:
             writer.save(model, step, epoch=step / per_epoch, optimizer=opt)
+        if step in keep_optimizer:
+            writer.save_optimizer(opt, step)
 
 
 if __name__ == "__main__":

@@ -183,16 +183,28 @@ def lmc(
     Beside it, the endpoint SVA (Eqn 5, mean of the top 10 S_ii, averaged over the model's
     weight matrices), from SVDs of the endpoints themselves. The result is cached in
     ROOT/specan.zarr and recomputed when a branch's last checkpoint changes.
+
+    Run on every split with the default path (no --split-epochs, --cross-trunk or --alphas),
+    it also keeps each ingested trunk's share in the trunk's store, as the registered analysis
+    `lmc`: `specan plot` and `specan report` of the trunk then draw it, and
+    `specan.open(trunk).analyse("lmc")` returns it.
     """
-    from specan.lmc import barriers
+    from specan.lmc import ALPHAS, barriers, store_trunks
     from specan.progress import for_console
 
     if alphas < 3:
         raise typer.BadParameter(f"'--alphas' needs at least 3 points (one interior), not {alphas}")
+    dev = _device(device)
     ds = barriers(
-        root, split_epochs=split_epochs, cross_trunk=cross_trunk, n=alphas,
-        device=_device(device), progress=for_console(err, "lmc", translate=for_cli), cache=cache,
+        root, split_epochs=split_epochs, cross_trunk=cross_trunk, n=alphas, device=dev,
+        progress=for_console(err, "lmc", translate=for_cli), cache=cache,
     )  # fmt: skip
+    if cache and split_epochs is None and not cross_trunk and alphas == ALPHAS:
+        stored, bare = store_trunks(root, device=dev)
+        for path in stored:
+            err.print(f"kept for plot and report in {_e(path)}'s store")
+        for path in bare:
+            err.print(f"{_e(path)} has no store: `specan ingest` it to plot and report it")
     if plot is not None:
         from specan.lmc_plots import save_figures
 
