@@ -231,6 +231,48 @@ def test_ticket_masks_rewinding_and_zeros_after_every_step(dense_run: Path, kind
             assert got == pytest.approx(np.mean(s_ii), abs=2e-3)
 
 
+def test_ticket_resumes_the_dense_runs_momentum_where_it_was_kept(tmp_path: Path) -> None:
+    """SGD with momentum, by hand: from rewound weights w with the dense run's buffer b, the
+    first step is w - lr (mu b + g + wd w); with fresh momentum w - lr (g + wd w), the same
+    gradient (same weights, mask and batch). Unmasked entries differ by exactly -lr mu b."""
+    from safetensors import safe_open
+
+    dense = tmp_path / "dense"
+    vgg.main([*TINY, "--epochs", "3", "--keep-optimizer-epochs", "0", "--out", str(dense)])
+    kept = dense / "optimizer" / "step-00000002.safetensors"
+    assert sorted(p.name for p in kept.parent.iterdir()) == [kept.name]
+    ticket = ["--ticket", "magnitude", "--sparsity", "0.5", "--rewind-epoch", "0", "--save-every",
+              "1", "--from"]  # fmt: skip
+    vgg.main([*TINY, "--epochs", "3", *ticket, str(dense), "--out", str(tmp_path / "resumed")])
+    assert json.loads((tmp_path / "resumed/run.json").read_text())["parent"]["optimizer"] is True
+    bare = tmp_path / "bare"  # the same dense run without its optimizer state
+    (bare / "checkpoints").mkdir(parents=True)
+    for f in ("run.json", "checkpoints/step-00000002.safetensors",
+              "checkpoints/step-00000006.safetensors"):  # fmt: skip
+        (bare / f).write_bytes((dense / f).read_bytes())
+    vgg.main([*TINY, "--epochs", "3", *ticket, str(bare), "--out", str(tmp_path / "fresh")])
+    assert json.loads((tmp_path / "fresh/run.json").read_text())["parent"]["optimizer"] is False
+
+    config = json.loads((dense / "run.json").read_text())["config"]
+    index = {i: n for i, (n, _) in enumerate(vgg.build_model(config).named_parameters())}
+    with safe_open(str(kept), "pt") as f:
+        buffers = {
+            index[int(k.split(".")[1])]: f.get_tensor(k).double().numpy()
+            for k in f.keys()  # noqa: SIM118
+            if k.endswith(".momentum_buffer")
+        }
+    mask = load_file(str(tmp_path / "resumed/mask.safetensors"))
+    step3 = "checkpoints/step-00000003.safetensors"
+    resumed, fresh = (load_file(str(tmp_path / r / step3)) for r in ("resumed", "fresh"))
+    lr, mu = config["lr"], config["momentum"]
+    for n, b in buffers.items():
+        keep = mask[n].astype(bool) if n in mask else np.ones(b.shape, bool)
+        got = resumed[n].astype(np.float64) - fresh[n].astype(np.float64)
+        np.testing.assert_allclose(got[keep], (-lr * mu * b)[keep], rtol=0, atol=2e-6, err_msg=n)
+        assert not got[~keep].any()  # masked weights are 0 in both
+    assert max(np.abs(lr * mu * b).max() for b in buffers.values()) > 1e-3  # it can fail
+
+
 def test_ticket_refuses_bad_options(dense_run: Path, tmp_path: Path) -> None:
     args = [*TINY, "--epochs", "3", "--ticket", "magnitude", "--out", str(tmp_path / "t")]
     with pytest.raises(OptionValueError, match="--ticket needs --from"):

@@ -37,8 +37,9 @@ checkpoint (`specan_trainers.surgery`: one global magnitude threshold keeping --
 weights, or per-layer random masks of the same densities), the weights rewound to RUN's
 checkpoint at the end of epoch --rewind-epoch, masked, batch norm re-estimated, and retrained
 with the masked weights set to 0 after every step; the masks are kept in mask.safetensors. A
-ticket starts with fresh SGD momentum unless RUN kept its optimizer state at that step (only LMC
-trunks do, at their splits); the paper's tickets resume the dense run's optimizer state.
+ticket resumes RUN's optimizer state at the rewind step, as the paper's tickets do, when RUN kept
+it there (train RUN with --keep-optimizer-epochs E, E the --rewind-epoch; LMC trunks keep it at
+their splits); otherwise it starts with fresh SGD momentum and says so.
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ class Config:
     sparsity: float = 0.05  # with --ticket: fraction of the masked weights kept
     rewind_epoch: int = 4  # with --ticket: rewind to the end of this epoch (0-based; -1: step 0)
     from_: str = ""  # with --ticket: the trained run whose final weights give the mask
+    keep_optimizer_epochs: str = ""  # keep optimizer state at these epoch ends, e.g. 4 (--ticket)
 
 
 # -- model ------------------------------------------------------------------------------------
@@ -217,7 +219,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif cfg.eta >= 0 and not cfg.init_from:
         raise OptionValueError("--eta perturbs a branch's start weights: give --init-from too")
     else:
-        train(cfg)
+        train(cfg, keep_optimizer=_kept_steps(cfg))
+
+
+def _kept_steps(cfg: Config) -> list[int]:
+    """The steps of --keep-optimizer-epochs (epoch ends, 0-based as --rewind-epoch)."""
+    try:
+        epochs = [int(e) for e in cfg.keep_optimizer_epochs.split(",") if e.strip()]
+    except ValueError:
+        raise OptionValueError(
+            "--keep-optimizer-epochs takes comma-separated epochs, "
+            f"not {cfg.keep_optimizer_epochs!r}"
+        ) from None
+    if not epochs:
+        return []
+    per_epoch, total = _schedule(cfg, dataclasses.asdict(cfg))
+    return [_epoch_end(e, per_epoch, total, "--keep-optimizer-epochs") for e in epochs]
 
 
 def train_lmc(cfg: Config) -> None:
@@ -328,6 +345,11 @@ def train_ticket(cfg: Config) -> None:
     parent = {"run": str(source.resolve()), "step": rewind, "epoch": rewind / per_epoch,
               "mask_from": final, "ticket": cfg.ticket, "sparsity": cfg.sparsity}  # fmt: skip
     start = ckpts[rewind].files[0]
+    if not optimizer_path(start).is_file():
+        print(
+            f"--from {source}: no optimizer state kept at step {rewind} (train it with "
+            f"--keep-optimizer-epochs {cfg.rewind_epoch}); the ticket starts with fresh momentum"
+        )
     train(dataclasses.replace(cfg, init_from=str(start)), parent=parent, masks=masks)
 
 
@@ -364,6 +386,7 @@ def train(
     saves = save_steps(total, every=cfg.save_every, log=cfg.save_log, at=cfg.save_at)
     if cfg.save_per_epoch:
         saves.update(range(0, total + 1, per_epoch))
+    saves.update(keep_optimizer)  # a run started there reads the weights beside the state
     eval_every = cfg.eval_every or per_epoch
     if masks is not None:
         masks = {k: m.to(device) for k, m in masks.items()}
