@@ -548,6 +548,7 @@ def _compute(
     flight.
     """
     import dask
+    import dask.threaded
 
     rows = st.reserve(
         [
@@ -628,7 +629,9 @@ def _compute(
             plan = [(c, g) for groups in (small, big) for c in batch
                     for g in _without(groups, reused.get(c.name))]  # fmt: skip
             last = _chain(batch, plan, task, write, finish, views, cores, workers, copy, reused)
-            dask.compute(last, scheduler="threads", num_workers=workers)
+            # the function, not "threads": naming it made dask import distributed (0.2 s) to
+            # look for a client
+            dask.compute(last, scheduler=dask.threaded.get, num_workers=workers)
     finally:
         prog.finish()
 
@@ -801,9 +804,10 @@ def _map(client: Client | None, fn: Callable[[Any], Any], items: Sequence[Any], 
     if client is not None:
         return client.gather(client.map(fn, items, pure=False))
     import dask
+    import dask.threaded
 
     tasks = [dask.delayed(partial(fn, x))() for x in items]
-    return list(dask.compute(*tasks, scheduler="threads", num_workers=workers))
+    return list(dask.compute(*tasks, scheduler=dask.threaded.get, num_workers=workers))
 
 
 def _distributed(

@@ -419,18 +419,25 @@ class Store:
         self._set_attrs(checkpoints=ckpts)
 
     def _ensure_rows(self, n: int) -> None:
+        import asyncio
+
+        from zarr.core.sync import sync
+
         step = self._array("step")
         if step.shape[0] >= n:
             return
-        step.resize((n,))  # exactly n: xarray users see T rows, not a padded capacity
         vectors = self.attrs["kernel"].get("vectors")
         names = ("sigma", "tail", "U", "V") if vectors else ("sigma", "tail")
-        for key in self.views:
-            for name in names:
-                arr = self._array(f"views/{key}/{name}")
-                arr.resize((n, *arr.shape[1:]))
-        for name in self._view_steps():
-            self._array(name).resize((n,))
+        arrays = [self._array(f"views/{key}/{name}") for key in self.views for name in names]
+        arrays += [self._array(name) for name in self._view_steps()]
+
+        async def _all() -> None:
+            # exactly n rows: xarray users see T rows, not a padded capacity. Every zarr.json
+            # at once: one resize at a time took 0.7 s for a Pythia-160m store's 490 arrays.
+            await asyncio.gather(*(a.async_array.resize((n, *a.shape[1:])) for a in arrays))
+
+        sync(_all())
+        step.resize((n,))  # last: a store whose step array has grown has grown everywhere
 
     def write_row(self, row: int, results: Mapping[str, ViewResult]) -> None:
         """Write one checkpoint's spectra into ``row`` (all views; marks nothing done).
