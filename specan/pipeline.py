@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -436,7 +437,7 @@ def _ingest_locked(
     report.views = len(views)
     with _scheduler(opts) if ready else nullcontext() as client:  # no cluster for nothing
         compute, ids, dups = (
-            _deduplicate(st, ready, client, opts, reject) if ready else ([], {}, [])
+            _deduplicate(st, run, ready, client, opts, reject) if ready else ([], {}, [])
         )
         st.set_bad_files([{"path": p, "reason": r} for p, r in report.bad])
         if compute:
@@ -531,7 +532,7 @@ def _compute(
     report: IngestReport,
     reject: Callable[[BadCheckpointError], None],
     client: Client | None = None,
-    ids: Mapping[str, str] | None = None,
+    ids: Mapping[str, Mapping[str, str]] | None = None,
     reused: Mapping[str, Mapping[str, str]] | None = None,
 ) -> None:
     """Run the Dask graph, a window of checkpoints at a time (on a cluster: `_distributed`).
@@ -553,7 +554,7 @@ def _compute(
     rows = st.reserve(
         [
             {"name": c.name, "size": c.size, "mtime_ns": c.mtime_ns, "step": c.step,
-             "epoch": c.epoch, "content": (ids or {}).get(c.name)}
+             "epoch": c.epoch, **(ids or {}).get(c.name, {})}
             for c in ready
         ]
     )  # fmt: skip
@@ -868,56 +869,81 @@ def _distributed(
 
 
 # -- duplicates -------------------------------------------------------------------------------
-def _content_id(ckpt: Checkpoint) -> str | _Failed:
+def _fingerprint(ckpt: Checkpoint, full: bool) -> str | _Failed:
     try:
-        return runs.content_id(ckpt)
+        return runs.content_id(ckpt) if full else runs.content_probe(ckpt)
     except BadCheckpointError as e:
         return _Failed(e)
 
 
 def _deduplicate(
     st: store.Store,
+    run: Run,
     ready: Sequence[Checkpoint],
     client: Client | None,
     opts: IngestOptions,
     reject: Callable[[BadCheckpointError], None],
-) -> tuple[list[Checkpoint], dict[str, str], list[tuple[Checkpoint, str]]]:
-    """Split the checkpoints to compute by content: (to decompose, content ids, duplicates).
+) -> tuple[list[Checkpoint], dict[str, dict[str, str]], list[tuple[Checkpoint, str]]]:
+    """Split the checkpoints to compute by content: (to decompose, their fingerprints for the
+    store: name -> {"probe", and "content" where computed}, duplicates).
 
     A checkpoint whose content equals a done one's, or an earlier one's in ``ready``, is a
-    duplicate of it (name, original) and is not decomposed. Content ids come from the store
-    when its entry has the same file signature, else from `runs.content_id`, computed once.
+    duplicate of it (name, original) and is not decomposed. Every checkpoint gets a cheap
+    `runs.content_probe`; only those whose probe equals another's get the full
+    `runs.content_id` (all of them beside a store written before probes were kept), which
+    decides. Both come from the store when its entry has the same file signature.
     """
+    workers = opts.workers or os.cpu_count() or 1
     entries = {c["name"]: c for c in st.checkpoints}
-    ids: dict[str, str] = {}
-    need = []
-    for c in ready:
-        e = entries.get(c.name)
-        if e and e.get("content") and (e["size"], e["mtime_ns"]) == (c.size, c.mtime_ns):
-            ids[c.name] = e["content"]
-        else:
-            need.append(c)
-    for c, got in zip(
-        need, _map(client, _content_id, need, opts.workers or os.cpu_count() or 1), strict=True
-    ):
-        if isinstance(got, _Failed):
-            reject(got.error)
-        else:
-            ids[c.name] = got
     names = {c.name for c in ready}
-    owners = {
-        e["content"]: e["name"] for e in entries.values()
-        if e.get("done") and e.get("content") and not e.get("duplicate_of")
-        and e["name"] not in names
-    }  # fmt: skip
+    done = [e for e in entries.values()
+            if e.get("done") and not e.get("duplicate_of") and e["name"] not in names]  # fmt: skip
+    ids: dict[str, dict[str, str]] = {}
+
+    def fill(todo: Sequence[Checkpoint], kind: str) -> None:
+        """``ids[name][kind]`` for ``todo``, from the store where the file is unchanged."""
+        need = []
+        for c in todo:
+            e = entries.get(c.name)
+            if e and e.get(kind) and (e["size"], e["mtime_ns"]) == (c.size, c.mtime_ns):
+                ids.setdefault(c.name, {})[kind] = e[kind]
+            else:
+                need.append(c)
+        full = kind == "content"
+        for c, got in zip(need, _map(client, partial(_fingerprint, full=full), need, workers),
+                          strict=True):  # fmt: skip
+            if isinstance(got, _Failed):
+                reject(got.error)
+                ids.pop(c.name, None)
+            else:
+                ids.setdefault(c.name, {})[kind] = got
+
+    fill(ready, "probe")
+    ready = [c for c in ready if c.name in ids]
+    older = any(e.get("content") and not e.get("probe") for e in done)
+    seen = Counter([ids[c.name]["probe"] for c in ready] + [e.get("probe") for e in done])
+    fill([c for c in ready if older or seen[ids[c.name]["probe"]] > 1], "content")
+    ready = [c for c in ready if c.name in ids]
+    # a done checkpoint whose probe matches and whose full id was never needed: from its files,
+    # if they are still the ones decomposed (else it cannot be confirmed, so it is no original)
+    alike = {ids[c.name]["probe"] for c in ready if "content" in ids[c.name]}
+    files = {c.name: c for c in run.checkpoints}
+    for e in done:
+        c = files.get(e["name"])
+        if not e.get("content") and e.get("probe") in alike and c is not None:
+            if (c.size, c.mtime_ns) == (e["size"], e["mtime_ns"]):
+                got = _fingerprint(c, full=True)
+                if not isinstance(got, _Failed):
+                    e["content"] = got
+    owners = {e["content"]: e["name"] for e in done if e.get("content")}
     compute, dups = [], []
     for c in ready:
-        if c.name not in ids:
-            continue
-        if ids[c.name] in owners:
-            dups.append((c, owners[ids[c.name]]))
+        content = ids[c.name].get("content")
+        if content in owners:
+            dups.append((c, owners[content]))
         else:
-            owners[ids[c.name]] = c.name
+            if content:
+                owners[content] = c.name
             compute.append(c)
     return compute, ids, dups
 
@@ -925,7 +951,7 @@ def _deduplicate(
 def _point_duplicates(
     st: store.Store,
     dups: Sequence[tuple[Checkpoint, str]],
-    ids: Mapping[str, str],
+    ids: Mapping[str, Mapping[str, str]],
     report: IngestReport,
     reject: Callable[[BadCheckpointError], None],
 ) -> None:
@@ -937,7 +963,7 @@ def _point_duplicates(
             reject(BadCheckpointError(c.files[0], f"same content as {of}, which failed"))
             continue
         add.append({"name": c.name, "size": c.size, "mtime_ns": c.mtime_ns, "step": c.step,
-                    "epoch": c.epoch, "content": ids[c.name], "duplicate_of": of})  # fmt: skip
+                    "epoch": c.epoch, **ids[c.name], "duplicate_of": of})  # fmt: skip
         report.duplicates.append((c.name, of))
     if add:
         st.add_duplicates(add)

@@ -296,8 +296,33 @@ def content_id(ckpt: Checkpoint) -> str:
     In the Hugging Face cache every file is a symlink into ``blobs/``, named by the hash of its
     content: the blob names are the identity and nothing is read. Otherwise a SHA-256 over the
     tensors (names, dtypes, shapes and bytes; safetensors metadata such as a step left out), read
-    once; the store keeps it beside the file signature so it is not computed again.
+    once; the store keeps it beside the file signature so it is not computed again. Ingest
+    computes it only where `content_probe` finds two checkpoints alike.
     """
+    return _fingerprint(ckpt, blocks=None)
+
+
+def content_probe(ckpt: Checkpoint) -> str:
+    """A cheap fingerprint: equal whenever `content_id` is, and different for checkpoints that
+    differ anywhere in their layout or in any of the sampled bytes (which two checkpoints of a
+    training run always do).
+
+    The same SHA-256 as `content_id` over the tensors' names, dtypes and shapes, then the data's
+    length and `PROBE_BLOCKS` blocks of 4 KiB at evenly spaced offsets of each safetensors file's
+    data instead of all of it (64 KiB of a 324 MB Pythia-160m checkpoint); torch pickles, which
+    have no such data region, are hashed whole, and Hugging Face blobs are named as in
+    `content_id`. Hashing every checkpoint whole took 0.3 s per Pythia-160m checkpoint before the
+    first one could start, and read each file twice on a cold cache.
+    """
+    return _fingerprint(ckpt, blocks=PROBE_BLOCKS)
+
+
+PROBE_BLOCKS = 16
+_BLOCK = 4096
+
+
+def _fingerprint(ckpt: Checkpoint, blocks: int | None) -> str:
+    """`content_id` (``blocks`` None: every byte) or `content_probe`."""
     import hashlib
 
     blobs = file_blobs(ckpt)
@@ -316,12 +341,20 @@ def content_id(ckpt: Checkpoint) -> str:
         try:
             with open(f, "rb") as fh:
                 (n,) = struct.unpack("<Q", fh.read(8))
-                fh.seek(8 + n)
-                while chunk := fh.read(8 * 2**20):
-                    h.update(chunk)
+                start = 8 + n
+                length = os.fstat(fh.fileno()).st_size - start
+                if blocks is None or length <= blocks * _BLOCK:
+                    fh.seek(start)
+                    while chunk := fh.read(8 * 2**20):
+                        h.update(chunk)
+                    continue
+                h.update(f"{length}\n".encode())
+                for i in range(blocks):
+                    fh.seek(start + i * (length - _BLOCK) // (blocks - 1))
+                    h.update(fh.read(_BLOCK))
         except OSError as e:
             raise BadCheckpointError(f, f"cannot read: {e.strerror or e}") from None
-    return "sha256:" + h.hexdigest()
+    return ("probe:" if blocks is not None else "sha256:") + h.hexdigest()
 
 
 def _u8() -> Any:

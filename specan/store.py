@@ -11,9 +11,11 @@ Layout (``schema_version`` 1)::
                      per matrix view; sigma_top: only the top k σ kept (effective rank is
                      then a bound); routes: the kernel routes that computed it; info: the
                      fields of its `ViewFacts` that its rule set, plus param_shape
-        checkpoints  [{name, size, mtime_ns, step, epoch, row, done, [bad], [content],
-                      [duplicate_of]}]  bad: why its spectra could not be computed (skipped
-                     until the file changes); content: what the files hold (runs.content_id);
+        checkpoints  [{name, size, mtime_ns, step, epoch, row, done, [bad], [probe],
+                      [content], [duplicate_of]}]  bad: why its spectra could not be computed
+                     (skipped until the file changes); probe: a cheap fingerprint of what the
+                     files hold (runs.content_probe); content: all of it (runs.content_id),
+                     kept where a probe matched another's;
                      duplicate_of: the checkpoint of the same content that was decomposed,
                      whose row this entry shares (docs/ARCHITECTURE.md, "Duplicates")
         bad_files    [{path, reason}]                           skipped at the last ingest
@@ -350,9 +352,10 @@ class Store:
                 c["row"], n_rows = n_rows, n_rows + 1
             c.update({k: e[k] for k in ("size", "mtime_ns", "step", "epoch")}, done=False)
             c.pop("bad", None)
-            c.pop("content", None)
-            if e.get("content"):
-                c["content"] = e["content"]
+            for kind in ("probe", "content"):  # fingerprints of what the files hold now
+                c.pop(kind, None)
+                if e.get(kind):
+                    c[kind] = e[kind]
         self._ensure_rows(n_rows)
         step = self._array("step")
         values = step[:]  # one read and one write of the small step array, not one per entry
@@ -409,6 +412,8 @@ class Store:
             if not original.get("done") or original.get("duplicate_of"):
                 raise StoreError(f"{self.path}: {e['duplicate_of']!r} is no done original")
             entry = {k: e[k] for k in keys} | {"row": original["row"], "done": True}
+            if e.get("probe"):
+                entry["probe"] = e["probe"]
             if e["name"] in by_name:
                 _hand_over(ckpts, e["name"])
                 by_name[e["name"]].clear()

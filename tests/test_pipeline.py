@@ -513,17 +513,53 @@ def test_a_read_only_run_folder_asks_for_store(
     assert not store.store_path(small_run).exists()
 
 
-def test_content_id_is_computed_once(small_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
-    real = runs.content_id
-    monkeypatch.setattr(runs, "content_id", lambda c: calls.append(c.name) or real(c))
+def test_fingerprints_are_computed_once_and_whole_only_where_probes_agree(
+    small_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: dict[str, list[str]] = {"probe": [], "content": []}
+    for kind, fn in (("probe", "content_probe"), ("content", "content_id")):
+        real = getattr(runs, fn)
+
+        def counted(c, real=real, kind=kind):
+            calls[kind].append(c.name)
+            return real(c)
+
+        monkeypatch.setattr(runs, fn, counted)
     ingest(small_run)
-    assert len(calls) == 4
+    assert len(calls["probe"]) == 4 and calls["content"] == []  # all different: no file read whole
     sp = store.store_path(small_run)  # as after an interrupted ingest: nothing done
     with store.lock(sp):
         st = store.open_store(sp, mode="r+")
         st.group.update_attributes({"checkpoints": [c | {"done": False} for c in st.checkpoints]})
-    assert len(ingest(small_run).computed) == 4 and len(calls) == 4  # ids from the store
+    assert len(ingest(small_run).computed) == 4 and len(calls["probe"]) == 4  # from the store
+    # a copy of step 2, and a checkpoint that differs from step 2 in one byte no probe reads
+    folder = small_run / "checkpoints"
+    two = sorted(folder.glob("*.safetensors"))[2]
+    copy, near = folder / "step-00000500.safetensors", folder / "step-00000600.safetensors"
+    data = bytearray(two.read_bytes())
+    copy.write_bytes(bytes(data))
+    start = 8 + int.from_bytes(data[:8], "little")
+    length = len(data) - start
+    sampled = {start + i * (length - 4096) // (runs.PROBE_BLOCKS - 1) + j
+               for i in range(runs.PROBE_BLOCKS) for j in range(4096)}  # fmt: skip
+    spot = next(i for i in range(len(data) - 4, start, -4) if i not in sampled)  # a float32
+    data[spot : spot + 4] = np.float32(7.0).tobytes()
+    near.write_bytes(bytes(data))
+    names = [f"checkpoints/{p.name}" for p in (copy, near)]
+    assert runs.content_probe(_ckpt(small_run, names[1])) == runs.content_probe(
+        _ckpt(small_run, names[0])
+    )
+    report = ingest(small_run)
+    assert report.duplicates == [(names[0], f"checkpoints/{two.name}")]
+    assert report.computed == [names[1]]  # alike in every sampled byte, yet decomposed
+    assert sorted(calls["content"]) == sorted([f"checkpoints/{two.name}", *names])
+    _, entries = store.open_store(sp).done_rows()
+    by = {e["name"]: e for e in entries}
+    assert by[names[0]]["content"] != by[names[1]]["content"]
+
+
+def _ckpt(run: Path, name: str) -> runs.Checkpoint:
+    return next(c for c in runs.discover(run).checkpoints if c.name == name)
 
 
 # --- a dask.distributed cluster --------------------------------------------------------------
