@@ -736,7 +736,7 @@ def _chain(
     if sum(big) >= workers:
         # enough large matrices to keep every worker busy: side by side, one thread each, like
         # the small ones. Alone with every core, each left cores idle in its one-threaded parts
-        # (reading, the eigensolver): 8 embeddings of 50304 x 768 took 4.2 s that way, 3.0 s
+        # (reading, the eigensolver): 8 embeddings of 50304 x 768 took 4.2 s that way, 3.5 s
         # two at a time (Pythia-160m-shaped, 2 cores).
         big = [False] * len(plan)
     computed: list[Any] = []
