@@ -511,8 +511,6 @@ def store_trunks(root: Path | str, *, device: str = "cpu") -> tuple[list[Path], 
     A trunk's own cache key knows the trunk's checkpoints, not its branches' endpoints, so the
     stored result is replaced here every time rather than trusted.
     """
-    import shutil
-
     from specan import store
     from specan.api import Run
 
@@ -522,7 +520,7 @@ def store_trunks(root: Path | str, *, device: str = "cpu") -> tuple[list[Path], 
         path = root / trunk
         where = store.store_path(path)
         if where.exists():
-            shutil.rmtree(where / "derived" / "lmc", ignore_errors=True)
+            store.drop_derived(where, "lmc")
             Run(path).analyse("lmc", device=device)
             done.append(path)
         else:
