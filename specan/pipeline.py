@@ -733,11 +733,13 @@ def _chain(
             last = then(finish, c, last)
     nbytes = [_batch_bytes(g, views) for _, g in plan]
     big = [_is_big(views[g[0]]) for _, g in plan]
-    if sum(big) >= workers:
-        # enough large matrices to keep every worker busy: side by side, one thread each, like
-        # the small ones. Alone with every core, each left cores idle in its one-threaded parts
-        # (reading, the eigensolver): 8 embeddings of 50304 x 768 took 4.2 s that way, 3.5 s
-        # two at a time (Pythia-160m-shaped, 2 cores).
+    largest = max((b for b, is_big in zip(nbytes, big, strict=True) if is_big), default=0)
+    if sum(big) >= workers and workers * largest <= IN_FLIGHT_BYTES:
+        # enough large matrices to keep every worker busy, and room in the budget for one on
+        # each: side by side, one thread each, like the small ones. Alone with every core, each
+        # left cores idle in its one-threaded parts (reading, the eigensolver): 8 embeddings of
+        # 50304 x 768 took 4.2 s that way, 3.5 s two at a time (Pythia-160m-shaped, 2 cores).
+        # Pythia-1.4b's 50304 x 2048 embeddings (393 MiB each) still go one at a time.
         big = [False] * len(plan)
     computed: list[Any] = []
     writes: list[Any] = []
