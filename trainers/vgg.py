@@ -219,10 +219,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif cfg.eta >= 0 and not cfg.init_from:
         raise OptionValueError("--eta perturbs a branch's start weights: give --init-from too")
     else:
-        train(cfg, keep_optimizer=_kept_steps(cfg))
+        train(cfg)
 
 
-def _kept_steps(cfg: Config) -> list[int]:
+def _kept_steps(cfg: Config, per_epoch: int, total: int) -> list[int]:
     """The steps of --keep-optimizer-epochs (epoch ends, 0-based as --rewind-epoch)."""
     try:
         epochs = [int(e) for e in cfg.keep_optimizer_epochs.split(",") if e.strip()]
@@ -231,9 +231,6 @@ def _kept_steps(cfg: Config) -> list[int]:
             "--keep-optimizer-epochs takes comma-separated epochs, "
             f"not {cfg.keep_optimizer_epochs!r}"
         ) from None
-    if not epochs:
-        return []
-    per_epoch, total = _schedule(cfg, dataclasses.asdict(cfg))
     return [_epoch_end(e, per_epoch, total, "--keep-optimizer-epochs") for e in epochs]
 
 
@@ -376,6 +373,7 @@ def train(
     total = cfg.epochs * per_epoch
     if cfg.max_steps > 0:
         total = min(total, cfg.max_steps)
+    keep_optimizer = {*keep_optimizer, *_kept_steps(cfg, per_epoch, total)}
     decays = [int(e) for e in cfg.lr_epochs.split(",") if e.strip()]
     model = build_model(config).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)
