@@ -877,7 +877,7 @@ def _distributed(
 
 
 # -- duplicates -------------------------------------------------------------------------------
-def _fingerprint(ckpt: Checkpoint, full: bool) -> str | _Failed:
+def _fingerprint_or_failed(ckpt: Checkpoint, full: bool) -> str | _Failed:
     try:
         return runs.content_id(ckpt) if full else runs.content_probe(ckpt)
     except BadCheckpointError as e:
@@ -917,9 +917,8 @@ def _deduplicate(
                 ids.setdefault(c.name, {})[kind] = e[kind]
             else:
                 need.append(c)
-        full = kind == "content"
-        for c, got in zip(need, _map(client, partial(_fingerprint, full=full), need, workers),
-                          strict=True):  # fmt: skip
+        read = partial(_fingerprint_or_failed, full=kind == "content")
+        for c, got in zip(need, _map(client, read, need, workers), strict=True):
             if isinstance(got, _Failed):
                 reject(got.error)
                 ids.pop(c.name, None)
@@ -940,7 +939,7 @@ def _deduplicate(
         c = files.get(e["name"])
         if not e.get("content") and e.get("probe") in alike and c is not None:
             if (c.size, c.mtime_ns) == (e["size"], e["mtime_ns"]):
-                got = _fingerprint(c, full=True)
+                got = _fingerprint_or_failed(c, full=True)
                 if not isinstance(got, _Failed):
                     e["content"] = got
     owners = {e["content"]: e["name"] for e in done if e.get("content")}
