@@ -270,7 +270,7 @@ def _array_meta(
     dtype: str,
     fill: int | str,
     dims: tuple[str, ...],
-    attrs: tuple[tuple[str, str], ...],
+    labelled: bool = True,
 ) -> Any:
     """The zarr metadata of an empty zstd-compressed array, for `zarr.create_hierarchy`: made
     once per distinct array (a store's views share a few shapes) by zarr itself, in memory.
@@ -280,7 +280,8 @@ def _array_meta(
     return zarr.create_array(
         zarr.storage.MemoryStore(), shape=shape, chunks=chunks, dtype=dtype,
         fill_value=float(fill) if fill == "nan" else fill,
-        dimension_names=list(dims), compressors=_zstd(), attributes=dict(attrs),
+        dimension_names=list(dims), compressors=_zstd(),
+        attributes=STEP_COORD if labelled else {},
     ).metadata  # fmt: skip
 
 
@@ -594,7 +595,7 @@ def create(
     top_k = kernel.get("top_k")
     vectors = bool(kernel.get("vectors", True))
     vdtype = kernel.get("vector_dtype", "float32")
-    steps = _array_meta((0,), (1024,), "int64", -1, ("checkpoint",), ())
+    steps = _array_meta((0,), (1024,), "int64", -1, ("checkpoint",), labelled=False)
     nodes: dict[str, Any] = {"step": steps, "views": GroupMetadata(zarr_format=3)}
     view_attrs: dict[str, Any] = {}
     for v in views:
@@ -613,17 +614,16 @@ def create(
         nodes[f"{at}/step"] = steps
         nodes[f"{at}/sigma"] = _array_meta(
             (0, *hd, r), (SIGMA_CHUNK_ROWS, *hd, r), "float32", "nan",
-            ("checkpoint", *hn, "rank"), tuple(STEP_COORD.items()),
+            ("checkpoint", *hn, "rank"),
         )  # fmt: skip
         nodes[f"{at}/tail"] = _array_meta(
             (0, *hd), (1024, *hd), "float32", "nan", ("checkpoint", *hn),
-            tuple(STEP_COORD.items()),
         )  # fmt: skip
         if vectors:
             for name, rows, dim in (("U", m, "row"), ("V", n, "col")):
                 nodes[f"{at}/{name}"] = _array_meta(
                     (0, *hd, rows, k), (1, *hd, rows, k), vdtype, "nan",
-                    ("checkpoint", *hn, dim, "component"), tuple(STEP_COORD.items()),
+                    ("checkpoint", *hn, dim, "component"),
                 )  # fmt: skip
         view_attrs[v.key] = _view_to_json(v, k if vectors else 0)
     nodes[""] = GroupMetadata(
