@@ -718,8 +718,10 @@ def _chain(
     is done, so the stacks of the tasks started and not yet written stay within that budget (or
     `workers` tasks, if more) however many layers and checkpoints the plan holds. A large matrix
     (`_is_big`) waits until every task before it has computed and the tasks after it wait for
-    it, so it runs alone with every core. Tasks depend on markers (`_nothing`), never on other
-    tasks' results, which would keep those results alive until the dependent ran.
+    it, so it runs alone with every core, unless the plan has one for every worker and the
+    budget holds one per worker: then large ones run like small ones. Tasks depend on markers
+    (`_nothing`), never on other tasks' results, which would keep those results alive until the
+    dependent ran.
     """
     import dask
 
