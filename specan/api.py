@@ -209,7 +209,8 @@ class Run:
         # a parameter left at its default selects the default result, whichever way it is given
         params = {k: v for k, v in options.items() if k in a.params and v != defaults.get(k)}
         group = name + (f"-{store.fingerprint(_keyed(params))}" if params else "")
-        key = store.fingerprint(name, a.version, *_inputs(self), _keyed(params))
+        outside = [a.depends(self)] if a.depends is not None else []
+        key = store.fingerprint(name, a.version, *_inputs(self), _keyed(params), *outside)
         hit = store.read_derived(self.store_path, group, key) if cache or not compute else None
         if hit is not None:
             return _from_cache(*hit)

@@ -502,14 +502,22 @@ def _compute(run: Run, *, progress: Any = None, device: str = "cpu") -> xr.Datas
     return trunk_result(ds, run.path.name)
 
 
+def _branch_files(run: Run) -> list[Any]:
+    """The trunk's branches' checkpoint files (relative name, size, mtime) and lmc.json: what
+    its ``lmc`` result depends on beside its own store, so a retrained branch recomputes it."""
+    root = run.path.parent
+    files = sorted(run.path.glob("branch-*/checkpoints/*.safetensors"))
+    meta = _meta(root) if (root / "lmc.json").is_file() else {}
+    return [meta] + [
+        [p.relative_to(run.path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns] for p in files
+    ]
+
+
 def store_trunks(root: Path | str, *, device: str = "cpu") -> tuple[list[Path], list[Path]]:
     """Keep the registered ``lmc`` result of every trunk of an LMC folder in the trunk's store
     (`Run.analyse`), so that `specan plot`, `report` and `compare` find it: computed through
     `barriers` with every split and the default path, so read from the folder's cache when
     `barriers` has run. Returns the trunks so stored and those without a store (not ingested).
-
-    A trunk's own cache key knows the trunk's checkpoints, not its branches' endpoints, so the
-    stored result is replaced here every time rather than trusted.
     """
     from specan import store
     from specan.api import Run
@@ -518,9 +526,7 @@ def store_trunks(root: Path | str, *, device: str = "cpu") -> tuple[list[Path], 
     done, bare = [], []
     for trunk in _meta(root)["trunks"]:
         path = root / trunk
-        where = store.store_path(path)
-        if where.exists():
-            store.drop_derived(where, "lmc")
+        if store.store_path(path).exists():
             Run(path).analyse("lmc", device=device)
             done.append(path)
         else:
@@ -537,4 +543,5 @@ ANALYSIS = Analysis(
     summary="LMC barrier, mean of branch pairs, first → last split",
     figure="lmc",
     automatic=False,  # it re-evaluates 11 models per pair and split: `specan lmc` computes it
+    depends=_branch_files,
 )

@@ -47,6 +47,8 @@ class Analysis:
     False for an analysis too costly to run unasked (one that re-evaluates models): plot and
     report then draw only a result already cached by its own command or `Run.analyse`.
 
+    ``depends(run)``, when given, names inputs outside the store; the cache key includes them.
+
     ``compute`` may take keywords: those in ``params`` change the result (a result per value
     is cached); any other (``progress``, ``device``) must leave it alone and is passed through.
     """
@@ -62,6 +64,9 @@ class Analysis:
     version: int = 1  # bump when compute changes: cached results are then recomputed
     automatic: bool = True  # False: plot and report draw it only from the cache
     params: tuple[str, ...] = ()  # compute's keywords that change its result
+    # what the result depends on outside the store (JSON-able, e.g. file signatures): part of
+    # the cache key, so a change there recomputes it (lmc: its branches' endpoints)
+    depends: Callable[..., Any] | None = None
 
 
 def names() -> list[str]:

@@ -78,7 +78,6 @@ __all__ = [
     "ViewResult",
     "create",
     "fingerprint",
-    "drop_derived",
     "read_derived",
     "write_derived",
     "lock",
@@ -823,14 +822,6 @@ def read_derived(
     if attrs.get("key") != key:
         return None
     return {n: a[...] for n, a in group.arrays()}, attrs.get("info", {})
-
-
-def drop_derived(path: Path | str, name: str) -> None:
-    """Forget the cached result of analysis ``name`` (nothing happens when there is none): for
-    a result whose inputs lie outside the store, which its key cannot see."""
-    import shutil
-
-    shutil.rmtree(Path(path) / "derived" / name, ignore_errors=True)
 
 
 def write_derived(

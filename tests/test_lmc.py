@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -353,6 +355,11 @@ def test_lmc_is_a_registered_analysis_of_each_trunk(lmc_root):
     ingest(branch)
     with pytest.raises(ModelError, match="branch-2-3: not the trunk of an LMC folder"):
         specan.open(branch).analyse("lmc")
+    # a branch retrained (its endpoint rewritten): the trunk's stored result no longer stands
+    end = discover(trunk / "branch-1-3").checkpoints[-1].files[0]
+    end.write_bytes(end.read_bytes())
+    os.utime(end, ns=(end.stat().st_atime_ns, end.stat().st_mtime_ns + 10**9))
+    assert run.analyse("lmc", compute=False) is None
 
 
 def test_registered_lmc_of_a_perturbation_trunk(perturb_root):
