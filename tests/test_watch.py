@@ -204,6 +204,9 @@ def test_ctrl_c_leaves_the_store_readable_and_unlocked(tmp_path: Path) -> None:
         [sys.executable, "-m", "specan.cli", "ingest", str(root), "--watch", "--interval", "0.1",
          "--workers", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        # as from a terminal: a suite started in the background of a non-interactive shell
+        # ignores SIGINT, and an ignored signal is inherited, so Ctrl-C would never arrive
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     try:
 
