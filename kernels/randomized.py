@@ -52,19 +52,28 @@ def _ritz(gram: Array, k: int) -> Array:
     return ns.sqrt(ns.clip(lam, 0, None))[..., :k]
 
 
-def _grow(gram: Array | None, ws: list[Array]) -> Array:
-    """``WᵀW`` of ``W = [W₀ … Wᵢ]`` from that of ``[W₀ … Wᵢ₋₁]``: only the new block's products
-    (n·L·b flops instead of n·L² for the whole Gram every iteration)."""
+def _grow(gram: Array | None, w64: Array, cols: int, new: int) -> Array:
+    """``WᵀW`` of ``W = [W₀ … Wᵢ]`` (the first ``cols + new`` rows of the float64 block rows
+    ``w64 [B, L, n]``) from that of its first ``cols``: only the new block's products (n·L·b
+    flops instead of n·L² for the whole Gram every iteration)."""
     # products in float64: the Gram of the float32 W exactly (to eps64), so that its
     # eigenvectors are W's right singular vectors as accurately as an SVD of W would give them
-    new = xp.as_f64(ws[-1])
+    ns = xp.namespace(w64)
+    block = w64[..., cols : cols + new, :]
+    corner = block @ xp.mT(block)
     if gram is None:
-        return xp.mT(new) @ new
-    ns = xp.namespace(new)
-    cross = xp.mT(xp.as_f64(ns.concatenate(ws[:-1], -1))) @ new  # [B, L_old, b]
+        return corner
+    cross = w64[..., :cols, :] @ xp.mT(block)  # [B, cols, b]
     top = ns.concatenate([gram, cross], -1)
-    bottom = ns.concatenate([xp.mT(cross), xp.mT(new) @ new], -1)
+    bottom = ns.concatenate([xp.mT(cross), corner], -1)
     return ns.concatenate([top, bottom], -2)
+
+
+def _more_rows(buf: Array, rows: int, used: int) -> Array:
+    """``buf [B, R, x]`` moved into a buffer of ``rows`` rows, its first ``used`` rows copied."""
+    out = xp.empty(buf, (buf.shape[0], rows, buf.shape[-1]))
+    out[..., :used, :] = buf[..., :used, :]
+    return out
 
 
 def default_block(k: int) -> int:
@@ -117,13 +126,31 @@ def randomized_svd(
         width = max(width, k)
     width = min(width, n)
     ns = xp.namespace(a)
+    # The bases are kept as block rows, Qᵀ [B, L, m] and Wᵀ [B, L, n] (float32, and Wᵀ again in
+    # float64 for the Gram), in buffers that double when full: a new block is written in place
+    # instead of the whole basis being concatenated every iteration. Q = qt[..., :L, :].mT is a
+    # view that BLAS reads transposed.
+    most = min(n, width * (iterations + 1))
+    start = min(most, 4 * width)
+    qt, wt = xp.empty(a, (b, start, m)), xp.empty(a, (b, start, n))
+    w64 = xp.empty(a, (b, start, n), double=True)
+
+    def append(q: Array, cols: int) -> int:
+        nonlocal qt, wt, w64
+        new = q.shape[-1]
+        if cols + new > qt.shape[-2]:
+            rows = min(most, max(cols + new, 2 * qt.shape[-2]))
+            qt, wt, w64 = (_more_rows(buf, rows, cols) for buf in (qt, wt, w64))
+        qt[..., cols : cols + new, :] = xp.mT(q)
+        wt[..., cols : cols + new, :] = xp.mT(xp.mT(a) @ q)
+        w64[..., cols : cols + new, :] = wt[..., cols : cols + new, :]
+        return new
+
     omega = xp.gaussian(a, (b, n, width), generator)
-    qs = [_orth(a @ omega)]
-    ws = [xp.mT(a) @ qs[0]]
+    first, cols = 0, append(_orth(a @ omega), 0)  # the newest block: rows first .. cols
+    gram = _grow(None, w64, 0, cols)
     ritz, last, done = None, None, 0
-    gram = _grow(None, ws)
     while True:
-        cols = sum(q.shape[-1] for q in qs)
         if cols >= k:
             new = _ritz(gram, k)
             if ritz is not None and tol is not None:
@@ -140,14 +167,14 @@ def randomized_svd(
             ritz = new
         if done >= iterations or cols >= n:
             break
-        y = a @ ws[-1]
-        basis = ns.concatenate(qs, -1)
+        y = a @ xp.mT(wt[..., first:cols, :])  # expand from the newest block
+        basis = qt[..., :cols, :]
         for _ in range(2):  # block classical Gram-Schmidt, twice is enough
-            y = y - basis @ (xp.mT(basis) @ y)
+            y = y - xp.mT(basis) @ (basis @ y)
         y = y[..., : min(width, n - cols)]
-        qs.append(_orth(y))
-        ws.append(xp.mT(a) @ qs[-1])
-        gram = _grow(gram, ws)
+        added = append(_orth(y), cols)
+        gram = _grow(gram, w64, cols, added)
+        first, cols = cols, cols + added
         done += 1
     if vectors:
         # W = AᵀQ = V Σ Ũᵀ, so A ≈ Q Wᵀ = (Q Ũ) Σ Vᵀ; Ũ and Σ from the float64 Gram WᵀW the
@@ -157,11 +184,10 @@ def randomized_svd(
         lam, vecs = ns.flip(lam, (-1,))[..., :k], ns.flip(vecs, (-1,))[..., :k]
         s64 = ns.sqrt(ns.clip(lam, 0, None))
         sigma = xp.as_f32(s64)
-        u = xp.contiguous(ns.concatenate(qs, -1) @ xp.as_f32(vecs))
-        w = xp.as_f64(ns.concatenate(ws, -1))
+        u = xp.contiguous(xp.mT(qt[..., :cols, :]) @ xp.as_f32(vecs))
         # a zero σ (a matrix of rank below k) leaves its v undefined: 0, not a division by 0
         inv = ns.where(s64 > 0, 1 / ns.where(s64 > 0, s64, 1), 0)
-        v = xp.contiguous(xp.as_f32((w @ vecs) * inv[..., None, :]))
+        v = (xp.mT(wt[..., :cols, :]) @ xp.as_f32(vecs)) * xp.as_f32(inv)[..., None, :]
     else:
         sigma, u, v = xp.as_f32(_ritz(gram, k)), None, None
     dec = Decomposition(sigma, u, v, tail_energy(a, sigma, k), ["randomized"] * b)

@@ -84,6 +84,13 @@ def nonzero(mask: Any) -> Any:
     return mask.nonzero().flatten() if is_torch(mask) else namespace(mask).nonzero(mask)[0]
 
 
+def empty(like: Any, shape: tuple[int, ...], double: bool = False) -> Any:
+    """Uninitialised, on ``like``'s device, of its dtype (float64 with ``double``)."""
+    if is_torch(like):
+        return like.new_empty(shape, dtype=torch.float64 if double else like.dtype)
+    return namespace(like).empty(shape, dtype="float64" if double else like.dtype)
+
+
 def zeros(like: Any, shape: tuple[int, ...]) -> Any:
     if is_torch(like):
         return like.new_zeros(shape)
