@@ -5,10 +5,11 @@
 A 4096 x 16384 float32 matrix with σᵢ = 1/i (random orthogonal factors), top-128 σ to 1e-3
 relative: specan's block Krylov route at several block widths and stopping tolerances (blocks
 of 64 to 3e-4 are the defaults with vectors, blocks of 48 to 1e-3 those for σ alone, here with
-vectors too), through ``specan_kernels.svd`` at its defaults, and ``torch.svd_lowrank(q=256, niter=2)`` (the cheapest
-torch setting that reaches 1e-3; ``q=224, niter=2`` and ``q=192, niter=3`` stop above it), and
-scikit-learn's ``randomized_svd(n_oversamples=128, n_iter=3)`` (the fewest iterations that reach
-1e-3 with that oversampling), on the same float32 matrix. Three rounds in one process, in turn;
+vectors too), through ``specan_kernels.svd`` at its defaults, and
+``torch.svd_lowrank(q=256, niter=2)`` (the cheapest torch setting that reaches 1e-3;
+``q=224, niter=2`` and ``q=192, niter=3`` stop above it), and scikit-learn's
+``randomized_svd(n_oversamples=128, n_iter=3)`` (the fewest iterations that reach 1e-3 with
+that oversampling), on the same float32 matrix. Three rounds in one process, in turn;
 prints each setting's error and best time.
 """
 
