@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import specan_kernels as sk
-from specan_kernels import registry
-from specan_kernels.routes import GRAM32_MIN_RATIO
+from specan_kernels import lapack, registry, routes
+from specan_kernels.routes import EIG32_MIN_RATIO, GRAM32_MIN_RATIO
 
 AUTO_ROUTES = ["gesdd", "gram32", "gram64"]
 COS_MIN = 0.999
@@ -211,6 +211,70 @@ def test_single_matrix_is_batch_of_one() -> None:
     res = sk.svd(w)
     assert res.sigma.shape == (1, 9) and res.U.shape == (1, 20, 9) and res.V.shape == (1, 9, 9)
     _check_one(w, res, 0, 9)
+
+
+# -- gram32's float32 eigenproblem ---------------------------------------------------------------
+def _eig_dtypes(monkeypatch) -> list:
+    """The dtypes `lapack.eigh_top` is called with from now on."""
+    seen: list = []
+    real = lapack.eigh_top
+
+    def spy(g, k):
+        seen.append(g.dtype)
+        return real(g, k)
+
+    monkeypatch.setattr(lapack, "eigh_top", spy)
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["flat", "cluster at the bottom", "cluster at the top", "decay"])
+def test_gram32_well_conditioned_spectra_take_float32_and_keep_the_contract(monkeypatch, kind):
+    """Spectra with σ_min just above EIG32_MIN_RATIO·σ₁, the check after the float32
+    eigenproblem (the pre-test's margin, there for its estimate of λ₁, is taken away): the
+    float32 error is largest relative to σᵢ there, and in clusters; σ and vectors still meet
+    the contract."""
+    monkeypatch.setattr(routes, "EIG32_MARGIN", 1.0)
+    m, n, lo = 1200, 160, EIG32_MIN_RATIO * 1.02
+    rng = np.random.default_rng(5)
+    s = {
+        "flat": np.linspace(1.0, lo, n),
+        "cluster at the bottom": np.r_[
+            np.linspace(1.0, 0.5, 10), lo * (1 + 1e-6 * rng.random(n - 10))
+        ],
+        "cluster at the top": np.r_[1.0 + 1e-6 * rng.random(20), np.linspace(0.9, lo, n - 20)],
+        "decay": np.geomspace(1.0, lo, n),
+    }[kind]
+    w = _built(m, n, np.sort(s)[::-1], 11) * 3.0
+    seen = _eig_dtypes(monkeypatch)
+    for a in (w, w.T.contiguous()):  # tall, and wide (its Gram from the transposed view)
+        res = sk.svd(a[None], k=16, route="gram32")
+        _check_one(a, res, 0, 16)
+    assert seen == [np.float32, np.float32]
+
+
+def test_gram32_float32_result_below_the_ratio_is_redone_in_float64(monkeypatch) -> None:
+    """The check after the float32 eigenproblem, on its own: with the pre-test fooled (λ₁
+    estimated 100x low) a matrix with σ_min = 0.05·σ₁ gets the float32 eigenproblem, and its
+    computed σ send it to float64."""
+    monkeypatch.setattr(routes, "_lambda_max", lambda g: float(np.trace(g)) / len(g) / 100)
+    m, n = 1200, 160
+    w = _built(m, n, np.linspace(1.0, 0.05, n), 13)
+    seen = _eig_dtypes(monkeypatch)
+    res = sk.svd(w[None], k=16, route="gram32")
+    _check_one(w, res, 0, 16)
+    assert seen == [np.float32, np.float64]
+
+
+def test_gram32_below_the_ratio_stays_in_float64(monkeypatch) -> None:
+    m, n = 1200, 160
+    s = np.r_[
+        np.linspace(1.0, 0.5, 10), 0.12 * (1 + 1e-6 * np.random.default_rng(6).random(n - 10))
+    ]
+    w = _built(m, n, s, 12)
+    seen = _eig_dtypes(monkeypatch)
+    res = sk.svd(w[None], k=16, route="gram32")
+    _check_one(w, res, 0, 16)
+    assert seen == [np.float64]  # the Cholesky test turned it away before any float32 work
 
 
 # -- auto's choices ----------------------------------------------------------------------------

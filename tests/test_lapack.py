@@ -109,9 +109,32 @@ def test_eigh_top_falls_back_to_mrrr_when_inverse_iteration_fails(monkeypatch, n
     np.testing.assert_allclose(np.abs(np.sum(vec * ref, axis=0)), 1.0, atol=1e-9)
 
 
+@pytest.mark.parametrize("n, k", [(9, 0), (64, 8), (200, 25), (300, 200)])
+def test_eigh_top_in_float32_within_float32_rounding(n, k) -> None:
+    g = _spd(n, 7 * n + k)
+    ref_lam, ref_vec = np.linalg.eigh(g)
+    lam, vec = lapack.eigh_top(_lower_only(g).astype(np.float32), k)
+    assert lam.dtype == np.float32
+    # backward stable in float32: every λ within a small multiple of eps32·λ₁ (3e-6·λ₁ here)
+    np.testing.assert_allclose(lam, ref_lam[::-1], rtol=0, atol=3e-6 * ref_lam[-1])
+    if k:
+        ref = ref_vec[:, ::-1][:, :k]
+        assert vec.dtype == np.float32 and vec.shape == (n, k)
+        np.testing.assert_allclose(np.abs(np.sum(vec * ref, axis=0)), 1.0, atol=1e-3)
+
+
+def test_exceeds_is_a_lower_bound_on_the_spectrum() -> None:
+    g = _lower_only(_spd(50, 3, np.linspace(0.5, 10.0, 50)))
+    kept = g.copy()
+    for dtype in (np.float64, np.float32):
+        assert lapack.exceeds(g.astype(dtype), 0.45)
+        assert not lapack.exceeds(g.astype(dtype), 0.55)
+    np.testing.assert_array_equal(g, kept)  # the test works on a copy
+
+
 def test_eigh_top_refuses_a_matrix_it_would_misread() -> None:
-    with pytest.raises(ValueError, match="float64"):
-        lapack.eigh_top(np.eye(4, dtype=np.float32), 1)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        lapack.eigh_top(np.eye(4, dtype=np.int64), 1)
     with pytest.raises(ValueError, match="square"):
         lapack.eigh_top(np.zeros((4, 3)), 1)
 
