@@ -8,9 +8,11 @@ three things: the Gram matrix ``AᵀA`` (``m·n²`` flops with ``syrk``; in floa
 counted at half the float32 rate), ``U = A V`` for the top k (``2·m·n·k``), both at this
 machine's float32 matmul peak with every core, and the symmetric eigenproblem of the ``n × n``
 Gram matrix (the ``n³`` part), timed here on one core with the same LAPACK calls and assumed to
-run on every core side by side. The limit is their sum: it leaves out reading and converting
-the weights and writing the store, so no real ingest reaches it. ``gesdd`` views (fallbacks)
-are counted as Gram views: the limit stays a lower bound.
+run on every core side by side: in float32 for ``gram32`` views whose stored spectra are well
+conditioned enough for the route to have taken it (``EIG32_MIN_RATIO``), float64 otherwise.
+The limit is their sum: it leaves out reading and converting the weights, the route's checks
+and writing the store, so no real ingest reaches it. ``gesdd`` views (fallbacks) are counted as
+Gram views: the limit stays a lower bound.
 """
 
 from __future__ import annotations
@@ -21,15 +23,16 @@ import time
 from pathlib import Path
 
 
-def eig_seconds(n: int, k: int, repeats: int = 3) -> float:
-    """Best single-thread CPU time of the eigen part (all values, top-k vectors) at size n."""
+def eig_seconds(n: int, k: int, single: bool = False, repeats: int = 3) -> float:
+    """Best single-thread CPU time of the eigen part (all values, top-k vectors) at size n, in
+    float32 with ``single``."""
     import numpy as np
     from threadpoolctl import threadpool_limits
 
     from specan_kernels import lapack
 
     a = np.random.default_rng(0).standard_normal((2 * n, n))
-    g = np.ascontiguousarray(np.triu(a.T @ a))
+    g = np.ascontiguousarray(np.triu(a.T @ a), dtype=np.float32 if single else np.float64)
     best = float("inf")
     with threadpool_limits(1):
         for _ in range(repeats):
@@ -48,28 +51,41 @@ def main() -> None:
 
     import specan
     from specan.bench import matmul_peak
+    from specan_kernels.routes import EIG32_MARGIN, EIG32_MIN_N, EIG32_MIN_RATIO
 
     run = specan.open(args.run)
-    views = run._store.views  # noqa: SLF001 - shapes, heads, k and routes of every view
+    store = run._store  # noqa: SLF001 - shapes, heads, k, routes and σ of every view
+    views = store.views
     checkpoints = len(run.steps)
     cores = os.cpu_count() or 1
-    eig_cache: dict[tuple[int, int], float] = {}
-    for v in views.values():  # first: torch's threads spinning after the matmuls slow LAPACK
-        n = min(v.shape)
-        k = min(v.sigma_top or v.k, n)
-        if (n, k) not in eig_cache:
-            eig_cache[(n, k)] = eig_seconds(n, k)
+
+    def single(key: str, v) -> bool:
+        """Whether gram32 took the float32 eigenproblem for every matrix of this view."""
+        if "gram32" not in v.routes or min(v.shape) < EIG32_MIN_N or v.sigma_top:
+            return False
+        s = store.read_sigma(key)
+        ratio = s[..., -1] / s[..., 0]
+        return bool((ratio >= EIG32_MIN_RATIO * EIG32_MARGIN).all())
+
+    plan = {key: (min(v.shape), min(v.sigma_top or v.k, min(v.shape)), single(key, v))
+            for key, v in views.items()}  # fmt: skip
+    eig_cache: dict[tuple[int, int, bool], float] = {}
+    for job in plan.values():  # first: torch's threads spinning after the matmuls slow LAPACK
+        if job not in eig_cache:
+            eig_cache[job] = eig_seconds(*job)
     peak = matmul_peak("cpu", 2048) * 1e9
     flop_s = eig_total = 0.0
-    for v in views.values():
+    for key, v in views.items():
         m, n = sorted(v.shape, reverse=True)
         b = v.heads or 1
-        k = min(v.sigma_top or v.k, n)
+        k = plan[key][1]
         double = "gram64" in v.routes or "gesdd" in v.routes
         flop_s += b * (m * n * n * (2 if double else 1) + 2 * m * n * k) / peak
-        eig_total += b * eig_cache[(n, k)]
+        eig_total += b * eig_cache[plan[key]]
     per_ckpt = flop_s + eig_total / cores
-    print(f"matmul peak {peak / 1e9:.0f} GFLOP/s on {cores} cores; {len(views)} views")
+    n32 = sum(job[2] for job in plan.values())
+    print(f"matmul peak {peak / 1e9:.0f} GFLOP/s on {cores} cores; {len(views)} views "
+          f"({n32} with the eigenproblem in float32)")  # fmt: skip
     print(f"per checkpoint: Gram + U {flop_s:.2f} s, eigen {eig_total:.2f} core-s "
           f"({eig_total / cores:.2f} s on {cores} cores): limit {per_ckpt:.2f} s")  # fmt: skip
     print(f"{checkpoints} checkpoints: limit {per_ckpt * checkpoints:.1f} s")
