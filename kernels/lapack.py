@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["eigh_top", "exceeds", "syrk"]
+__all__ = ["eigh_top", "exceeds", "symv", "syrk"]
 
 _capsule_name = ctypes.pythonapi.PyCapsule_GetName
 _capsule_name.restype = ctypes.c_char_p
@@ -103,6 +103,24 @@ def syrk(a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     fn(_L, trans, _p(dims), _p(dims[1:]), _p(alpha), _p(a), _p(dims[2:]), _p(beta), _p(out),
        _p(dims))  # fmt: skip
     return out
+
+
+def symv(g: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``G x`` for a symmetric matrix given by its Fortran lower triangle (as `syrk` writes
+    it), in ``g``'s precision, by BLAS ``?symv``: SciPy's BLAS, so that a caller between
+    LAPACK calls does not wake NumPy's, a second OpenBLAS whose threads spin after each call
+    and, on two cores, slowed the next reductions 4x."""
+    n = g.shape[0]
+    if g.dtype not in (np.float32, np.float64) or not g.flags.c_contiguous or g.shape != (n, n):
+        raise ValueError("symv takes a C-contiguous square float32 or float64 matrix")
+    x = np.ascontiguousarray(x, dtype=g.dtype)
+    y = np.empty(n, g.dtype)
+    alpha, beta, dims = np.ones(1, g.dtype), np.zeros(1, g.dtype), _ints(n, 1)
+    _routine("cython_blas", f"{_prefix(g.dtype.type)}symv")(
+        _L, _p(dims), _p(alpha), _p(g), _p(dims), _p(x), _p(dims[1:]), _p(beta), _p(y),
+        _p(dims[1:]),
+    )  # fmt: skip
+    return y
 
 
 def exceeds(g: np.ndarray, mu: float) -> bool:

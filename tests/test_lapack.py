@@ -123,6 +123,15 @@ def test_eigh_top_in_float32_within_float32_rounding(n, k) -> None:
         np.testing.assert_allclose(np.abs(np.sum(vec * ref, axis=0)), 1.0, atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_symv_reads_the_triangle_syrk_writes(dtype) -> None:
+    g = _spd(40, 2)
+    x = np.random.default_rng(3).standard_normal(40)
+    y = lapack.symv(_lower_only(g).astype(dtype), x)
+    assert y.dtype == dtype
+    np.testing.assert_allclose(y, g @ x, rtol=0, atol=(1e-4 if dtype == np.float32 else 1e-12) * 40)
+
+
 def test_exceeds_is_a_lower_bound_on_the_spectrum() -> None:
     g = _lower_only(_spd(50, 3, np.linspace(0.5, 10.0, 50)))
     kept = g.copy()
