@@ -386,7 +386,7 @@ def test_thread_budget_blas_count_held_until_the_last_block_leaves(monkeypatch) 
     pipeline's small tasks) keep it until the last leaves, then it is restored."""
     import threading
 
-    from specan_kernels import api
+    from specan_kernels import threads
 
     class Lib:
         num_threads = 2
@@ -395,7 +395,7 @@ def test_thread_budget_blas_count_held_until_the_last_block_leaves(monkeypatch) 
             self.num_threads = n
 
     lib = Lib()
-    monkeypatch.setattr(api, "_blas", lambda: type("C", (), {"lib_controllers": [lib]})())
+    monkeypatch.setattr(threads, "_blas", lambda: type("C", (), {"lib_controllers": [lib]})())
     first, second = sk.thread_budget(1), sk.thread_budget(1)
     first.__enter__()
     t = threading.Thread(target=second.__enter__)
@@ -408,6 +408,25 @@ def test_thread_budget_blas_count_held_until_the_last_block_leaves(monkeypatch) 
     t.start()
     t.join()
     assert lib.num_threads == 2
+
+
+def test_gram_routes_run_a_stack_side_by_side_with_the_same_numbers() -> None:
+    """With two threads the CPU Gram routes decompose a stack's matrices two at a time, one
+    BLAS thread each: the numbers are those of one thread (each matrix is computed the same
+    way), right against NumPy, and the BLAS count is what it was afterwards."""
+    from specan_kernels import threads
+
+    batch = torch.stack([_matrix(kind, 300, 70, 8) for kind in KINDS])
+    before = [c.num_threads for c in threads._blas().lib_controllers]
+    for route in ("gram32", "gram64"):
+        one = sk.svd(batch, k=8, route=route, threads=1)
+        two = sk.svd(batch, k=8, route=route, threads=2)
+        assert one.routes == two.routes
+        for got, ref in ((two.sigma, one.sigma), (two.U, one.U), (two.V, one.V)):
+            assert torch.equal(got, ref)
+        for b in range(len(batch)):
+            _check_one(batch[b], two, b, 8)
+    assert [c.num_threads for c in threads._blas().lib_controllers] == before
 
 
 def test_thread_budget_torch_count_is_the_callers() -> None:
