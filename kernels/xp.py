@@ -61,6 +61,21 @@ def svdvals(x: Any) -> Any:
     return namespace(x).linalg.svd(x, compute_uv=False)
 
 
+def cholesky(g: Any) -> Any | None:
+    """Lower Cholesky factors of a stack of symmetric matrices, or None where any of them is not
+    numerically positive definite (torch reports it in a flag, NumPy and CuPy raise)."""
+    try:
+        if is_torch(g):
+            factor, info = torch.linalg.cholesky_ex(g)
+            if bool((info != 0).any()):
+                return None
+        else:
+            factor = namespace(g).linalg.cholesky(g)
+    except np.linalg.LinAlgError:  # CuPy raises NumPy's
+        return None
+    return factor if bool(namespace(factor).isfinite(factor).all()) else None
+
+
 def _element_strides(a: Any) -> tuple[int, int]:
     """Strides of the last two axes, in elements."""
     if is_torch(a):

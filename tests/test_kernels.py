@@ -344,6 +344,49 @@ def test_randomized_power_iterations() -> None:
     assert (np.abs(dec.sigma[0].double().numpy() - s_ref[:k]) / s_ref[:k]).max() > 1e-3
 
 
+@pytest.mark.parametrize("lib", ["torch", "numpy"])
+def test_orth_rows_cholesky_qr(lib, monkeypatch) -> None:
+    """A thin block whose rows differ in scale by 1e6 and are nearly parallel (one pass of
+    Cholesky QR leaves them far from orthonormal) is orthonormalised by Cholesky QR, with the
+    span kept and no Householder."""
+    from specan_kernels import randomized
+
+    rng = np.random.default_rng(3)
+    c, m = 24, 3000
+    rows = rng.standard_normal((1, m)) + 3e-3 * rng.standard_normal((c, m))
+    y = (np.logspace(-3, 3, c)[:, None] * rows).astype(np.float32)
+    called = []
+    real = randomized._householder_rows
+    monkeypatch.setattr(randomized, "_householder_rows", lambda yt: called.append(1) or real(yt))
+    q = randomized._orth_rows(torch.from_numpy(y)[None] if lib == "torch" else y[None])
+    q = np.asarray(q[0], dtype=np.float64)
+    assert not called
+    np.testing.assert_allclose(q @ q.T, np.eye(c), atol=2e-6)
+    y64 = y.astype(np.float64)
+    rest = y64 - (y64 @ q.T) @ q  # Y lies in the span of Q's rows
+    assert np.linalg.norm(rest, axis=1).max() <= 1e-5 * np.linalg.norm(y64, axis=1).max()
+
+
+def test_orth_rows_falls_back_to_householder(monkeypatch) -> None:
+    """A rank-deficient block (a Krylov block of a matrix of lower rank) defeats Cholesky QR;
+    Householder still returns orthonormal rows spanning it."""
+    from specan_kernels import randomized
+
+    rng = np.random.default_rng(4)
+    c, m = 16, 2000
+    y = rng.standard_normal((c, m))
+    y[5] = y[:3].sum(0)  # dependent rows
+    y = y.astype(np.float32)
+    called = []
+    real = randomized._householder_rows
+    monkeypatch.setattr(randomized, "_householder_rows", lambda yt: called.append(1) or real(yt))
+    q = np.asarray(randomized._orth_rows(torch.from_numpy(y)[None])[0], dtype=np.float64)
+    assert called
+    np.testing.assert_allclose(q @ q.T, np.eye(c), atol=2e-6)
+    y64 = y.astype(np.float64)
+    assert np.abs(y64 - (y64 @ q.T) @ q).max() <= 1e-5 * np.abs(y64).max()
+
+
 def test_randomized_needs_topk_sigma() -> None:
     with pytest.raises(ValueError, match="top-k"):
         sk.svd(torch.randn(30, 20), k=3, route="randomized")
