@@ -15,8 +15,9 @@ matching loop, and σ's worst error against float64 NumPy (relative to σ₁, on
 with ``ok`` when every σ meets the kernel contract ``max(1e-4·σᵢ, 1e-5·σ₁)``.
 
 The randomized section compares top-k σ of one large matrix with a known spectrum against
-scikit-learn's ``randomized_svd`` and ``torch.svd_lowrank``, each at the fewest power iterations
-that reach the same accuracy (1e-3 relative on the top k), and at their defaults.
+scikit-learn's ``randomized_svd`` (2k columns, the fewest power iterations that reach the same
+accuracy, 1e-3 relative on the top k) and ``torch.svd_lowrank`` (at 1-4 power iterations, the
+fewest columns that reach it), and at their defaults.
 """
 
 from __future__ import annotations
@@ -252,6 +253,33 @@ def known_spectrum_matrix(m: int, n: int, s, seed: int = 0):
     return a.float()
 
 
+def _cheapest_lowrank(a, k: int, err: Callable[[Any], float]) -> list[tuple[int, int]]:
+    """``(niter, q)`` for ``torch.svd_lowrank`` at 1-4 power iterations: the smallest ``q`` (a
+    multiple of 8 from k + 8 to 3k) whose top-k σ reach TARGET on two seeds, found by bisection
+    (torch draws its test matrix from the global generator, so one seed can pass by luck: on a
+    4096 x 16384 matrix with σᵢ = 1/i, q = 240 reached 1.0e-3 on one seed of three)."""
+    import torch
+
+    def reaches(q: int, niter: int) -> bool:
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            if err(torch.svd_lowrank(a, q=q, niter=niter)[1][:k].cpu().numpy()) > TARGET:
+                return False
+        return True
+
+    found = []
+    qs = list(range(k + 8, min(3 * k, min(a.shape)) + 1, 8))
+    for niter in (1, 2, 3, 4):
+        if not qs or not reaches(qs[-1], niter):
+            continue
+        lo, hi = 0, len(qs) - 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if reaches(qs[mid], niter) else (mid + 1, hi)
+        found.append((niter, qs[lo]))
+    return found
+
+
 def bench_randomized(opts: BenchOptions, repeats: int) -> dict[str, Any]:
     """Top-k σ of one wide matrix: ours vs sklearn and torch.svd_lowrank at equal accuracy."""
     import numpy as np
@@ -334,12 +362,14 @@ def bench_randomized(opts: BenchOptions, repeats: int) -> dict[str, Any]:
         lambda: torch.svd_lowrank(a_dev, q=k + 10, niter=2),
         lambda r: r[1][:k].cpu().numpy(),
     )
-    first_ok(
-        "torch.svd_lowrank",
-        lambda it: lambda: torch.svd_lowrank(a_dev, q=2 * k, niter=it),
-        lambda r: r[1][:k].cpu().numpy(),
-        lambda it: f"q={2 * k}, niter={it}",
-    )
+    for niter, q in _cheapest_lowrank(a_dev, k, err):
+        row = add(
+            "torch.svd_lowrank",
+            f"q={q}, niter={niter} (the smallest q that reaches the target on 2 seeds)",
+            lambda q=q, niter=niter: torch.svd_lowrank(a_dev, q=q, niter=niter),
+            lambda r: r[1][:k].cpu().numpy(),
+        )
+        row["equal_accuracy"] = row["error"] <= TARGET
     for row in rows:
         if row["seconds"]:
             row["x_ours"] = row["seconds"] / equal["seconds"]
