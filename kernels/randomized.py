@@ -137,9 +137,10 @@ def _more_rows(buf: Array, rows: int, used: int) -> Array:
 
 def default_block(k: int, vectors: bool = True) -> int:
     """Block width for top-k: k/2 with vectors, 3k/8 for σ alone (each measured fastest at
-    k = 128 on a 4096 x 16384 matrix with σᵢ = 1/i at its tolerance: with vectors 0.67 s against
-    0.75 s for 3k/8, 6 blocks against 8; σ alone 0.56-0.61 s against 0.63-0.66 s for k/2, 7 blocks
-    of 48 against 6 of 64; 5k/16 and 5k/8 were slower at both)."""
+    k = 128 on a 4096 x 16384 matrix with σᵢ = 1/i at its tolerance, best of 3, 2 threads: with
+    vectors 0.58 s against 0.60 s for 3k/8, 6 blocks against 8, and 0.63 s for 5k/16, 0.67 s for
+    5k/8; σ alone 0.50 s against 0.55 s for k/2, 7 blocks of 48 against 6 of 64, and 0.53 s for
+    5k/16, 0.61 s for 7k/16)."""
     return max(8, (k + 1) // 2 if vectors else (3 * k + 7) // 8)
 
 
