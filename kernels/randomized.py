@@ -19,7 +19,9 @@ For a tall float32 stack ``A [B, m, n]``:
 2. each iteration: ``Wᵢ = AᵀQᵢ``, then ``Qᵢ₊₁ = orth(A Wᵢ)`` orthogonalised against all earlier
    blocks twice (block classical Gram–Schmidt with re-orthogonalisation: a float32 Krylov basis
    loses orthogonality within a few blocks without it; the first pass's coefficients are read
-   off the Gram matrix the loop keeps), then within itself by Cholesky QR twice;
+   off the Gram matrix the loop keeps), then within itself by Cholesky QR twice; a block that
+   is partly rounding noise (A's rank exhausted by the basis) keeps its real directions and
+   takes random ones for the rest;
 3. the Ritz values are the singular values of ``W = [W₀ … Wᵢ] = AᵀQ``, which every iteration
    already holds: they only grow towards the true σ. The loop stops when the top-k Ritz values
    are estimated within ``tol`` (relative) of their limit, or after ``iterations``;
@@ -46,6 +48,12 @@ ITERATIONS = 32  # at most this many Krylov blocks after the first (each: one A�
 # top 16) fell to |cos| 0.997 where the contract asks 0.999; at 3e-4 every test spectrum meets it.
 TOL = 1e-3
 TOL_VECTORS = 3e-4
+# A new block's direction whose singular value, after projection off the basis, is below this
+# fraction of the block's largest row norm is taken as rounding noise. Two float32 Gram-Schmidt
+# passes leave about eps32·√L ≈ 1e-6 of it; the smallest legitimate one measured was 6e-5 (the
+# second block, 4096 x 2048 with σᵢ = 1/i, top 128).
+RANK_TOL = 1e-5
+NOISE = 1e-6  # σ below this fraction of σ₁ are rounding in float32 data (eps32 = 6e-8)
 
 
 def _householder_rows(yt: Array) -> Array:
@@ -54,15 +62,18 @@ def _householder_rows(yt: Array) -> Array:
     return xp.mT(xp.namespace(yt).linalg.qr(xp.mT(yt))[0])
 
 
-def _cholesky_pass(qt: Array) -> tuple[Array, float] | None:
+def _cholesky_pass(qt: Array, floor: Array | None = None) -> tuple[Array, float] | None:
     """One Cholesky QR step on block rows ``Qᵀ [B, c, m]``: ``L⁻¹ Qᵀ`` with ``L Lᵀ = Q Qᵀ``
     (float32 products, the factor in float64; Cholesky needs no scaling of rows whose norms
     differ, it is invariant to it). Returns the new rows and how far ``QᵀQ`` was from the
-    identity, or None where it is not numerically positive definite."""
+    identity; None where it is not numerically positive definite, or where a diagonal entry of
+    L, an upper bound of the block's smallest singular value, falls below ``floor [B]``."""
     ns = xp.namespace(qt)
     g = xp.as_f64(qt @ xp.mT(qt))
     factor = xp.cholesky(g)
     if factor is None:
+        return None
+    if floor is not None and bool((ns.diagonal(factor, 0, -2, -1) < floor[..., None]).any()):
         return None
     eye = ns.eye(g.shape[-1], dtype=g.dtype)
     if xp.is_torch(g):
@@ -70,22 +81,55 @@ def _cholesky_pass(qt: Array) -> tuple[Array, float] | None:
     return xp.as_f32(ns.linalg.inv(factor)) @ qt, float(ns.abs(g - eye).max())
 
 
-def _orth_rows(yt: Array) -> Array:
+def _project_out(qt: Array, basis: Array | None) -> Array:
+    """The block rows ``qt`` less their components along the orthonormal rows of ``basis``."""
+    return qt if basis is None else qt - (qt @ xp.mT(basis)) @ basis
+
+
+def _fresh_rows(yt: Array, basis: Array | None, floor: Array, seed: int) -> Array:
+    """Orthonormal rows, orthogonal to ``basis``, for a block that is numerically rank deficient:
+    its directions whose singular values exceed ``floor [B]``, and Gaussian ones in place of the
+    rest. Where A has run out of new directions (its rank is below the basis size: a low-rank
+    matrix, a zero one) the block is rounding noise, and normalising noise gives directions that
+    are not orthogonal to the basis; Rayleigh–Ritz over such a basis returned σ₁ five times too
+    large on a rank-20 matrix. Any direction orthogonal to the basis keeps it valid."""
+    ns = xp.namespace(yt)
+    _, s, vt = ns.linalg.svd(yt, full_matrices=False)  # [B, c], [B, c, m]
+    keep = s > floor[..., None]
+    q = ns.where(keep[..., None], vt, xp.gaussian(yt, yt.shape, seed=seed))
+    for _ in range(2):
+        q = _householder_rows(_project_out(_project_out(q, basis), basis))
+    return q
+
+
+def _orth_rows(
+    yt: Array, basis: Array | None = None, floor: Array | None = None, seed: int = 0
+) -> Array:
     """``Qᵀ`` of the thin QR of ``Y``, given and returned as block rows ``Yᵀ [B, c, m]``.
 
     Cholesky QR twice (CholQR2): two ``c x c`` Gram matrices and two products instead of a
     Householder QR, which runs at a fraction of the matrix-multiply speed on such thin blocks
-    (16384 x 48, 2 threads: 4.3 ms against about 1). One pass leaves an orthogonality error of
-    about eps·κ(Y)²; the second removes it when the first left ``QQᵀ`` within 0.5 of the
-    identity. A block conditioned worse than that (a Krylov block of a low-rank matrix, a
-    first block of a fast-decaying spectrum) goes to Householder, which is accurate at any κ.
+    (16384 x 48, 2 threads: 3.5 ms against 1.6 for both passes). One pass leaves an error of
+    about eps·κ(Y)² in orthogonality; the second removes it when the first left ``QQᵀ`` within
+    0.5 of the identity. A block conditioned worse than that, or with a singular value below
+    ``floor [B]`` (Krylov blocks of a matrix whose rank the basis has exhausted), goes to
+    `_fresh_rows`, which keeps it orthogonal to ``basis`` (the earlier blocks, already
+    projected out of ``yt``) and draws its random rows from ``seed``.
     """
-    first = _cholesky_pass(yt)
+    first = _cholesky_pass(yt, floor)
     if first is not None:
         second = _cholesky_pass(first[0])
         if second is not None and second[1] < 0.5:
             return second[0]
-    return _householder_rows(yt)
+    if floor is None:
+        floor = xp.zeros(yt, (yt.shape[0],))
+    return _fresh_rows(yt, basis, floor, seed)
+
+
+def _floor(yt: Array) -> Array:
+    """``[B]``: the singular value below which a direction of the block ``yt``, once projected
+    off the basis, is rounding noise: RANK_TOL times its largest row norm before."""
+    return xp.as_f64(xp.namespace(yt).amax(xp.row_norms(yt), -1)) * RANK_TOL
 
 
 def _rows(a: Array, xt: Array) -> Array:
@@ -212,7 +256,8 @@ def randomized_svd(
         return new
 
     omega = xp.mT(xp.gaussian(a, (b, n, width), generator))  # as rows Ωᵀ
-    first, cols = 0, append(_orth_rows(_rows(a, omega)), 0)  # the newest block: rows first .. cols
+    yt = _rows(a, omega)
+    first, cols = 0, append(_orth_rows(yt, None, _floor(yt)), 0)  # the newest block: first .. cols
     gram = _grow(None, w64, 0, cols)
     ritz, last, done = None, None, 0
     while True:
@@ -226,14 +271,17 @@ def randomized_svd(
                 rho = 0.5
                 if last is not None:
                     rho = ns.clip(step / ns.clip(last, 1e-30, None), 0, 0.99)
-                if float((step * rho / (1 - rho)).max()) < tol:
+                # Values below NOISE·θ₁ are left out: float32 data holds no smaller σ, and the
+                # zero σ of a matrix of rank below k are rounding that never settles.
+                est = ns.where(new > NOISE * new[..., :1], step * rho / (1 - rho), 0)
+                if float(est.max()) < tol:
                     break
                 last = step
             ritz = new
         if done >= iterations or cols >= n:
             break
         yt = _rows(a, wt[..., first:cols, :])  # expand from the newest block
-        basis = qt[..., :cols, :]
+        basis, floor = qt[..., :cols, :], _floor(yt)
         # Block classical Gram-Schmidt, twice. The first pass needs no product with the basis:
         # its coefficients ⟨A wᵣ, qₛ⟩ = ⟨wᵣ, Aᵀqₛ⟩ = ⟨wᵣ, wₛ⟩ are entries of the Gram WᵀW the
         # loop already holds. The second takes them from the data, which removes what rounding
@@ -241,7 +289,7 @@ def randomized_svd(
         yt -= xp.as_f32(gram[..., first:cols, :]) @ basis
         yt -= (yt @ xp.mT(basis)) @ basis
         yt = yt[..., : min(width, n - cols), :]
-        added = append(_orth_rows(yt), cols)
+        added = append(_orth_rows(yt, basis, floor, seed=cols), cols)
         gram = _grow(gram, w64, cols, added)
         first, cols = cols, cols + added
         done += 1

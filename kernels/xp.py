@@ -97,10 +97,15 @@ def frobenius_sq(a: Any) -> Any:
     steps = _element_strides(a)
     if steps[-1] != 1 and steps[-2] == 1:
         a = mT(a)
-    if is_torch(a):
-        return torch.linalg.vector_norm(a, dim=-1).double().square().sum(-1)
-    rows = as_f64(namespace(a).linalg.norm(a, axis=-1))
+    rows = as_f64(row_norms(a))
     return (rows * rows).sum(-1)
+
+
+def row_norms(a: Any) -> Any:
+    """Euclidean norms along the last axis, in ``a``'s precision."""
+    if is_torch(a):
+        return torch.linalg.vector_norm(a, dim=-1)
+    return namespace(a).linalg.norm(a, axis=-1)
 
 
 def nonzero(mask: Any) -> Any:
@@ -121,12 +126,14 @@ def zeros(like: Any, shape: tuple[int, ...]) -> Any:
     return namespace(like).zeros(shape, dtype=like.dtype)
 
 
-def gaussian(like: Any, shape: tuple[int, ...], generator: torch.Generator | None = None) -> Any:
-    """Standard normal samples of ``like``'s dtype and device, repeatable: seeded from 0 unless
-    a torch ``generator`` is given (torch inputs only)."""
+def gaussian(
+    like: Any, shape: tuple[int, ...], generator: torch.Generator | None = None, seed: int = 0
+) -> Any:
+    """Standard normal samples of ``like``'s dtype and device, repeatable: seeded from ``seed``
+    unless a torch ``generator`` is given (torch inputs only)."""
     if is_torch(like):
         if generator is None:
-            generator = torch.Generator(device=like.device).manual_seed(0)
+            generator = torch.Generator(device=like.device).manual_seed(seed)
         return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
-    rng = namespace(like).random.default_rng(0)
+    rng = namespace(like).random.default_rng(seed)
     return rng.standard_normal(shape, dtype=like.dtype)

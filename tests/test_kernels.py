@@ -367,24 +367,80 @@ def test_orth_rows_cholesky_qr(lib, monkeypatch) -> None:
     assert np.linalg.norm(rest, axis=1).max() <= 1e-5 * np.linalg.norm(y64, axis=1).max()
 
 
-def test_orth_rows_falls_back_to_householder(monkeypatch) -> None:
-    """A rank-deficient block (a Krylov block of a matrix of lower rank) defeats Cholesky QR;
-    Householder still returns orthonormal rows spanning it."""
+@pytest.mark.parametrize("lib", ["torch", "numpy"])
+def test_orth_rows_of_a_block_partly_noise(lib, monkeypatch) -> None:
+    """A block whose rows are partly rounding residue (a Krylov block of a matrix whose rank the
+    basis has exhausted: what two Gram-Schmidt passes leave is noise with components along the
+    basis) gets rows orthogonal to the basis: its real directions kept, random ones for the rest.
+    Normalising the noise instead gave rows 6 % along the basis."""
     from specan_kernels import randomized
 
     rng = np.random.default_rng(4)
-    c, m = 16, 2000
-    y = rng.standard_normal((c, m))
-    y[5] = y[:3].sum(0)  # dependent rows
-    y = y.astype(np.float32)
+    m, c = 2000, 8
+    basis = np.linalg.qr(rng.standard_normal((m, 12)))[0].T  # orthonormal rows
+    real = rng.standard_normal((3, m))
+    real -= (real @ basis.T) @ basis
+    noise = 1e-7 * rng.standard_normal((c - 3, m))
+    y = np.concatenate([real, noise]).astype(np.float32)
+    floor = np.array([1e-5 * np.linalg.norm(real, axis=1).max()])  # [B]
     called = []
-    real = randomized._householder_rows
-    monkeypatch.setattr(randomized, "_householder_rows", lambda yt: called.append(1) or real(yt))
-    q = np.asarray(randomized._orth_rows(torch.from_numpy(y)[None])[0], dtype=np.float64)
+    real_fresh = randomized._fresh_rows
+    monkeypatch.setattr(
+        randomized, "_fresh_rows", lambda *a, **k: called.append(1) or real_fresh(*a, **k)
+    )
+
+    def arr(x: np.ndarray):
+        return torch.from_numpy(x)[None] if lib == "torch" else x[None]
+
+    floor = torch.from_numpy(floor) if lib == "torch" else floor
+    q = randomized._orth_rows(arr(y), arr(basis.astype(np.float32)), floor)
+    q = np.asarray(q[0], dtype=np.float64)
     assert called
     np.testing.assert_allclose(q @ q.T, np.eye(c), atol=2e-6)
-    y64 = y.astype(np.float64)
-    assert np.abs(y64 - (y64 @ q.T) @ q).max() <= 1e-5 * np.abs(y64).max()
+    assert np.abs(q @ basis.T).max() <= 1e-5
+    rest = real - (real @ q.T) @ q  # the real directions are kept
+    assert np.linalg.norm(rest, axis=1).max() <= 1e-5 * np.linalg.norm(real, axis=1).max()
+
+
+@pytest.mark.parametrize("lib", ["torch", "numpy"])
+@pytest.mark.parametrize(("rank", "k"), [(20, 16), (20, 32), (5, 16), (0, 8)])
+def test_randomized_low_rank(lib, rank, k) -> None:
+    """A matrix of rank below the basis (or below k, or zero): σ right, the rest 0, vectors
+    orthonormal, and the loop stops once the basis holds A's range. Before, the Krylov blocks
+    after that were normalised rounding noise and σ₁ came out five times too large after all
+    32 blocks."""
+    rng = np.random.default_rng(rank)
+    m, n = 800, 400
+    s = np.logspace(0, -2, rank) * 3 if rank else np.zeros(0)
+    w = (_orth(rng, m, rank) * s) @ _orth(rng, n, rank).T if rank else np.zeros((m, n))
+    w = w.astype(np.float32)
+    ref = np.linalg.svd(w.astype(np.float64), compute_uv=False)[:k]
+    given = torch.from_numpy(w)[None] if lib == "torch" else w[None]
+    for vectors in (True, False):
+        dec, iters = sk.randomized_svd(given, k, vectors=vectors)
+        got = np.asarray(dec.sigma[0], dtype=np.float64)
+        big = ref > 1e-6 * max(ref[0], 1e-30)
+        assert np.all(np.abs(got[big] - ref[big]) <= 1e-3 * ref[big]), (vectors, got[:4], ref[:4])
+        assert np.all(np.abs(got[~big]) <= 1e-5 * max(ref[0], 1.0))
+        assert iters <= 4, (vectors, iters)
+        if vectors:
+            u = np.asarray(dec.U[0], dtype=np.float64)
+            np.testing.assert_allclose(u.T @ u, np.eye(k), atol=1e-4)
+
+
+def test_randomized_past_the_rank() -> None:
+    """Told to run on (no tolerance) after the basis holds A's range, every further block is
+    random directions, each orthogonal to all before it: σ stay right and U orthonormal."""
+    rng = np.random.default_rng(5)
+    m, n, k = 600, 300, 8
+    w = ((_orth(rng, m, 5) * [3.0, 2.0, 1.0, 0.5, 0.1]) @ _orth(rng, n, 5).T).astype(np.float32)
+    dec, iters = sk.randomized_svd(torch.from_numpy(w)[None], k, tol=None, iterations=6, block=8)
+    assert iters == 6
+    got = dec.sigma[0].double().numpy()
+    np.testing.assert_allclose(got[:5], [3.0, 2.0, 1.0, 0.5, 0.1], rtol=1e-5)
+    assert np.abs(got[5:]).max() <= 1e-5 * 3.0
+    u = dec.U[0].double().numpy()
+    np.testing.assert_allclose(u.T @ u, np.eye(k), atol=1e-4)
 
 
 def test_randomized_needs_topk_sigma() -> None:
