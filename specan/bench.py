@@ -17,7 +17,7 @@ with ``ok`` when every σ meets the kernel contract ``max(1e-4·σᵢ, 1e-5·σ�
 The randomized section compares top-k σ of one large matrix with a known spectrum against
 scikit-learn's ``randomized_svd`` (2k columns, the fewest power iterations that reach the same
 accuracy, 1e-3 relative on the top k) and ``torch.svd_lowrank`` (at 1-4 power iterations, the
-fewest columns that reach it), and at their defaults.
+fewest columns that reach it on three seeds), and at their defaults.
 """
 
 from __future__ import annotations
@@ -255,13 +255,13 @@ def known_spectrum_matrix(m: int, n: int, s, seed: int = 0):
 
 def _cheapest_lowrank(a, k: int, err: Callable[[Any], float]) -> list[tuple[int, int]]:
     """``(niter, q)`` for ``torch.svd_lowrank`` at 1-4 power iterations: the smallest ``q`` (a
-    multiple of 8 from k + 8 to 3k) whose top-k σ reach TARGET on two seeds, found by bisection
+    multiple of 8 from k + 8 to 3k) whose top-k σ reach TARGET on three seeds, found by bisection
     (torch draws its test matrix from the global generator, so one seed can pass by luck: on a
     4096 x 16384 matrix with σᵢ = 1/i, q = 240 reached 1.0e-3 on one seed of three)."""
     import torch
 
     def reaches(q: int, niter: int) -> bool:
-        for seed in (1, 2):
+        for seed in (1, 2, 3):
             torch.manual_seed(seed)
             if err(torch.svd_lowrank(a, q=q, niter=niter)[1][:k].cpu().numpy()) > TARGET:
                 return False
@@ -280,7 +280,9 @@ def _cheapest_lowrank(a, k: int, err: Callable[[Any], float]) -> list[tuple[int,
     return found
 
 
-def bench_randomized(opts: BenchOptions, repeats: int) -> dict[str, Any]:
+def bench_randomized(
+    opts: BenchOptions, repeats: int, progress: Callable[[str], None] | None = None
+) -> dict[str, Any]:
     """Top-k σ of one wide matrix: ours vs sklearn and torch.svd_lowrank at equal accuracy."""
     import numpy as np
     import torch
@@ -302,6 +304,8 @@ def bench_randomized(opts: BenchOptions, repeats: int) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
 
     def add(method: str, settings: str, fn: Callable[[], Any], get) -> dict[str, Any]:
+        if progress:
+            progress(f"randomized top-{k}: {method}, {settings}")
         seconds, out = _timed(fn, repeats, sync)
         row = {"method": method, "settings": settings, "seconds": seconds, "error": err(get(out))}
         rows.append(row)
@@ -362,10 +366,12 @@ def bench_randomized(opts: BenchOptions, repeats: int) -> dict[str, Any]:
         lambda: torch.svd_lowrank(a_dev, q=k + 10, niter=2),
         lambda r: r[1][:k].cpu().numpy(),
     )
+    if progress:
+        progress(f"randomized top-{k}: torch.svd_lowrank, the fewest columns reaching {TARGET:g}")
     for niter, q in _cheapest_lowrank(a_dev, k, err):
         row = add(
             "torch.svd_lowrank",
-            f"q={q}, niter={niter} (the smallest q that reaches the target on 2 seeds)",
+            f"q={q}, niter={niter} (the smallest q that reaches the target on 3 seeds)",
             lambda q=q, niter=niter: torch.svd_lowrank(a_dev, q=q, niter=niter),
             lambda r: r[1][:k].cpu().numpy(),
         )
@@ -412,9 +418,7 @@ def run(opts: BenchOptions, progress: Callable[[str], None] | None = None) -> di
         rows.extend(bench_shape(name, shape, opts, peak, repeats))
     randomized = None
     if opts.randomized:
-        if progress:
-            progress("randomized top-k")
-        randomized = bench_randomized(opts, repeats)
+        randomized = bench_randomized(opts, repeats, progress)
     return {"header": header, "rows": rows, "randomized": randomized}
 
 
@@ -464,8 +468,9 @@ def table_lines(result: dict[str, Any]) -> list[str]:
             if r["seconds"] is None:
                 lines.append(f"  {r['method']:<24} {r['settings']}")
                 continue
+            missed = "  [above the target]" if r["error"] > rnd["target"] else ""
             lines.append(
                 f"  {r['method']:<24} {r['seconds']:>8.3f} s  {r['x_ours']:>5.2f}x ours  "
-                f"error {r['error']:.1e}  {r['settings']}"
+                f"error {r['error']:.1e}  {r['settings']}{missed}"
             )
     return lines
