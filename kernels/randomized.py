@@ -306,6 +306,8 @@ def randomized_svd(
         inv = ns.where(s64 > 0, 1 / ns.where(s64 > 0, s64, 1), 0)
         v = (xp.mT(wt[..., :cols, :]) @ xp.as_f32(vecs)) * xp.as_f32(inv)[..., None, :]
     else:
-        sigma, u, v = xp.as_f32(_ritz(gram, k)), None, None
+        # the loop ends right after the Ritz values of the final basis were taken (when it
+        # held k columns): an eigenproblem of up to thousands of columns not done twice
+        sigma, u, v = xp.as_f32(new if cols >= k else _ritz(gram, k)), None, None
     dec = Decomposition(sigma, u, v, tail_energy(a, sigma, k), ["randomized"] * b)
     return dec, done

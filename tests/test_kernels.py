@@ -443,6 +443,16 @@ def test_randomized_past_the_rank() -> None:
     np.testing.assert_allclose(u.T @ u, np.eye(k), atol=1e-4)
 
 
+def test_randomized_sigma_alone_is_that_of_the_final_basis() -> None:
+    """σ alone come from the Ritz values of the last basis, as the vectors' σ do (the loop's own
+    last values are reused, not the step before's)."""
+    w = _matrix("decaying", 600, 300, 7)[None]
+    alone, iters = sk.randomized_svd(w, 16, vectors=False, block=8, tol=1e-3)
+    both, iters_v = sk.randomized_svd(w, 16, vectors=True, block=8, tol=1e-3)
+    assert iters == iters_v
+    np.testing.assert_allclose(alone.sigma[0].numpy(), both.sigma[0].numpy(), rtol=1e-6)
+
+
 def test_randomized_needs_topk_sigma() -> None:
     with pytest.raises(ValueError, match="top-k"):
         sk.svd(torch.randn(30, 20), k=3, route="randomized")
