@@ -286,8 +286,7 @@ def randomized_svd(
         # its coefficients ⟨A wᵣ, qₛ⟩ = ⟨wᵣ, Aᵀqₛ⟩ = ⟨wᵣ, wₛ⟩ are entries of the Gram WᵀW the
         # loop already holds. The second takes them from the data, which removes what rounding
         # in the products and in the first pass left along the basis.
-        yt -= xp.as_f32(gram[..., first:cols, :]) @ basis
-        yt -= (yt @ xp.mT(basis)) @ basis
+        yt = _project_out(yt - xp.as_f32(gram[..., first:cols, :]) @ basis, basis)
         yt = yt[..., : min(width, n - cols), :]
         added = append(_orth_rows(yt, basis, floor, seed=cols), cols)
         gram = _grow(gram, w64, cols, added)
