@@ -62,7 +62,7 @@ def _backends(device: str) -> list[str]:
 
 
 def _routes(backend: str) -> list[str]:
-    return ["auto", *(r for r in registry.get(backend).routes if r != "randomized")]
+    return ["auto", *(r for r in registry.get(backend).routes if r not in registry.TOPK_ROUTES)]
 
 
 def bench_conv(device: str, b: int, repeats: int) -> list[dict[str, Any]]:

@@ -33,13 +33,10 @@ The tail energy is exact for the data: ``‖A‖²_F − Σ_{i≤k} σ_i²`` (Ri
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import torch
 
-from . import xp
+from . import bf16, xp
 from .routes import Array, Decomposition, tail_energy
-
-if TYPE_CHECKING:
-    import torch
 
 ITERATIONS = 32  # at most this many Krylov blocks after the first (each: one Aᵀ· and one A·)
 # Stop when the top-k Ritz values are estimated within this (relative) of σ. σ alone: the 1e-3
@@ -53,6 +50,9 @@ TOL_VECTORS = 3e-4
 # passes leave about eps32·√L ≈ 1e-6 of it; the smallest legitimate one measured was 6e-5 (the
 # second block, 4096 x 2048 with σᵢ = 1/i, top 128).
 RANK_TOL = 1e-5
+EXTRA = 32  # Ritz vectors past k that the float32 Rayleigh–Ritz after a bfloat16 loop keeps
+DRIFT = 1.0  # of TOL: how far the float32 Ritz values may move from the bfloat16 loop's
+BF16_NOISE = 2**-8
 NOISE = 1e-6  # σ below this fraction of σ₁ are rounding in float32 data (eps32 = 6e-8)
 
 
@@ -132,10 +132,19 @@ def _floor(yt: Array) -> Array:
     return xp.as_f64(xp.namespace(yt).amax(xp.row_norms(yt), -1)) * RANK_TOL
 
 
+def _low(a: Array) -> bool:
+    return xp.is_torch(a) and a.dtype == torch.bfloat16
+
+
 def _rows(a: Array, xt: Array) -> Array:
     """``(A X)ᵀ [B, c, m]`` from the block rows ``Xᵀ [B, c, n]``, with A read as it lies in
     memory: a thin product runs faster with the large operand untransposed (4096 x 16384 stored
-    row-major, 48 columns: 171-190 GFLOP/s as ``Xᵀ Aᵀ`` against 150-165 as ``A X``, 2 threads)."""
+    row-major, 48 columns: 171-190 GFLOP/s as ``Xᵀ Aᵀ`` against 150-165 as ``A X``, 2 threads).
+    A bfloat16 A (a torch CPU tensor): through :mod:`specan_kernels.bf16`, as ``A X`` then
+    transposed, which MKL runs faster either way A lies (16384 x 4096 times 48 columns: 10-12 ms
+    against 12-20 as ``Xᵀ Aᵀ``)."""
+    if _low(a):
+        return xp.mT(bf16.matmul(a, xp.mT(xt).to(torch.bfloat16)))
     if xp.row_major(a):
         return xp.mT(a @ xp.mT(xt))
     return xt @ xp.mT(a)
@@ -143,6 +152,8 @@ def _rows(a: Array, xt: Array) -> Array:
 
 def _rows_t(a: Array, yt: Array) -> Array:
     """``(Aᵀ Y)ᵀ [B, c, n]`` from the block rows ``Yᵀ [B, c, m]``, A read as it lies (`_rows`)."""
+    if _low(a):
+        return xp.mT(bf16.matmul(xp.mT(a), xp.mT(yt).to(torch.bfloat16)))
     if xp.row_major(a):
         return yt @ a
     return xp.mT(xp.mT(a) @ xp.mT(yt))
@@ -197,6 +208,7 @@ def randomized_svd(
     iterations: int = ITERATIONS,
     tol: float | None | str = "auto",
     generator: torch.Generator | None = None,
+    products: str = "float32",
 ) -> tuple[Decomposition, int]:
     """Top-k singular values (and vectors) of every matrix in a tall float32 stack.
 
@@ -220,6 +232,11 @@ def randomized_svd(
     generator
         For the Gaussian test matrix of a torch input (seeded from 0 when None, so results are
         repeatable; NumPy and CuPy inputs are always seeded from 0).
+    products
+        ``"float32"``; or ``"bfloat16"`` (torch CPU tensors where :func:`bf16.available`): the
+        Krylov loop multiplies a bfloat16 copy of A, with float32 accumulation and output,
+        then the Rayleigh–Ritz step is taken again with the float32 A on the top
+        ``k + EXTRA`` Ritz vectors of the loop, so the σ and vectors are those of A.
 
     Returns
     -------
@@ -236,6 +253,19 @@ def randomized_svd(
         width = max(width, k)
     width = min(width, n)
     ns = xp.namespace(a)
+    if products not in ("float32", "bfloat16"):
+        raise ValueError(f"products must be 'float32' or 'bfloat16', not {products!r}")
+    low = a
+    if products == "bfloat16":
+        if not (xp.is_torch(a) and a.device.type == "cpu" and bf16.available()):
+            raise ValueError("bfloat16 products need a torch CPU tensor and a CPU with AMX-BF16")
+        low = a.to(torch.bfloat16)  # its layout kept: products read it as A lies
+    energy = xp.frobenius_sq(a)
+    # Ritz values below this are not resolved by the loop: NOISE of σ₁ in float32; with
+    # bfloat16 products, about the spectral norm of the rounding error E of A (entries within
+    # 2⁻⁹ of theirs: a random-like E of ‖E‖₂ ≈ 1.1e-3 ‖A‖_F (1/√m + 1/√n), here doubled), which
+    # a matrix of rank below k would otherwise leave as a flat spectrum the loop never settles
+    resolved = ns.sqrt(energy) * (BF16_NOISE * (m**-0.5 + n**-0.5)) if low is not a else None
     # The bases are kept as block rows, Qᵀ [B, L, m] and Wᵀ [B, L, n] (float32, and Wᵀ again in
     # float64 for the Gram), in buffers that double when full: a new block is written in place
     # instead of the whole basis being concatenated every iteration.
@@ -251,36 +281,48 @@ def randomized_svd(
             rows = min(most, max(cols + new, 2 * qt.shape[-2]))
             qt, wt, w64 = (_more_rows(buf, rows, cols) for buf in (qt, wt, w64))
         qt[..., cols : cols + new, :] = q_rows
-        wt[..., cols : cols + new, :] = _rows_t(a, qt[..., cols : cols + new, :])
+        wt[..., cols : cols + new, :] = _rows_t(low, qt[..., cols : cols + new, :])
         w64[..., cols : cols + new, :] = wt[..., cols : cols + new, :]
         return new
 
     omega = xp.mT(xp.gaussian(a, (b, n, width), generator))  # as rows Ωᵀ
-    yt = _rows(a, omega)
+    yt = _rows(low, omega)
     first, cols = 0, append(_orth_rows(yt, None, _floor(yt)), 0)  # the newest block: first .. cols
     gram = _grow(None, w64, 0, cols)
-    ritz, last, done = None, None, 0
+    ritz, last, rate, done = None, None, None, 0
     while True:
         if cols >= k:
             new = _ritz(gram, k)
             if ritz is not None and tol is not None:
                 # Ritz values rise towards σ; from two successive steps δ the remaining error is
-                # about δ·ρ/(1 − ρ) with ρ = δ/δ_prev (Aitken). Krylov convergence speeds up as
-                # it goes, so this overestimates it: the stop comes at most a block late.
+                # about δ·ρ/(1 − ρ) with ρ = δ/δ_prev (Aitken). Krylov convergence mostly speeds
+                # up as it goes, so this overestimates it. Not inside a cluster of near-equal σ:
+                # the basis first takes the cluster (a step of 0.4) and then resolves it slowly
+                # and unevenly (steps of 2e-4, 3e-4, 6e-4, 1e-4, ...), so a ratio that falls by
+                # more than 4x is taken for such a change of phase and the step before's ratio
+                # kept. Top-64 of a 4096 x 1024 matrix whose top 256 σ are 1 ± 1e-3 (vectors):
+                # a stop after 5 blocks at 2.5e-3 became 19 blocks at 4e-5; a σ = 1/i spectrum
+                # and Gaussian ones stop where they did.
                 step = abs(new - ritz) / ns.clip(new, 1e-30, None)
                 rho = 0.5
                 if last is not None:
-                    rho = ns.clip(step / ns.clip(last, 1e-30, None), 0, 0.99)
+                    raw = ns.clip(step / ns.clip(last, 1e-30, None), 0, 0.99)
+                    rho = raw if rate is None else ns.where(raw < rate / 4, rate, raw)
+                    rate = raw
                 # Values below NOISE·θ₁ are left out: float32 data holds no smaller σ, and the
-                # zero σ of a matrix of rank below k are rounding that never settles.
-                est = ns.where(new > NOISE * new[..., :1], step * rho / (1 - rho), 0)
+                # zero σ of a matrix of rank below k are rounding that never settles; nor, with
+                # bfloat16 products, those the rounding of A hides (`resolved`).
+                floor = NOISE * new[..., :1]
+                if resolved is not None:
+                    floor = ns.maximum(floor, xp.as_f32(resolved)[..., None])
+                est = ns.where(new > floor, step * rho / (1 - rho), 0)
                 if float(est.max()) < tol:
                     break
                 last = step
             ritz = new
         if done >= iterations or cols >= n:
             break
-        yt = _rows(a, wt[..., first:cols, :])  # expand from the newest block
+        yt = _rows(low, wt[..., first:cols, :])  # expand from the newest block
         basis, floor = qt[..., :cols, :], _floor(yt)
         # Block classical Gram-Schmidt, twice. The first pass needs no product with the basis:
         # its coefficients ⟨A wᵣ, qₛ⟩ = ⟨wᵣ, Aᵀqₛ⟩ = ⟨wᵣ, wₛ⟩ are entries of the Gram WᵀW the
@@ -292,6 +334,34 @@ def randomized_svd(
         gram = _grow(gram, w64, cols, added)
         first, cols = cols, cols + added
         done += 1
+    if low is not a:
+        # The loop's basis holds A's top-k directions as well as float32 products would have
+        # found them (rounding A to bfloat16 moved the top-128 σ of a 4096 x 16384 matrix by
+        # 6.5e-5), but its Ritz values are those of the rounded A: take them again with A
+        # itself, over the top k + EXTRA Ritz vectors (one float32 product of that width
+        # instead of one of the whole basis).
+        lam, vecs = ns.linalg.eigh(gram)
+        rounded = ns.sqrt(ns.clip(ns.flip(lam, (-1,))[..., :k], 0, None))
+        top = xp.as_f32(ns.flip(vecs, (-1,))[..., : min(cols, k + EXTRA)])
+        qt = xp.mT(top) @ qt[..., :cols, :]
+        wt = xp.contiguous(_rows_t(a, qt))
+        cols = qt.shape[-2]
+        w64 = xp.as_f64(wt)
+        gram = w64 @ xp.mT(w64)
+        new = _ritz(gram, k)
+        # Where rounding A mattered, the two sets of values part: A's over a basis fitted to
+        # the rounded A fall short of the rounded A's own (a large common offset, 1000 + a
+        # Gaussian matrix: 0.56 of σ₆₄ lost). Then the whole loop runs again in float32. The
+        # parting overstates the error (it holds the rounded A's own shift of σ, first order,
+        # where A's values over the basis err at second order: heavy-tailed entries parted by
+        # 3.3e-3 with an error of 5e-5), so it is held to the σ contract, not the vectors' tol.
+        drift = ns.abs(new - rounded) / ns.clip(new, 1e-30, None)
+        drift = ns.where(new > NOISE * new[..., :1], drift, 0)
+        if float(drift.max()) > DRIFT * TOL:
+            again, more = randomized_svd(
+                a, k, vectors, block=block, iterations=iterations, tol=tol, generator=generator
+            )
+            return again, done + more
     if vectors:
         # W = AᵀQ = V Σ Ũᵀ, so A ≈ Q Wᵀ = (Q Ũ) Σ Vᵀ; Ũ and Σ from the float64 Gram WᵀW the
         # loop already holds (an L x L eigenproblem instead of an SVD of the n x L W: 28 ms
@@ -308,5 +378,6 @@ def randomized_svd(
         # the loop ends right after the Ritz values of the final basis were taken (when it
         # held k columns): an eigenproblem of up to thousands of columns not done twice
         sigma, u, v = xp.as_f32(new if cols >= k else _ritz(gram, k)), None, None
-    dec = Decomposition(sigma, u, v, tail_energy(a, sigma, k), ["randomized"] * b)
+    route = "randomized" if low is a else "randomized-bf16"
+    dec = Decomposition(sigma, u, v, tail_energy(a, sigma, k, energy), [route] * b)
     return dec, done

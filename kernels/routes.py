@@ -96,11 +96,13 @@ class Decomposition:
     routes: list[str]
 
 
-def tail_energy(a: Array, sigma: Array, k: int) -> Array:
-    """``‖A‖²_F − Σ_{i≤k} σ_i²`` in float64, clamped at 0 (rounding can push it below)."""
+def tail_energy(a: Array, sigma: Array, k: int, energy: Array | None = None) -> Array:
+    """``‖A‖²_F − Σ_{i≤k} σ_i²`` in float64, clamped at 0 (rounding can push it below);
+    ``energy``: ``‖A‖²_F`` where the caller already has it."""
     top = xp.as_f64(sigma[..., :k])
     top = (top * top).sum(-1)
-    return xp.namespace(a).clip(xp.frobenius_sq(a) - top, 0, None)
+    energy = xp.frobenius_sq(a) if energy is None else energy
+    return xp.namespace(a).clip(energy - top, 0, None)
 
 
 def gesdd(a: Array, k: int, vectors: bool) -> Decomposition:

@@ -179,7 +179,7 @@ def bench_shape(
     backend = sk.resolve_backend("auto", on_cuda=opts.device.startswith("cuda"))
     from specan_kernels import registry
 
-    routes = [r for r in registry.get(backend).routes if r not in ("randomized",)]
+    routes = [r for r in registry.get(backend).routes if r not in registry.TOPK_ROUTES]
     sync = _sync(opts.device)
     runs: list[tuple[str, bool, Callable[[], Any]]] = [
         ("loop svd", True, lambda: [torch.linalg.svd(w, full_matrices=False) for w in mats]),

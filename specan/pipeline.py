@@ -513,6 +513,7 @@ def _sigma_top(spec: ViewSpec, settings: Mapping[str, Any], backend: str) -> int
     """How many σ a view keeps under ``sigma="top-k"``: k where the kernel would decompose it
     with the randomized top-k route (only the top k exist then), else None (all of them)."""
     from specan_kernels import choose_route
+    from specan_kernels.registry import TOPK_ROUTES
 
     k = settings["top_k"]
     if settings["sigma"] != "top-k" or not k:
@@ -520,7 +521,7 @@ def _sigma_top(spec: ViewSpec, settings: Mapping[str, Any], backend: str) -> int
     m, n = spec.shape
     shape = (spec.heads or 1, m, n)
     route = choose_route(backend, shape, k=k, vectors=settings["vectors"], sigma="top-k")
-    return min(k, m, n) if route == "randomized" else None
+    return min(k, m, n) if route in TOPK_ROUTES else None
 
 
 def _compute(

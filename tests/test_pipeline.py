@@ -391,7 +391,8 @@ def test_sigma_top_k_keeps_the_top_k_and_the_exact_tail(tmp_path: Path) -> None:
               str(run / "step-1.safetensors"), {"step": "1"})  # fmt: skip
     ingest(run, IngestOptions(top_k=k, sigma="top-k"))
     st = store.open_store(store.store_path(run))
-    assert st.views["big.weight"].sigma_top == k and "randomized" in st.views["big.weight"].routes
+    assert st.views["big.weight"].sigma_top == k
+    assert set(st.views["big.weight"].routes) <= {"randomized", "randomized-bf16"}
     assert st.views["small.weight"].sigma_top is None
     sigma, tail = st.read_sigma("big.weight")[0], float(st.read_tail("big.weight")[0])
     np.testing.assert_allclose(sigma, s[:k], rtol=1e-3)
