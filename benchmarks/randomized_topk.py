@@ -8,9 +8,10 @@ vectors everywhere. ``decaying``: σᵢ = 1/i with random orthogonal factors. ``
 Gaussian entries (σ₁/σ₁₂₈ = 1.06: a flat top, the hard case for every randomized method);
 its reference σ come from a float64 eigendecomposition of ``AAᵀ``.
 
-specan's block Krylov route at several block widths and tolerances (blocks of 64 to 3e-4 are
-its defaults with vectors, blocks of 48 to 1e-3 those for σ alone, here with vectors too) and
-through ``specan_kernels.svd`` at its defaults. The others at the cheapest settings found on
+specan's block Krylov route at its defaults with vectors (blocks of 64 to 3e-4) and those for
+σ alone (blocks of 64 to 1e-3, here with vectors too), with float32 products and, on CPUs with
+AMX, bfloat16 ones (the ``randomized-bf16`` route), and through ``specan_kernels.svd`` at its
+defaults (the route it took is printed). The others at the cheapest settings found on
 this machine that reach 1e-3 on three seeds (``torch.svd_lowrank`` uses the global RNG):
 
 * decaying: ``torch.svd_lowrank(q=248, niter=2)`` (``q=240`` reached 1.0e-3 on one seed,
@@ -34,10 +35,11 @@ import torch
 from sklearn.utils.extmath import randomized_svd as sklearn_randomized_svd
 
 import specan_kernels as sk
+from specan_kernels import bf16
 from specan_kernels.randomized import randomized_svd
 
 M, N, K = 16384, 4096, 128
-OURS = ((64, 3e-4), (48, 1e-3), (64, 1e-3), (80, 1e-3))  # (block, tol)
+OURS = ((64, 3e-4), (64, 1e-3))  # (block, tol): the defaults with vectors and for σ alone
 TORCH = {"decaying": ((248, 2), (256, 2)), "random": ((256, 28), (384, 16))}  # (q, niter)
 SKLEARN = {"decaying": (128, 3), "random": (128, 28)}  # (n_oversamples, n_iter)
 
@@ -79,25 +81,33 @@ def main() -> None:
         errors.setdefault(label, []).append(err(sigma_of(out)))
         return out
 
-    def ours(block: int, tol: float):
-        return randomized_svd(wide.T[None], K, vectors=True, block=block, tol=tol)
+    def ours(block: int, tol: float, products: str):
+        return randomized_svd(
+            wide.T[None], K, vectors=True, block=block, tol=tol, products=products
+        )
 
-    ours(64, 3e-4)  # warm-up: BLAS and LAPACK threads, buffers
+    products = ("float32", "bfloat16") if bf16.available() else ("float32",)
+    for p in products:
+        ours(64, 3e-4, p)  # warm-up: BLAS and LAPACK threads, buffers, MKL's bf16 kernels
     blocks: dict[str, int] = {}
+    routes: dict[str, str] = {}
     for r in range(rounds):
-        for block, tol in OURS:
-            label = f"specan block={block} tol={tol:g}"
-            out = timed(
-                label,
-                lambda b=block, t=tol: ours(b, t),
-                lambda out: out[0].sigma[0],
-            )
-            blocks[label] = out[1] + 1
-        timed(
+        for prod in products:
+            for block, tol in OURS:
+                label = f"specan {prod} block={block} tol={tol:g}"
+                out = timed(
+                    label,
+                    lambda b=block, t=tol, p=prod: ours(b, t, p),
+                    lambda out: out[0].sigma[0],
+                )
+                blocks[label] = out[1] + 1
+                routes[label] = out[0].routes[0]
+        out = timed(
             "specan_kernels.svd defaults",
-            lambda: sk.svd(wide, k=K, route="randomized", sigma="top-k"),
+            lambda: sk.svd(wide, k=K, sigma="top-k"),
             lambda res: res.sigma[0],
         )
+        routes["specan_kernels.svd defaults"] = out.route
         for q, niter in TORCH[args.spectrum]:
             torch.manual_seed(r + 1)
             timed(
@@ -115,7 +125,9 @@ def main() -> None:
         )
     for label, ts in times.items():
         name = f"{label} ({blocks[label]} blocks)" if label in blocks else label
-        print(f"{name:40s} best {min(ts):.3f} s  max error {max(errors[label]):.1e}")
+        if label in routes:
+            name += f" [{routes[label]}]"
+        print(f"{name:62s} best {min(ts):.3f} s  max error {max(errors[label]):.1e}")
 
 
 if __name__ == "__main__":

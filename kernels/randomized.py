@@ -9,9 +9,9 @@ spectral gap instead of the gap, so a thinner block reaches the same accuracy wi
 columns multiplied by A. Measured on a 4096×16384 matrix with σᵢ = 1/i, top-128 σ to 1e-3
 (2 threads): blocks of 64 reached 3.5e-5 after 12 products with A (768 columns in all), blocks
 of 48 1.3e-4 after 14 (672 columns), against 8 products of 256 columns (2048) for power
-iterations with 2k sketch columns. An 800×400 matrix, top-32 σ alone in blocks of 12: 7 blocks
-after the first on a trained-like spectrum (σ from 1 to 1e-4), 16 on a flat Gaussian one; with
-vectors, in blocks of 16 to the tighter tolerance: 5 and 13 (tests/test_kernels.py).
+iterations with 2k sketch columns. An 800×400 matrix, top-32 σ alone in blocks of 16: 5 blocks
+after the first on a trained-like spectrum (σ from 1 to 1e-4), 12 on a flat Gaussian one; with
+vectors, to the tighter tolerance: 6 and 13 (tests/test_kernels.py).
 
 For a tall float32 stack ``A [B, m, n]``:
 
@@ -26,6 +26,14 @@ For a tall float32 stack ``A [B, m, n]``:
    already holds: they only grow towards the true σ. The loop stops when the top-k Ritz values
    are estimated within ``tol`` (relative) of their limit, or after ``iterations``;
 4. vectors: ``W = V Σ Ũᵀ`` gives ``A ≈ Q Wᵀ = (Q Ũ) Σ Vᵀ``.
+
+With ``products="bfloat16"`` (route ``randomized-bf16``, CPUs with AMX) the loop multiplies a
+bfloat16 copy of A with float32 accumulation and output (:mod:`specan_kernels.bf16`: 3-4x the
+float32 speed on thin blocks, which are bound by reading A), leaving out of its stopping test
+the Ritz values the rounding of A hides; then step 4 is taken again with the float32 A over the
+loop's top k + EXTRA Ritz vectors, so that the σ, U and V returned are A's. If those σ part from
+the loop's by more than the σ contract (rounding mattered: a common offset large against the
+spectrum under it), the whole loop runs again with float32 products.
 
 The tail energy is exact for the data: ``‖A‖²_F − Σ_{i≤k} σ_i²`` (Ritz values are below the true
 σ, so the tail is over-, never under-estimated).
@@ -190,13 +198,14 @@ def _more_rows(buf: Array, rows: int, used: int) -> Array:
     return out
 
 
-def default_block(k: int, vectors: bool = True) -> int:
-    """Block width for top-k: k/2 with vectors, 3k/8 for σ alone (each measured fastest at
-    k = 128 on a 4096 x 16384 matrix with σᵢ = 1/i at its tolerance, best of 3, 2 threads: with
-    vectors 0.58 s against 0.60 s for 3k/8, 6 blocks against 8, and 0.63 s for 5k/16, 0.67 s for
-    5k/8; σ alone 0.50 s against 0.55 s for k/2, 7 blocks of 48 against 6 of 64, and 0.53 s for
-    5k/16, 0.61 s for 7k/16)."""
-    return max(8, (k + 1) // 2 if vectors else (3 * k + 7) // 8)
+def default_block(k: int) -> int:
+    """Block width for top-k: k/2. Measured at k = 128 on a 4096 x 16384 matrix with σᵢ = 1/i
+    at each tolerance, best of 3, 2 threads, 2026-12-07 (float32 products; bfloat16 in
+    brackets): with vectors (3e-4) 0.61 s (0.47) in 6 blocks, against 0.65 s (0.49) for 3k/8
+    in 8 and 0.74 s (0.52) for 5k/8 in 6; σ alone (1e-3) 0.59 s (0.44) in 6, against 0.64 s
+    (0.49) for 3k/8 in 8 and 0.55 s (0.42) for 5k/8 in 5, but wider blocks lose on flat
+    spectra (Gaussian, bfloat16: 2.4 s at k/2 against 2.6 s at 3k/4)."""
+    return max(8, (k + 1) // 2)
 
 
 def randomized_svd(
@@ -220,7 +229,7 @@ def randomized_svd(
     k
         Number of singular triplets, ``1 <= k <= n``.
     block
-        Columns per Krylov block; None: :func:`default_block` (which depends on ``vectors``).
+        Columns per Krylov block; None: :func:`default_block`.
         The basis never grows past n columns (there the Rayleigh–Ritz step is exact).
     iterations
         Most blocks after the first; 0 is the plain range finder with a block of
@@ -246,7 +255,7 @@ def randomized_svd(
     """
     b, m, n = a.shape
     k = max(1, min(k, n))
-    width = default_block(k, vectors) if block is None else max(1, int(block))
+    width = default_block(k) if block is None else max(1, int(block))
     if tol == "auto":
         tol = TOL_VECTORS if vectors else TOL
     if iterations == 0:
@@ -301,8 +310,10 @@ def randomized_svd(
                 # and unevenly (steps of 2e-4, 3e-4, 6e-4, 1e-4, ...), so a ratio that falls by
                 # more than 4x is taken for such a change of phase and the step before's ratio
                 # kept. Top-64 of a 4096 x 1024 matrix whose top 256 σ are 1 ± 1e-3 (vectors):
-                # a stop after 5 blocks at 2.5e-3 became 19 blocks at 4e-5; a σ = 1/i spectrum
-                # and Gaussian ones stop where they did.
+                # a stop after 5 blocks at 2.5e-3 became 19 blocks at 4e-5. With vectors a
+                # 4096 x 16384 matrix with σᵢ = 1/i (top 128) and Gaussian ones stop where they
+                # did; σ alone of the former in blocks of 48 a block later (8, error 1.4e-6),
+                # which made k/2 the width for σ alone too (`default_block`).
                 step = abs(new - ritz) / ns.clip(new, 1e-30, None)
                 rho = 0.5
                 if last is not None:

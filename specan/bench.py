@@ -311,27 +311,42 @@ def bench_randomized(
         rows.append(row)
         return row
 
+    from specan_kernels import registry
+
+    # the route auto takes for such matrices at full size (the quick one is below its threshold)
+    route = registry.get(sk.resolve_backend("auto", on_cuda=a_dev.is_cuda)).routes[-1]
     ours = add(
         "specan randomized",
         "block Krylov, defaults with vectors: blocks of k/2, adaptive (≤ 32 blocks, tol 3e-4)",
-        lambda: sk.svd(a_dev, k=k, vectors=True, route="randomized", sigma="top-k"),
+        lambda: sk.svd(a_dev, k=k, vectors=True, route=route, sigma="top-k"),
         lambda r: r.sigma[0].cpu().numpy(),
     )
     tall = a_dev.T[None]  # as svd decomposes it
-    _, iters = sk.randomized_svd(tall, k, vectors=True)
-    ours["settings"] += f"; ran {iters + 1} blocks"
+    # on CPUs with AMX the route multiplies a bfloat16 copy of A (randomized-bf16); float32
+    # products are timed too, as the route every other machine runs
+    products = ["bfloat16", "float32"] if route == "randomized-bf16" else ["float32"]
+    dec, iters = sk.randomized_svd(tall, k, vectors=True, products=products[0])
+    ours["settings"] += f"; ran {iters + 1} blocks, route {dec.routes[0]}"
     # The others are run at the fewest iterations that reach the target; ours at the tolerance
     # that asks for it (the σ-only defaults), vectors still computed: equal accuracy
-    block = randomized.default_block(k, vectors=False)
-    equal = add(
-        "specan randomized",
-        f"same, blocks of {block}, tol {randomized.TOL:g} (the σ contract), with vectors",
-        lambda: sk.randomized_svd(tall, k, vectors=True, block=block, tol=randomized.TOL),
-        lambda r: r[0].sigma[0].cpu().numpy(),
-    )
-    _, iters = sk.randomized_svd(tall, k, vectors=True, block=block, tol=randomized.TOL)
-    equal["settings"] += f"; ran {iters + 1} blocks"
-    equal["equal_accuracy"] = True
+    block = randomized.default_block(k)
+    for i, prod in enumerate(products):
+        row = add(
+            "specan randomized",
+            f"same, blocks of {block}, tol {randomized.TOL:g} (the σ contract), with vectors, "
+            f"{prod} products",
+            lambda p=prod: sk.randomized_svd(
+                tall, k, vectors=True, block=block, tol=randomized.TOL, products=p
+            ),
+            lambda r: r[0].sigma[0].cpu().numpy(),
+        )
+        dec, iters = sk.randomized_svd(
+            tall, k, vectors=True, block=block, tol=randomized.TOL, products=prod
+        )
+        row["settings"] += f"; ran {iters + 1} blocks, route {dec.routes[0]}"
+        if i == 0:
+            equal = row
+            equal["equal_accuracy"] = True
 
     def first_ok(method, make, get, settings) -> None:
         for it in (0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 16):
