@@ -34,6 +34,17 @@ MAX_TICKS = 10
 DPI = 110
 
 
+def as_label(name: str, width: int = 60) -> str:
+    """A name as a figure shows it: control characters escaped (fonts have no glyph for a NUL)
+    and, past ``width`` characters, cut in the middle, where names of one model differ least
+    (a 10,000-character parameter name collapsed the axes it labelled)."""
+    text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in name)
+    if len(text) <= width:
+        return text
+    head = (width - 1) // 2
+    return f"{text[:head]}…{text[len(text) - (width - 1 - head) :]}"
+
+
 def _figure(width: float, height: float) -> Figure:
     from matplotlib.figure import Figure
 
@@ -88,6 +99,8 @@ def _heatmap(
     """Rows x checkpoints on a fixed colour scale (``bounds``, 0-1 unless given; None: the
     data's range); ``labels`` name the rows (else indices)."""
     values = np.asarray(values, dtype=float)
+    labels = None if labels is None else [as_label(s) for s in labels]
+    title = as_label(title, 120)
     rows = values.shape[0] if values.ndim == 2 else 0
     size = 9 if rows <= 30 else 7 if rows <= 60 else 5
     height = min(2.2 + 0.24 * rows, 30.0) if labels is not None else 4.5
@@ -126,7 +139,7 @@ def singular_values(steps: np.ndarray, sigma: np.ndarray, *, title: str) -> Figu
     n = min(MAX_LINES, s.shape[-1]) if s.ndim == 2 else 0
     fig = _figure(7.5, 4.8)
     ax = fig.add_subplot()
-    ax.set_title(title)
+    ax.set_title(as_label(title, 120))
     ax.set_ylabel(r"singular value $\sigma_i$" + (f" (mean over {heads} heads)" if heads else ""))
     x = _step_axis(ax, steps)
     if n == 0 or s.shape[0] == 0:
@@ -290,10 +303,10 @@ def registered_lines(ds: Any, *, title: str, item: str, label: str) -> Figure:
     ax = fig.add_subplot()
     steps = np.asarray(ds["step"].values)
     for name, row in zip(ds[item].values, np.asarray(ds["value"].values, dtype=float), strict=True):
-        ax.plot(steps, row, marker="o", ms=3, label=str(name))
+        ax.plot(steps, row, marker="o", ms=3, label=as_label(str(name)))
     ax.set_xlabel("step")
     ax.set_ylabel(label)
-    ax.set_title(title)
+    ax.set_title(as_label(title, 120))
     ax.legend(title=item)
     return fig
 
@@ -472,7 +485,7 @@ def compare_lines(
     rows = -(-len(shown) // cols)
     fig = _figure(4.2 * cols, 1.2 + 2.6 * rows)
     axes = np.atleast_1d(fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False)).ravel()
-    fig.suptitle(title)
+    fig.suptitle(as_label(title, 120))
     colour = _run_colours([str(r) for r in result.run.values])
     x = np.asarray(result[by].values, dtype=float)
     marker = "o" if x.size < 30 else None
@@ -480,8 +493,9 @@ def compare_lines(
         panel = result.sel({items[0]: name}) if items else result
         for run in result.run.values:
             y = np.asarray(panel.sel(run=run).values, dtype=float)
-            ax.plot(x, y, color=colour[str(run)], label=str(run), marker=marker, ms=3, lw=1.4)
-        ax.set_title(name, fontsize=8 if len(name) > 30 else 10)
+            run_label = as_label(str(run))
+            ax.plot(x, y, color=colour[str(run)], label=run_label, marker=marker, ms=3, lw=1.4)
+        ax.set_title(as_label(name), fontsize=8 if len(name) > 30 else 10)
     for ax in axes[len(shown) :]:
         ax.set_visible(False)
     for ax in axes[(rows - 1) * cols :]:

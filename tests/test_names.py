@@ -43,6 +43,8 @@ def files(root: Path) -> set[Path]:
     return {p for p in root.rglob("*") if p.is_file()}
 
 
+# a NUL or a 10,000-character name in a figure warned of a missing glyph and collapsed axes
+@pytest.mark.filterwarnings("error::UserWarning")
 def test_every_command_that_writes_stays_inside(
     hostile: tuple[Path, dict[int, dict]], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -193,3 +193,14 @@ def test_figures_draw_only_the_results_given(
     assert not any(p.name.startswith(("align", "sva")) for p in plots_)  # not given: not drawn
     (im,) = plots_[0].figure.axes[0].images
     np.testing.assert_array_equal(im.get_array(), 0.25)
+
+
+def test_labels_escape_control_characters_and_cut_long_names_in_the_middle() -> None:
+    from specan.plots import as_label
+
+    assert as_label("layers.0.weight") == "layers.0.weight"
+    assert as_label("nul\x00name") == "nul\\x00name"
+    long_a, long_b = "n" * 10_000, "n" * 9_999 + "m"
+    got_a, got_b = as_label(long_a), as_label(long_b)
+    assert len(got_a) == len(got_b) == 60 and "…" in got_a
+    assert got_a != got_b and got_b.endswith("m")
