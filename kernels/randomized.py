@@ -277,11 +277,27 @@ def randomized_svd(
             raise ValueError("bfloat16 products need a torch CPU tensor and a CPU with AMX-BF16")
         low = a.to(torch.bfloat16)  # its layout kept: products read it as A lies
     energy = xp.frobenius_sq(a)
-    # Ritz values below this are not resolved by the loop: NOISE of σ₁ in float32; with
-    # bfloat16 products, about the spectral norm of the rounding error E of A (entries within
-    # 2⁻⁹ of theirs: a random-like E of ‖E‖₂ ≈ 1.1e-3 ‖A‖_F (1/√m + 1/√n), here doubled), which
-    # a matrix of rank below k would otherwise leave as a flat spectrum the loop never settles
-    resolved = ns.sqrt(energy) * (BF16_NOISE * (m**-0.5 + n**-0.5)) if low is not a else None
+    # The loop works on A / ‖A‖_F: every product is divided by it, so that the Krylov blocks
+    # (σ² in size) and their Gram matrices (σ⁴) stay inside float32's range whatever A's scale
+    # (entries of 1e15 overflowed a Cholesky Gram, of 1e30 a product; of 1e-30 underflowed).
+    norm = ns.sqrt(energy)
+    norm = ns.where(norm > 0, norm, 1)
+    inv = xp.as_f32(1 / norm)[..., None, None]
+
+    def times_a(x_rows: Array, by: Array = low) -> Array:
+        return _rows(by, x_rows) * inv
+
+    def times_at(y_rows: Array, by: Array = low) -> Array:
+        return _rows_t(by, y_rows) * inv
+
+    # Ritz values (of A / ‖A‖_F) below this are not resolved by the loop: NOISE of σ₁ in
+    # float32; with bfloat16 products, about the spectral norm of the rounding error E of A
+    # (entries within 2⁻⁹ of theirs: a random-like E of ‖E‖₂ ≈ 1.1e-3 ‖A‖_F (1/√m + 1/√n),
+    # here doubled), which a matrix of rank below k would otherwise leave as a flat spectrum
+    # the loop never settles
+    resolved = None
+    if low is not a:
+        resolved = ns.sqrt(energy) / norm * (BF16_NOISE * (m**-0.5 + n**-0.5))
     # The bases are kept as block rows, Qᵀ [B, L, m] and Wᵀ [B, L, n] (float32, and Wᵀ again in
     # float64 for the Gram), in buffers that double when full: a new block is written in place
     # instead of the whole basis being concatenated every iteration.
@@ -297,12 +313,12 @@ def randomized_svd(
             rows = min(most, max(cols + new, 2 * qt.shape[-2]))
             qt, wt, w64 = (_more_rows(buf, rows, cols) for buf in (qt, wt, w64))
         qt[..., cols : cols + new, :] = q_rows
-        wt[..., cols : cols + new, :] = _rows_t(low, qt[..., cols : cols + new, :])
+        wt[..., cols : cols + new, :] = times_at(qt[..., cols : cols + new, :])
         w64[..., cols : cols + new, :] = wt[..., cols : cols + new, :]
         return new
 
     omega = xp.mT(xp.gaussian(a, (b, n, width), generator))  # as rows Ωᵀ
-    yt = _rows(low, omega)
+    yt = times_a(omega)
     first, cols = 0, append(_orth_rows(yt, None, _floor(yt)), 0)  # the newest block: first .. cols
     gram = _grow(None, w64, 0, cols)
     ritz, last, rate, done = None, None, None, 0
@@ -343,7 +359,7 @@ def randomized_svd(
         if done >= iterations or cols >= n:
             converged = converged or cols >= n  # a basis of n columns is exact
             break
-        yt = _rows(low, wt[..., first:cols, :])  # expand from the newest block
+        yt = times_a(wt[..., first:cols, :])  # expand from the newest block
         basis, floor = qt[..., :cols, :], _floor(yt)
         # Block classical Gram-Schmidt, twice. The first pass needs no product with the basis:
         # its coefficients ⟨A wᵣ, qₛ⟩ = ⟨wᵣ, Aᵀqₛ⟩ = ⟨wᵣ, wₛ⟩ are entries of the Gram WᵀW the
@@ -373,7 +389,7 @@ def randomized_svd(
         rounded = ns.sqrt(ns.clip(ns.flip(lam, (-1,))[..., :k], 0, None))
         top = xp.as_f32(ns.flip(vecs, (-1,))[..., : min(cols, k + EXTRA)])
         qt = xp.mT(top) @ qt[..., :cols, :]
-        wt = xp.contiguous(_rows_t(a, qt))
+        wt = xp.contiguous(times_at(qt, a))
         cols = qt.shape[-2]
         w64 = xp.as_f64(wt)
         gram = w64 @ xp.mT(w64)
@@ -399,7 +415,7 @@ def randomized_svd(
         lam, vecs = ns.linalg.eigh(gram)
         lam, vecs = ns.flip(lam, (-1,))[..., :k], ns.flip(vecs, (-1,))[..., :k]
         s64 = ns.sqrt(ns.clip(lam, 0, None))
-        sigma = xp.as_f32(s64)
+        sigma = xp.as_f32(s64 * norm[..., None])
         u = xp.contiguous(xp.mT(qt[..., :cols, :]) @ xp.as_f32(vecs))
         # a zero σ (a matrix of rank below k) leaves its v undefined: 0, not a division by 0
         inv = ns.where(s64 > 0, 1 / ns.where(s64 > 0, s64, 1), 0)
@@ -407,7 +423,8 @@ def randomized_svd(
     else:
         # the loop ends right after the Ritz values of the final basis were taken (when it
         # held k columns): an eigenproblem of up to thousands of columns not done twice
-        sigma, u, v = xp.as_f32(new if cols >= k else _ritz(gram, k)), None, None
+        sigma = xp.as_f32((new if cols >= k else _ritz(gram, k)) * norm[..., None])
+        u = v = None
     route = "randomized" if low is a else "randomized-bf16"
     dec = Decomposition(sigma, u, v, tail_energy(a, sigma, k, energy), [route] * b)
     return dec, done

@@ -139,10 +139,13 @@ def _lambda_max(g: np.ndarray, steps: int = 8) -> float:
     are SciPy's BLAS (`lapack.symv`) and the reductions plain NumPy, not NumPy's BLAS."""
     x = np.full(len(g), 1 / np.sqrt(len(g)), dtype=g.dtype)
     lam = 0.0
+    if not np.isfinite(g[0, 0]) or not np.isfinite(np.max(np.abs(np.diagonal(g)))):
+        return float("inf")  # an overflowed float32 Gram: run_dense takes it to gram64
     for _ in range(steps):
         y = lapack.symv(g, x)
-        lam = float(np.sum(x * y))
-        norm = float(np.sqrt(np.sum(y * y)))
+        y64 = y.astype(np.float64)  # its squares overflow float32 for a Gram past 1e19
+        lam = float(np.dot(x.astype(np.float64), y64))
+        norm = float(np.sqrt(np.dot(y64, y64)))
         if norm == 0:
             return 0.0
         x = y / norm
@@ -156,9 +159,11 @@ def _eig_one(g: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray | None]:
         # a Cholesky test first, so that a matrix that would fail the check after the float32
         # eigenproblem costs ~2 ms instead of the float32 eigenproblem
         lam1 = _lambda_max(g)
-        if lam1 > 0 and lapack.exceeds(g, (EIG32_MIN_RATIO * EIG32_MARGIN) ** 2 * lam1):
+        if 0 < lam1 < np.inf and lapack.exceeds(g, (EIG32_MIN_RATIO * EIG32_MARGIN) ** 2 * lam1):
             w, z = lapack.eigh_top(g.copy(), k)  # a copy: the float64 redo needs the Gram
-            if w[0] > 0 and w[-1] >= EIG32_MIN_RATIO**2 * w[0]:
+            # (float32 inverse iteration overflows on a Gram of 1e30: vectors of inf and NaN)
+            finite = z is None or bool(np.isfinite(z).all())
+            if finite and w[0] > 0 and w[-1] >= EIG32_MIN_RATIO**2 * w[0]:
                 return w.astype(np.float64), None if z is None else z.astype(np.float64)
     return lapack.eigh_top(np.ascontiguousarray(g, dtype=np.float64), k)
 
@@ -276,7 +281,15 @@ def run_dense(a: Array, route: str, k: int, vectors: bool) -> Decomposition:
     if route not in DENSE_ROUTES:
         raise ValueError(f"unknown dense route {route!r}; choose one of {', '.join(DENSE_ROUTES)}")
     double = route == "gram64"
-    sigma, u, v = gram(a, k, vectors, double=double)
+    try:
+        sigma, u, v = gram(a, k, vectors, double=double)
+    except (RuntimeError, np.linalg.LinAlgError):
+        if double:
+            raise
+        # a float32 Gram entry past 3.4e38 (‖A‖²_F that large: entries of 1e20 and up) is inf,
+        # and the eigensolver fails on it; float64 holds it
+        logger.debug("gram32: float32 Gram out of range, %d matrices redone with gram64", len(a))
+        return run_dense(a, "gram64", k, vectors)
     bad = needs_redo(sigma, k, vectors, double=double)
     redo = "gesdd" if double else "gram64"
     sigma = xp.as_f32(sigma)

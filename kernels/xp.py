@@ -98,7 +98,16 @@ def frobenius_sq(a: Any) -> Any:
     if steps[-1] != 1 and steps[-2] == 1:
         a = mT(a)
     rows = as_f64(row_norms(a))
-    return (rows * rows).sum(-1)
+    energy = (rows * rows).sum(-1)
+    # a float32 sum of squares overflows past 1.8e19 and underflows below 1e-19: entries that
+    # large or that small are summed again in float64 (a zero matrix costs one more look)
+    ns = namespace(energy)
+    odd = ~ns.isfinite(energy) | (energy == 0)
+    if bool(odd.any()):
+        idx = nonzero(odd)
+        sub = as_f64(a[idx])
+        energy[idx] = (sub * sub).sum((-2, -1))
+    return energy
 
 
 def row_norms(a: Any) -> Any:

@@ -495,6 +495,32 @@ def test_randomized_unconverged_is_decomposed_densely(products) -> None:
     assert dec.routes == ["randomized"] and iters == 4
 
 
+ALL_ROUTES = [*AUTO_ROUTES, "randomized", pytest.param("randomized-bf16", marks=NEEDS_BF16)]
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+@pytest.mark.parametrize("scale", [1e-30, 1e15, 1e30])
+@pytest.mark.parametrize("route", ["auto", *ALL_ROUTES])
+def test_every_route_at_extreme_scales(route, scale) -> None:
+    """σ to the contract and finite vectors for matrices scaled far from 1 (σ₁ of 1e-30 to
+    1e30: float32 squares overflow past 1.8e19 and underflow below 1e-19). Before, gram32
+    failed in LAPACK on an overflowed Gram (1e30) or returned NaN vectors (1e15), and the
+    randomized route returned NaN σ (1e30) or fell back to gesdd (1e-30, 1e15)."""
+    k = 16
+    for kind in ("decaying", "random"):
+        w = (_matrix(kind, 600, 300, 3).double() * scale).float()
+        _, s_ref, _ = _reference(w)
+        topk = route.startswith("randomized")
+        res = sk.svd(w, k=k, route=route, sigma="top-k" if topk else "all")
+        got = res.sigma[0].double().numpy()[:k]
+        tol = 1e-3 if topk else 1e-4
+        bound = np.maximum(tol * s_ref[:k], 0 if topk else 1e-5 * s_ref[0])
+        assert np.all(np.abs(got - s_ref[:k]) <= bound), (kind, res.route)
+        assert bool(torch.isfinite(res.U).all() and torch.isfinite(res.V).all()), (kind, res.route)
+        if topk:
+            assert res.route == route, kind  # neither redone nor handed to gesdd
+
+
 @NEEDS_BF16
 @pytest.mark.parametrize("layout", ["row", "column", "strided"])
 @pytest.mark.parametrize("batch", [(), (3,)])
