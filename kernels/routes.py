@@ -139,8 +139,6 @@ def _lambda_max(g: np.ndarray, steps: int = 8) -> float:
     are SciPy's BLAS (`lapack.symv`) and the reductions plain NumPy, not NumPy's BLAS."""
     x = np.full(len(g), 1 / np.sqrt(len(g)), dtype=g.dtype)
     lam = 0.0
-    if not np.isfinite(g[0, 0]) or not np.isfinite(np.max(np.abs(np.diagonal(g)))):
-        return float("inf")  # an overflowed float32 Gram: run_dense takes it to gram64
     for _ in range(steps):
         y = lapack.symv(g, x)
         y64 = y.astype(np.float64)  # its squares overflow float32 for a Gram past 1e19
@@ -155,11 +153,16 @@ def _lambda_max(g: np.ndarray, steps: int = 8) -> float:
 def _eig_one(g: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray | None]:
     """Eigenvalues and top-k eigenvectors of one Gram matrix from `_gram_one`, in float64; a
     float32 Gram whose spectrum is well conditioned in float32 (see ``EIG32_MIN_RATIO``)."""
+    if not np.isfinite(np.diagonal(g)).all():  # |g_ij| <= sqrt(g_ii g_jj): the rest is finite
+        # a float32 Gram out of range (‖A‖²_F past 3.4e38: entries of 1e20 and up) gives NaN,
+        # as the libraries' eigensolvers do, and run_dense's check hands the matrix to gram64
+        n = len(g)
+        return np.full(n, np.nan), np.full((n, k), np.nan) if k else None
     if g.dtype == np.float32 and len(g) >= EIG32_MIN_N:
         # a Cholesky test first, so that a matrix that would fail the check after the float32
         # eigenproblem costs ~2 ms instead of the float32 eigenproblem
         lam1 = _lambda_max(g)
-        if 0 < lam1 < np.inf and lapack.exceeds(g, (EIG32_MIN_RATIO * EIG32_MARGIN) ** 2 * lam1):
+        if lam1 > 0 and lapack.exceeds(g, (EIG32_MIN_RATIO * EIG32_MARGIN) ** 2 * lam1):
             w, z = lapack.eigh_top(g.copy(), k)  # a copy: the float64 redo needs the Gram
             # (float32 inverse iteration overflows on a Gram of 1e30: vectors of inf and NaN)
             finite = z is None or bool(np.isfinite(z).all())
@@ -259,7 +262,8 @@ def needs_redo(sigma: Array, k: int, vectors: bool, *, double: bool) -> Array | 
     None when there is nothing to check.
 
     float32 Gram: ``σ_min < GRAM32_MIN_RATIO·σ₁``; float64 Gram with vectors: the k-th σ below
-    ``GRAM_VEC_FLOOR·σ₁``. A zero matrix (σ₁ = 0) is always redone.
+    ``GRAM_VEC_FLOOR·σ₁``. A zero matrix (σ₁ = 0) is always redone, and so is NaN σ (a float32
+    Gram out of range).
     """
     s1 = sigma[..., 0]
     if not double:
@@ -281,15 +285,7 @@ def run_dense(a: Array, route: str, k: int, vectors: bool) -> Decomposition:
     if route not in DENSE_ROUTES:
         raise ValueError(f"unknown dense route {route!r}; choose one of {', '.join(DENSE_ROUTES)}")
     double = route == "gram64"
-    try:
-        sigma, u, v = gram(a, k, vectors, double=double)
-    except (RuntimeError, np.linalg.LinAlgError):
-        if double:
-            raise
-        # a float32 Gram entry past 3.4e38 (‖A‖²_F that large: entries of 1e20 and up) is inf,
-        # and the eigensolver fails on it; float64 holds it
-        logger.debug("gram32: float32 Gram out of range, %d matrices redone with gram64", len(a))
-        return run_dense(a, "gram64", k, vectors)
+    sigma, u, v = gram(a, k, vectors, double=double)
     bad = needs_redo(sigma, k, vectors, double=double)
     redo = "gesdd" if double else "gram64"
     sigma = xp.as_f32(sigma)
