@@ -303,13 +303,18 @@ def bench_randomized(
 
     rows: list[dict[str, Any]] = []
 
-    def add(method: str, settings: str, fn: Callable[[], Any], get) -> dict[str, Any]:
+    def add(method: str, settings: str, fn: Callable[[], Any], get, note=None) -> dict[str, Any]:
+        """Time ``fn``; ``note`` adds to the settings what its output says (blocks, route)."""
         if progress:
             progress(f"randomized top-{k}: {method}, {settings}")
         seconds, out = _timed(fn, repeats, sync)
+        settings += note(out) if note else ""
         row = {"method": method, "settings": settings, "seconds": seconds, "error": err(get(out))}
         rows.append(row)
         return row
+
+    def ran(out: Any) -> str:
+        return f"; ran {out[1] + 1} blocks, route {out[0].routes[0]}"
 
     from specan_kernels import registry
 
@@ -325,8 +330,7 @@ def bench_randomized(
     # on CPUs with AMX the route multiplies a bfloat16 copy of A (randomized-bf16); float32
     # products are timed too, as the route every other machine runs
     products = ["bfloat16", "float32"] if route == "randomized-bf16" else ["float32"]
-    dec, iters = sk.randomized_svd(tall, k, vectors=True, products=products[0])
-    ours["settings"] += f"; ran {iters + 1} blocks, route {dec.routes[0]}"
+    ours["settings"] += ran(sk.randomized_svd(tall, k, vectors=True, products=products[0]))
     # The others are run at the fewest iterations that reach the target; ours at the tolerance
     # that asks for it (the σ-only defaults), vectors still computed: equal accuracy
     block = randomized.default_block(k)
@@ -339,11 +343,8 @@ def bench_randomized(
                 tall, k, vectors=True, block=block, tol=randomized.TOL, products=p
             ),
             lambda r: r[0].sigma[0].cpu().numpy(),
+            ran,
         )
-        dec, iters = sk.randomized_svd(
-            tall, k, vectors=True, block=block, tol=randomized.TOL, products=prod
-        )
-        row["settings"] += f"; ran {iters + 1} blocks, route {dec.routes[0]}"
         if i == 0:
             equal = row
             equal["equal_accuracy"] = True
