@@ -141,9 +141,11 @@ def _lambda_max(g: np.ndarray, steps: int = 8) -> float:
     lam = 0.0
     for _ in range(steps):
         y = lapack.symv(g, x)
-        y64 = y.astype(np.float64)  # its squares overflow float32 for a Gram past 1e19
-        lam = float(np.dot(x.astype(np.float64), y64))
-        norm = float(np.sqrt(np.dot(y64, y64)))
+        with np.errstate(over="ignore"):
+            lam, norm = float(np.sum(x * y)), float(np.sqrt(np.sum(y * y)))
+        if not np.isfinite(norm):  # squares past float32's range: a Gram of 1e19 and up
+            y64 = y.astype(np.float64)
+            lam, norm = float(np.dot(x, y64)), float(np.sqrt(np.dot(y64, y64)))
         if norm == 0:
             return 0.0
         x = y / norm
